@@ -1,0 +1,171 @@
+/**
+ * Server configuration: command-line flags win over environment variables,
+ * which win over the defaults of the contract (section 1).
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+
+/** Everything the auth and chat servers are configured with. */
+export interface ServerConfig {
+  authHost: string;
+  authPort: number;
+  chatHost: string;
+  chatPort: number;
+  dataDir: string;
+  /** Where the chat server reaches the auth server; `undefined` when not configured (start.ts then uses the real address). */
+  authUrl: string | undefined;
+  /** The chat address `/login` hands out; `undefined` means `ws://<chat host>:<chat port>/ws`. */
+  chatPublicUrl: string | undefined;
+  sessionTtlSeconds: number;
+  rateLimits: boolean;
+  allowedOrigins: string[];
+}
+
+/** Which entry point is reading the configuration: `--host`/`--port` apply to that server. */
+export type ServerRole = "auth" | "chat" | "start";
+
+/** A configuration mistake made by the operator; entry points print it and exit 2. */
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+/** The usage text of the server entry points. */
+export const SERVER_USAGE =
+  `Options (flags win over environment variables, which win over defaults):
+  --host HOST        interface to bind (AUTH_HOST / CHAT_HOST, default 127.0.0.1)
+  --port PORT        port of this server, 0 = pick a free one (AUTH_PORT 8000 / CHAT_PORT 8001)
+  --auth-port PORT   with 'start': the auth server's port
+  --chat-port PORT   with 'start': the chat server's port
+  --data-dir DIR     data directory (DATA_DIR, default ./data)
+  --auth-url URL     where the chat server reaches the auth server (AUTH_URL)
+  --chat-url URL     chat address handed out by /login (CHAT_PUBLIC_URL)
+  --session-ttl S    session lifetime in seconds (SESSION_TTL, default 86400)
+  --help             show this help`;
+
+/**
+ * Parses flags and environment into a {@linkcode ServerConfig}.
+ * Throws {@linkcode ConfigError} on unknown flags or bad values.
+ */
+export function parseServerConfig(
+  role: ServerRole,
+  args: string[],
+  env: (name: string) => string | undefined,
+): ServerConfig {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        host: { type: "string" },
+        port: { type: "string" },
+        "auth-port": { type: "string" },
+        "chat-port": { type: "string" },
+        "data-dir": { type: "string" },
+        "auth-url": { type: "string" },
+        "chat-url": { type: "string" },
+        "session-ttl": { type: "string" },
+      },
+    }).values;
+  } catch (err) {
+    throw new ConfigError(err instanceof Error ? err.message : String(err));
+  }
+  const host = parsed.host;
+  const authHost = (role !== "chat" ? host : undefined) ?? env("AUTH_HOST") ??
+    "127.0.0.1";
+  const chatHost = (role !== "auth" ? host : undefined) ?? env("CHAT_HOST") ??
+    "127.0.0.1";
+  const authPortText = (role === "auth" ? parsed.port : parsed["auth-port"]) ??
+    env("AUTH_PORT") ?? "8000";
+  const chatPortText = (role === "chat" ? parsed.port : parsed["chat-port"]) ??
+    env("CHAT_PORT") ?? "8001";
+  if (role === "start" && parsed.port !== undefined) {
+    throw new ConfigError(
+      "Cannot use --port with start: use --auth-port and --chat-port",
+    );
+  }
+  const authUrl = parsed["auth-url"] ?? env("AUTH_URL");
+  const chatPublicUrl = parsed["chat-url"] ?? env("CHAT_PUBLIC_URL");
+  if (authUrl !== undefined) checkUrl("auth URL", authUrl, ["http:", "https:"]);
+  if (chatPublicUrl !== undefined) {
+    checkUrl("chat URL", chatPublicUrl, ["ws:", "wss:"]);
+  }
+  const rateLimitsText = (env("RATE_LIMITS") ?? "on").toLowerCase();
+  if (!["on", "off"].includes(rateLimitsText)) {
+    throw new ConfigError(
+      `Cannot read RATE_LIMITS "${rateLimitsText}": use on or off`,
+    );
+  }
+  return {
+    authHost,
+    authPort: parsePort("auth port", authPortText),
+    chatHost,
+    chatPort: parsePort("chat port", chatPortText),
+    dataDir: parsed["data-dir"] ?? env("DATA_DIR") ?? "./data",
+    authUrl,
+    chatPublicUrl,
+    sessionTtlSeconds: parsePositiveInt(
+      "session TTL",
+      parsed["session-ttl"] ?? env("SESSION_TTL") ?? "86400",
+    ),
+    rateLimits: rateLimitsText === "on",
+    allowedOrigins: (env("ALLOWED_ORIGINS") ?? "").split(",").map((s) =>
+      s.trim()
+    ).filter((s) => s !== ""),
+  };
+}
+
+/** The default address of the auth server when `AUTH_URL` is not set. */
+export const DEFAULT_AUTH_URL = "http://127.0.0.1:8000";
+
+/** `ws://host:port/ws` for a chat server bound to `host:port`. */
+export function defaultChatUrl(host: string, port: number): string {
+  const shown = host === "0.0.0.0"
+    ? "127.0.0.1"
+    : host.includes(":") && !host.startsWith("[")
+    ? `[${host}]`
+    : host;
+  return `ws://${shown}:${port}/ws`;
+}
+
+/** `http://host:port` as printed in ready lines. */
+export function httpAddress(host: string, port: number): string {
+  const shown = host.includes(":") && !host.startsWith("[")
+    ? `[${host}]`
+    : host;
+  return `http://${shown}:${port}`;
+}
+
+function parsePort(what: string, text: string): number {
+  if (!/^\d{1,5}$/.test(text) || Number(text) > 65535) {
+    throw new ConfigError(
+      `Cannot use ${what} "${text}": expected a number from 0 to 65535`,
+    );
+  }
+  return Number(text);
+}
+
+function parsePositiveInt(what: string, text: string): number {
+  if (!/^\d{1,10}$/.test(text) || Number(text) < 1) {
+    throw new ConfigError(
+      `Cannot use ${what} "${text}": expected a whole number of seconds above 0`,
+    );
+  }
+  return Number(text);
+}
+
+function checkUrl(what: string, text: string, protocols: string[]): void {
+  let url;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new ConfigError(`Cannot use ${what} "${text}": not a URL`);
+  }
+  if (!protocols.includes(url.protocol)) {
+    throw new ConfigError(
+      `Cannot use ${what} "${text}": expected ${protocols.join(" or ")}`,
+    );
+  }
+}
