@@ -1,0 +1,151 @@
+/**
+ * The `chatroom` workflow (CONTRACT section 5): the menu `1) login
+ * 2) register`, the `register` and `login` subcommands, then the chat.
+ * Importable without side effects; `cli/main.ts` wires it to the process and
+ * turns its result into the exit code.
+ *
+ * @module
+ */
+import { loginUser, registerUser, validateToken } from "./api.ts";
+import { type CliArgs, parseCliArgs, USAGE } from "./args.ts";
+import { ChatSession, type SessionEnd } from "./chat_session.ts";
+import {
+  CliError,
+  EXIT_ERROR,
+  EXIT_INTERRUPTED,
+  EXIT_OK,
+  EXIT_USAGE,
+} from "./cli_error.ts";
+import type { LineReader } from "./line_reader.ts";
+import { promptSecret } from "./prompt_secret.ts";
+import { VERSION } from "./version.ts";
+
+/** What the workflow talks to; `cli/main.ts` passes the real process. */
+export interface AppIo {
+  /** Reads environment variables (`CHATROOM_AUTH_URL`). */
+  env: (name: string) => string | undefined;
+  /** The shared line reader, made on first use (so `--help` never reads stdin). */
+  lines: () => LineReader;
+  /** Writes a line to stdout (above the prompt when chatting). */
+  out: (line: string) => void;
+  /** Writes a line to stderr. */
+  err: (line: string) => void;
+  /** Whether the chat view is coloured. */
+  color: boolean;
+}
+
+/** The message shown when the server no longer accepts the session. */
+export const SESSION_EXPIRED = "session expired, please log in again";
+
+/** Runs the client for `args`; resolves to the exit code. */
+export async function runApp(args: string[], io: AppIo): Promise<number> {
+  let parsed: CliArgs;
+  try {
+    parsed = parseCliArgs(args, io.env);
+  } catch (err) {
+    if (!(err instanceof CliError)) throw err;
+    io.err(`chatroom: ${err.message}`);
+    io.err(USAGE);
+    return EXIT_USAGE;
+  }
+  switch (parsed.command) {
+    case "help":
+      io.out(USAGE);
+      return EXIT_OK;
+    case "version":
+      io.out(`chatroom ${VERSION}`);
+      return EXIT_OK;
+    case "register":
+      await registerFlow(parsed, io);
+      return EXIT_OK;
+    case "login": {
+      const end = await loginFlow(parsed, io);
+      if (end === "expired") throw new CliError(SESSION_EXPIRED);
+      return end === "interrupted" ? EXIT_INTERRUPTED : EXIT_OK;
+    }
+    case "menu":
+      return await menuFlow(parsed, io);
+  }
+}
+
+/**
+ * The interactive menu. A failure is shown and the menu comes back; at end
+ * of input the exit code is 1 when the last thing tried failed, else 0.
+ */
+async function menuFlow(args: CliArgs, io: AppIo): Promise<number> {
+  let lastFailed = false;
+  for (;;) {
+    io.out("1) login");
+    io.out("2) register");
+    const choice = await io.lines().readLine({ prompt: "Choose 1 or 2: " });
+    if (choice === null) return lastFailed ? EXIT_ERROR : EXIT_OK;
+    const picked = choice.trim().toLowerCase();
+    try {
+      if (picked === "1" || picked === "login") {
+        const end = await loginFlow(args, io);
+        if (end === "quit") return EXIT_OK;
+        if (end === "interrupted") return EXIT_INTERRUPTED;
+        io.err(`chatroom: ${SESSION_EXPIRED}`);
+        lastFailed = true;
+      } else if (picked === "2" || picked === "register") {
+        await registerFlow(args, io);
+        lastFailed = false;
+      } else if (picked === "") {
+        continue;
+      } else {
+        io.err(`chatroom: unknown choice "${choice.trim()}": type 1 or 2`);
+      }
+    } catch (err) {
+      if (!(err instanceof CliError) || err instanceof EndOfInput) throw err;
+      io.err(`chatroom: ${err.message}`);
+      lastFailed = true;
+    }
+  }
+}
+
+async function registerFlow(args: CliArgs, io: AppIo): Promise<void> {
+  const credentials = await askCredentials(args, io);
+  const username = await registerUser(args.authUrl, credentials);
+  io.out(`registered ${username}; you can now log in`);
+}
+
+async function loginFlow(args: CliArgs, io: AppIo): Promise<SessionEnd> {
+  const credentials = await askCredentials(args, io);
+  const login = await loginUser(args.authUrl, credentials);
+  io.out(`logged in as ${login.username}`);
+  const session = new ChatSession({
+    chatUrl: login.chatUrl,
+    token: login.token,
+    username: login.username,
+    lines: io.lines(),
+    color: io.color,
+    checkSession: () => validateToken(args.authUrl, login.token),
+  });
+  return await session.run();
+}
+
+async function askCredentials(
+  args: CliArgs,
+  io: AppIo,
+): Promise<{ username: string; password: string }> {
+  const lines = io.lines();
+  let username = args.user;
+  if (username === undefined) {
+    const answer = await lines.readLine({ prompt: "Username: " });
+    if (answer === null) throw new EndOfInput("no username given");
+    username = answer.trim();
+  }
+  const password = await promptSecret(lines, "Password: ", {
+    fromStdin: args.passwordStdin,
+  });
+  if (password === null) throw new EndOfInput("no password given");
+  // A trailing carriage return from a Windows pipe is not part of it.
+  return { username, password: password.replace(/\r$/, "") };
+}
+
+/** Input ended while a username or password was awaited. */
+class EndOfInput extends CliError {
+  constructor(what: string) {
+    super(`${what}: the input ended`);
+  }
+}

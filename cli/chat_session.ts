@@ -1,0 +1,727 @@
+/**
+ * One logged-in chat session over the built-in `WebSocket`: the handlers
+ * `onOpen` (start reading the user's lines and sending them), `onMessage`
+ * (parse and show a frame), `onError` and `onClose` (reconnect with backoff,
+ * or go back to login when the session is over).
+ *
+ * Reconnecting loses nothing and shows nothing twice: the session keeps, per
+ * room, the id of the last message it showed; after a reconnect it rejoins
+ * its rooms, asks for `history after` that id, holds back live messages of a
+ * room until that answer is shown, and resends every message of its own not
+ * yet echoed with the same `client_id` (the server stores each once).
+ *
+ * @module
+ */
+import {
+  type ClientFrame,
+  isRoomName,
+  isUsername,
+  LOBBY,
+  MAX_HISTORY_LIMIT,
+  MAX_TEXT_CHARS,
+  type RoomMessage,
+} from "../chat/protocol.ts";
+import type { TokenState } from "./api.ts";
+import { describeNetworkError } from "./api.ts";
+import { CliError, Interrupted } from "./cli_error.ts";
+import type { LineReader } from "./line_reader.ts";
+import {
+  hint,
+  renderDirectMessage,
+  renderError,
+  renderPending,
+  renderPresence,
+  renderRoomMessage,
+  status,
+  userList,
+  type ViewOptions,
+} from "./render.ts";
+import { type IncomingFrame, parseServerText } from "./server_frames.ts";
+
+/** How a session ended. */
+export type SessionEnd = "quit" | "expired" | "interrupted";
+
+/** Everything a session needs; clocks, randomness and sockets can be injected. */
+export interface ChatSessionOptions {
+  /** The chat address `/login` handed out. */
+  chatUrl: string;
+  /** The session token, sent only in the `Authorization` header. */
+  token: string;
+  /** The logged-in user. */
+  username: string;
+  /** The shared line reader (menu, password and chat read from it). */
+  lines: LineReader;
+  /** Whether to colour the view. */
+  color: boolean;
+  /** Asks the auth server whether the session is still valid. */
+  checkSession: () => Promise<TokenState>;
+  /** Opens a WebSocket; the default sends the token as a Bearer header. */
+  connect?: (url: string, token: string) => WebSocket;
+  /** Randomness for the backoff jitter, in [0, 1). */
+  random?: () => number;
+  /** First reconnect delay in milliseconds (doubles each failure). */
+  initialBackoffMs?: number;
+  /** Longest reconnect delay in milliseconds. */
+  maxBackoffMs?: number;
+  /** How long `/quit` waits for the echoes of messages still pending. */
+  quitGraceMs?: number;
+}
+
+/** Lines of `/help`. */
+export const CHAT_HELP = [
+  "/join ROOM        join a room (created if new) and make it the current one",
+  "/leave ROOM       leave a room",
+  "/rooms            list the rooms",
+  "/who [ROOM]       who is in the current room (or ROOM)",
+  "/msg USER TEXT    send a direct message",
+  "/history [N]      show N older messages of the current room (default 20)",
+  "/quit             leave the chat (Ctrl+D too)",
+  "/help             this help",
+  "Any other line is a message to the current room; //text sends /text.",
+];
+
+const DEFAULT_HISTORY_PAGE = 20;
+
+interface PendingMessage {
+  room: string;
+  text: string;
+}
+
+/** A chat session; {@linkcode ChatSession.run} resolves when it ends. */
+export class ChatSession {
+  #opts: Required<ChatSessionOptions>;
+  #me: string;
+  #ws: WebSocket | null = null;
+  #openedThisSocket = false;
+  #everOpened = false;
+  #ready = false;
+  #firstWelcome = Promise.withResolvers<void>();
+  #welcomes = 0;
+  #lineLoop: Promise<void> | null = null;
+  #attempt = 0;
+  #reconnectTimer: ReturnType<typeof setTimeout> | undefined;
+  #lastError = "";
+  #ending = false;
+  #done = Promise.withResolvers<SessionEnd>();
+  #readAbort = new AbortController();
+
+  /** The rooms this session is in, in join order: the last is current. */
+  #rooms: string[] = [LOBBY];
+  /** Per room, the id of the newest message shown (0n: none, but joined). */
+  #lastId = new Map<string, bigint>();
+  /** Per room, the id of the oldest message shown, for `/history`. */
+  #oldestId = new Map<string, string>();
+  /** Rooms waiting for their `history after` answer, with held-back messages. */
+  #syncing = new Map<string, RoomMessage[]>();
+  /** Per room, what each outstanding `history` request was for. */
+  #historyKinds = new Map<string, ("before" | "after")[]>();
+  /** Rooms rejoined after a reconnect, whose `joined` is not announced. */
+  #quietJoins = new Set<string>();
+  /** Rooms left again after a reconnect, whose `left` is not announced. */
+  #quietLeaves = new Set<string>();
+  #quitting = false;
+  /** Own messages not yet echoed, by `client_id`, oldest first. */
+  #pending = new Map<string, PendingMessage>();
+  #pendingShown = new Set<string>();
+  #pendingDrained: PromiseWithResolvers<void> | null = null;
+
+  /** Builds a session; nothing happens until {@linkcode ChatSession.run}. */
+  constructor(options: ChatSessionOptions) {
+    this.#opts = {
+      connect: (url, token) =>
+        new WebSocket(url, {
+          headers: { authorization: `Bearer ${token}` },
+        }),
+      random: Math.random,
+      initialBackoffMs: 500,
+      maxBackoffMs: 30_000,
+      quitGraceMs: 3_000,
+      ...options,
+    };
+    this.#me = options.username;
+  }
+
+  /**
+   * Connects and chats until `/quit`, end of input, Ctrl+C or an expired
+   * session. Rejects with {@linkcode CliError} when the chat server cannot be
+   * reached at all.
+   */
+  run(): Promise<SessionEnd> {
+    this.#connect();
+    return this.#done.promise;
+  }
+
+  /** The socket opened: start reading the user's lines and sending them. */
+  onOpen(_event: Event): void {
+    this.#openedThisSocket = true;
+    this.#everOpened = true;
+    this.#lastError = "";
+    this.#lineLoop ??= this.#readLines();
+  }
+
+  /** A server text frame arrived: split it, check each object, show it. */
+  onMessage(event: MessageEvent): void {
+    if (typeof event.data !== "string") return;
+    for (const frame of parseServerText(event.data)) this.handleFrame(frame);
+  }
+
+  /** The socket failed; the close that follows decides what to do. */
+  onError(event: Event): void {
+    this.#lastError = event instanceof ErrorEvent ? event.message : "";
+  }
+
+  /** The socket closed: finish, reconnect, or go back to login. */
+  onClose(event: CloseEvent): void {
+    const opened = this.#openedThisSocket;
+    this.#ws = null;
+    this.#openedThisSocket = false;
+    this.#ready = false;
+    this.#syncing.clear();
+    this.#historyKinds.clear();
+    this.#quietJoins.clear();
+    this.#quietLeaves.clear();
+    if (this.#ending) return;
+    void this.#afterClose(event.code, opened);
+  }
+
+  /** Shows one server frame and updates the session's state. */
+  handleFrame(frame: IncomingFrame): void {
+    switch (frame.type) {
+      case "welcome":
+        return this.#onWelcome(frame.username, frame.history);
+      case "joined":
+        return this.#onJoined(frame.room, frame.users, frame.history);
+      case "left":
+        this.#rooms = this.#rooms.filter((r) => r !== frame.room);
+        if (!this.#quietLeaves.delete(frame.room)) {
+          this.#print(status(`you left #${frame.room}`, this.#view()));
+        }
+        return this.#updatePrompt();
+      case "message":
+        return this.#onRoomMessage(frame);
+      case "dm":
+        return this.#print(renderDirectMessage(frame, this.#view()));
+      case "join":
+      case "leave":
+        if (frame.user.toLowerCase() === this.#me.toLowerCase()) return;
+        return this.#print(renderPresence(frame, this.#view()));
+      case "who":
+        return this.#print(
+          status(
+            `in #${frame.room}: ${userList(frame.users, this.#view())}`,
+            this.#view(),
+          ),
+        );
+      case "rooms":
+        return this.#print(status(
+          frame.rooms.length === 0
+            ? "no rooms"
+            : `rooms: ${
+              frame.rooms.map((r) =>
+                `#${r.name} (${r.users} ${r.users === 1 ? "user" : "users"})`
+              ).join(", ")
+            }`,
+          this.#view(),
+        ));
+      case "history":
+        return this.#onHistory(frame.room, frame.messages, frame.gap === true);
+      case "pong":
+        return;
+      case "error":
+        if (frame.error === "unknown_room" && this.#syncing.size > 0) {
+          // The answer to a resync request may be this error: stop holding back.
+          for (const room of [...this.#syncing.keys()]) this.#endSync(room);
+          this.#historyKinds.clear();
+        }
+        return this.#print(renderError(frame, this.#view()));
+    }
+  }
+
+  /** Acts on one typed line: a slash command or a message. */
+  handleLine(line: string): void {
+    const text = line.trim();
+    if (text === "") return;
+    if (text.startsWith("/") && !text.startsWith("//")) {
+      return this.#command(text);
+    }
+    this.#say(text.startsWith("//") ? text.slice(1) : text);
+  }
+
+  // --- connection -----------------------------------------------------------
+
+  #connect(): void {
+    this.#reconnectTimer = undefined;
+    let ws: WebSocket;
+    try {
+      ws = this.#opts.connect(this.#opts.chatUrl, this.#opts.token);
+    } catch (err) {
+      // A malformed chat address is not worth retrying.
+      this.#finish(
+        new CliError(
+          `cannot connect to the chat server at ${this.#opts.chatUrl} (${
+            err instanceof Error ? err.message : String(err)
+          })`,
+        ),
+      );
+      return;
+    }
+    this.#ws = ws;
+    ws.onopen = (e) => ws === this.#ws && this.onOpen(e);
+    ws.onmessage = (e) => ws === this.#ws && this.onMessage(e);
+    ws.onerror = (e) => ws === this.#ws && this.onError(e);
+    ws.onclose = (e) => ws === this.#ws && this.onClose(e);
+  }
+
+  async #afterClose(code: number, opened: boolean): Promise<void> {
+    const refused = /status code:? 401/i.test(this.#lastError);
+    // The WebSocket cannot see why an upgrade failed (a 401 for an expired
+    // session looks like a dead server), so ask the auth server.
+    if (!opened || code === 1008 || refused) {
+      const state = await this.#opts.checkSession();
+      if (this.#ending) return;
+      if (state === "invalid") return this.#finish("expired");
+      if (!this.#everOpened) {
+        return this.#finish(
+          new CliError(
+            `cannot reach the chat server at ${this.#opts.chatUrl} (${this.#describeConnectError()})`,
+          ),
+        );
+      }
+    }
+    const base = Math.min(
+      this.#opts.maxBackoffMs,
+      this.#opts.initialBackoffMs * 2 ** this.#attempt,
+    );
+    const delay = Math.min(
+      this.#opts.maxBackoffMs,
+      Math.round(base * (0.8 + 0.4 * this.#opts.random())),
+    );
+    this.#attempt++;
+    const seconds = (delay / 1000).toFixed(1);
+    this.#print(status(
+      opened
+        ? `connection lost, reconnecting in ${seconds}s...`
+        : `still no connection, retrying in ${seconds}s...`,
+      this.#view(),
+    ));
+    if (opened) this.#showPendingAsPending();
+    this.#updatePrompt();
+    this.#reconnectTimer = setTimeout(() => this.#connect(), delay);
+  }
+
+  #describeConnectError(): string {
+    const reason = describeNetworkError(this.#lastError);
+    if (reason !== "network error") return reason;
+    return /tcp connect/i.test(this.#lastError)
+      ? "connection refused"
+      : "no WebSocket connection";
+  }
+
+  #finish(end: SessionEnd | CliError): void {
+    if (this.#ending) return;
+    this.#ending = true;
+    clearTimeout(this.#reconnectTimer);
+    this.#readAbort.abort(new Error("Session over"));
+    this.#lines().setFooter([]);
+    const ws = this.#ws;
+    this.#ws = null;
+    const settle = () => {
+      if (end instanceof CliError) this.#done.reject(end);
+      else this.#done.resolve(end);
+    };
+    if (ws === null || ws.readyState === WebSocket.CLOSED) return settle();
+    // Wait (not forever) for the close handshake, so the server sees 1000.
+    const timer = setTimeout(settle, 2_000);
+    ws.onclose = () => {
+      clearTimeout(timer);
+      settle();
+    };
+    ws.onmessage = null;
+    ws.onerror = null;
+    try {
+      ws.close(1000, "bye");
+    } catch {
+      clearTimeout(timer);
+      settle();
+    }
+  }
+
+  #send(frame: ClientFrame): boolean {
+    const ws = this.#ws;
+    if (ws === null || ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  // --- frames ---------------------------------------------------------------
+
+  #onWelcome(username: string, history: RoomMessage[]): void {
+    this.#me = username;
+    this.#ready = true;
+    this.#attempt = 0;
+    const reconnect = this.#welcomes > 0;
+    this.#welcomes++;
+    const wanted = [...this.#rooms];
+    // The server put this connection in the lobby only; make it match.
+    this.#rooms = [LOBBY];
+    if (reconnect) this.#print(status("reconnected", this.#view()));
+    else {
+      this.#print(status(
+        `connected as ${username}; type /help for commands`,
+        this.#view(),
+      ));
+    }
+    wanted.forEach((room, index) => {
+      if (room === LOBBY && index === 0) return;
+      if (reconnect) this.#quietJoins.add(room);
+      this.#rooms = this.#rooms.filter((r) => r !== room).concat(room);
+      this.#send({ type: "join", room });
+    });
+    if (!wanted.includes(LOBBY)) {
+      if (reconnect) this.#quietLeaves.add(LOBBY);
+      this.#rooms = this.#rooms.filter((r) => r !== LOBBY);
+      this.#send({ type: "leave", room: LOBBY });
+    }
+    for (const room of wanted) {
+      const last = this.#lastId.get(room);
+      if (last === undefined) continue;
+      this.#syncing.set(room, []);
+      this.#queueHistory(room, "after");
+      this.#send({
+        type: "history",
+        room,
+        after: String(last),
+        limit: MAX_HISTORY_LIMIT,
+      });
+    }
+    if (wanted.includes(LOBBY) && !this.#syncing.has(LOBBY)) {
+      this.#showMessages(LOBBY, history);
+    }
+    for (const [clientId, message] of this.#pending) {
+      this.#send({
+        type: "message",
+        text: message.text,
+        room: message.room,
+        client_id: clientId,
+      });
+    }
+    this.#updatePrompt();
+    this.#firstWelcome.resolve();
+  }
+
+  #onJoined(room: string, users: string[], history: RoomMessage[]): void {
+    this.#rooms = this.#rooms.filter((r) => r !== room).concat(room);
+    this.#updatePrompt();
+    if (this.#quietJoins.delete(room)) {
+      if (!this.#syncing.has(room)) this.#showMessages(room, history);
+      return;
+    }
+    this.#print(
+      status(
+        `now in #${room} with ${userList(users, this.#view())}`,
+        this.#view(),
+      ),
+    );
+    if (!this.#syncing.has(room)) this.#showMessages(room, history);
+  }
+
+  #onRoomMessage(message: RoomMessage): void {
+    if (message.client_id !== undefined) {
+      this.#pending.delete(message.client_id);
+      this.#pendingShown.delete(message.client_id);
+      this.#updatePending();
+    }
+    const held = this.#syncing.get(message.room);
+    if (held !== undefined) {
+      held.push(message);
+      return;
+    }
+    this.#showMessages(message.room, [message]);
+  }
+
+  #onHistory(room: string, messages: RoomMessage[], gap: boolean): void {
+    const kind = this.#historyKinds.get(room)?.shift() ?? "after";
+    if (kind === "before") {
+      if (messages.length === 0) {
+        this.#print(status(`no older messages in #${room}`, this.#view()));
+        return;
+      }
+      this.#print(status(`earlier in #${room}:`, this.#view()));
+      for (const message of messages) {
+        this.#print(renderRoomMessage(message, this.#view()));
+      }
+      this.#oldestId.set(room, messages[0]!.id);
+      return;
+    }
+    if (gap) {
+      this.#print(status(
+        `some messages of #${room} from while you were away are no longer kept by the server`,
+        this.#view(),
+      ));
+    }
+    this.#showMessages(room, messages);
+    this.#endSync(room);
+  }
+
+  #endSync(room: string): void {
+    const held = this.#syncing.get(room);
+    this.#syncing.delete(room);
+    if (held !== undefined) this.#showMessages(room, held);
+  }
+
+  /** Shows the messages newer than the last one shown in their room. */
+  #showMessages(room: string, messages: RoomMessage[]): void {
+    let last = this.#lastId.get(room);
+    for (const message of messages) {
+      const id = BigInt(message.id);
+      if (last !== undefined && id <= last) continue;
+      last = id;
+      if (!this.#oldestId.has(room)) this.#oldestId.set(room, message.id);
+      this.#print(renderRoomMessage(message, this.#view()));
+    }
+    this.#lastId.set(room, last ?? 0n);
+  }
+
+  #queueHistory(room: string, kind: "before" | "after"): void {
+    const kinds = this.#historyKinds.get(room) ?? [];
+    kinds.push(kind);
+    this.#historyKinds.set(room, kinds);
+  }
+
+  // --- lines ----------------------------------------------------------------
+
+  async #readLines(): Promise<void> {
+    // Lines typed before the first welcome wait for it, in order.
+    await this.#firstWelcome.promise;
+    const signal = this.#readAbort.signal;
+    for (;;) {
+      let line: string | null;
+      try {
+        line = await this.#lines().readLine({
+          prompt: this.#prompt(),
+          transient: true,
+          signal,
+        });
+      } catch (err) {
+        if (this.#ending) return;
+        if (err instanceof Interrupted) return this.#finish("interrupted");
+        throw err;
+      }
+      if (this.#ending) return;
+      if (line === null) return void this.#quit();
+      this.handleLine(line);
+      if (this.#ending || this.#quitting) return;
+    }
+  }
+
+  #command(text: string): void {
+    const [name = "", ...args] = text.split(/\s+/);
+    const view = this.#view();
+    const current = this.#currentRoom();
+    switch (name.toLowerCase()) {
+      case "/help":
+        for (const line of CHAT_HELP) this.#print(status(line, view));
+        return;
+      case "/quit":
+      case "/exit":
+        return void this.#quit();
+      case "/join": {
+        const room = args[0]?.toLowerCase();
+        if (args.length !== 1 || room === undefined || !isRoomName(room)) {
+          return this.#hint(
+            "usage: /join ROOM (1 to 32 characters of a-z, 0-9, _ and -)",
+          );
+        }
+        this.#rooms = this.#rooms.filter((r) => r !== room).concat(room);
+        this.#updatePrompt();
+        if (!this.#send({ type: "join", room })) {
+          this.#print(
+            status(`will join #${room} when reconnected`, view),
+          );
+        }
+        return;
+      }
+      case "/leave": {
+        const room = (args[0] ?? current)?.toLowerCase();
+        if (args.length > 1 || room === undefined || !isRoomName(room)) {
+          return this.#hint("usage: /leave ROOM");
+        }
+        if (!this.#rooms.includes(room)) {
+          return this.#hint(`you are not in #${room}`);
+        }
+        this.#rooms = this.#rooms.filter((r) => r !== room);
+        this.#updatePrompt();
+        if (!this.#send({ type: "leave", room })) {
+          this.#print(status(`left #${room}`, view));
+        }
+        return;
+      }
+      case "/rooms":
+        if (args.length !== 0) return this.#hint("usage: /rooms");
+        if (!this.#send({ type: "rooms" })) return this.#offline();
+        return;
+      case "/who": {
+        const room = (args[0] ?? current)?.toLowerCase();
+        if (args.length > 1 || (room !== undefined && !isRoomName(room))) {
+          return this.#hint("usage: /who [ROOM]");
+        }
+        if (room === undefined) {
+          return this.#hint("you are in no room: /join one first");
+        }
+        if (!this.#send({ type: "who", room })) return this.#offline();
+        return;
+      }
+      case "/msg": {
+        const match = /^\/msg\s+(\S+)\s+(.+)$/is.exec(text);
+        const to = match?.[1];
+        const body = match?.[2]?.trim();
+        if (to === undefined || body === undefined || !isUsername(to)) {
+          return this.#hint("usage: /msg USER TEXT");
+        }
+        if (!this.#checkLength(body)) return;
+        if (!this.#send({ type: "dm", to, text: body })) return this.#offline();
+        return;
+      }
+      case "/history": {
+        const n = args[0] === undefined
+          ? DEFAULT_HISTORY_PAGE
+          : Number(args[0]);
+        if (
+          args.length > 1 || !Number.isInteger(n) || n < 1 ||
+          n > MAX_HISTORY_LIMIT
+        ) {
+          return this.#hint(
+            `usage: /history [N] (N from 1 to ${MAX_HISTORY_LIMIT})`,
+          );
+        }
+        if (current === undefined) {
+          return this.#hint("you are in no room: /join one first");
+        }
+        const before = this.#oldestId.get(current);
+        const sent = this.#send({
+          type: "history",
+          room: current,
+          limit: n,
+          ...(before !== undefined && { before }),
+        });
+        if (!sent) return this.#offline();
+        this.#queueHistory(current, "before");
+        return;
+      }
+      default:
+        return this.#hint(
+          `unknown command ${name}: type /help for the commands (//text sends /text)`,
+        );
+    }
+  }
+
+  #say(text: string): void {
+    const room = this.#currentRoom();
+    if (room === undefined) {
+      return this.#hint("you are in no room: /join one first");
+    }
+    if (!this.#checkLength(text)) return;
+    const clientId = crypto.randomUUID();
+    this.#pending.set(clientId, { room, text });
+    this.#updatePending();
+    if (this.#ready) {
+      this.#send({ type: "message", text, room, client_id: clientId });
+    } else {
+      this.#showPendingAsPending();
+    }
+  }
+
+  #checkLength(text: string): boolean {
+    if ([...text].length <= MAX_TEXT_CHARS) return true;
+    this.#hint(
+      `message too long (${
+        [...text].length
+      } characters, at most ${MAX_TEXT_CHARS}): not sent`,
+    );
+    return false;
+  }
+
+  async #quit(): Promise<void> {
+    if (this.#ending || this.#quitting) return;
+    this.#quitting = true;
+    if (this.#pending.size > 0 && this.#ready) {
+      // Give the server a moment to echo what was just typed.
+      this.#pendingDrained = Promise.withResolvers<void>();
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([
+        this.#pendingDrained.promise,
+        new Promise<void>((resolve) => {
+          timer = setTimeout(resolve, this.#opts.quitGraceMs);
+        }),
+      ]);
+      clearTimeout(timer);
+    }
+    if (this.#pending.size > 0) {
+      this.#print(hint(
+        `${this.#pending.size} message(s) not confirmed by the server`,
+        this.#view(),
+      ));
+    }
+    this.#finish("quit");
+  }
+
+  // --- view -----------------------------------------------------------------
+
+  #currentRoom(): string | undefined {
+    return this.#rooms.at(-1);
+  }
+
+  #view(): ViewOptions {
+    return {
+      color: this.#opts.color,
+      currentRoom: this.#currentRoom(),
+      me: this.#me,
+    };
+  }
+
+  #prompt(): string {
+    const room = this.#currentRoom();
+    const where = room === undefined ? "(no room)" : `#${room}`;
+    return this.#ready ? `${where}> ` : `(offline) ${where}> `;
+  }
+
+  #updatePrompt(): void {
+    this.#lines().setPrompt(this.#prompt());
+  }
+
+  #updatePending(): void {
+    const view = this.#view();
+    this.#lines().setFooter(
+      [...this.#pending.values()].map((m) =>
+        renderPending(m.room, m.text, view)
+      ),
+    );
+    if (this.#pending.size === 0) this.#pendingDrained?.resolve();
+  }
+
+  /** Without a terminal footer, pending messages are listed once as lines. */
+  #showPendingAsPending(): void {
+    if (this.#lines().interactive) return;
+    for (const [clientId, message] of this.#pending) {
+      if (this.#pendingShown.has(clientId)) continue;
+      this.#pendingShown.add(clientId);
+      this.#print(renderPending(message.room, message.text, this.#view()));
+    }
+  }
+
+  #offline(): void {
+    this.#hint("not connected: try again once reconnected");
+  }
+
+  #hint(text: string): void {
+    this.#print(hint(text, this.#view()));
+  }
+
+  #print(line: string): void {
+    this.#lines().print(line);
+  }
+
+  #lines(): LineReader {
+    return this.#opts.lines;
+  }
+}

@@ -1,0 +1,36 @@
+/**
+ * The one error type of the terminal client: a failure the user can cause or
+ * meet, printed as one readable line (never a stack trace) with its exit code.
+ *
+ * @module
+ */
+
+/** Exit code of a normal end. */
+export const EXIT_OK = 0;
+/** Exit code of a failure (wrong password, server down, session expired...). */
+export const EXIT_ERROR = 1;
+/** Exit code of a command-line mistake. */
+export const EXIT_USAGE = 2;
+/** Exit code after Ctrl+C, as shells report a SIGINT. */
+export const EXIT_INTERRUPTED = 130;
+
+/** A failure shown to the user as `chatroom: <message>`. */
+export class CliError extends Error {
+  override name = "CliError";
+  /** The process exit code this failure ends with. */
+  readonly exitCode: number;
+  /** Builds a failure with its exit code (1 unless told). */
+  constructor(message: string, exitCode: number = EXIT_ERROR) {
+    super(message);
+    this.exitCode = exitCode;
+  }
+}
+
+/** The user pressed Ctrl+C while the client was reading a line. */
+export class Interrupted extends Error {
+  override name = "Interrupted";
+  /** Builds the interruption error. */
+  constructor() {
+    super("Interrupted");
+  }
+}

@@ -1,0 +1,93 @@
+// deno-lint-ignore-file no-console
+/**
+ * The `chatroom` terminal client: wiring only. It reads `Deno.args` and the
+ * environment, builds the shared line reader over stdin, runs the workflow
+ * of `cli/app.ts`, and exits with its code. Every failure ends as one line on
+ * stderr, never a stack trace, and the terminal always leaves raw mode.
+ *
+ * @module
+ */
+import { runApp } from "./app.ts";
+import {
+  CliError,
+  EXIT_ERROR,
+  EXIT_INTERRUPTED,
+  Interrupted,
+} from "./cli_error.ts";
+import { LineReader } from "./line_reader.ts";
+import { shouldColor } from "./render.ts";
+
+let reader: LineReader | null = null;
+
+function env(name: string): string | undefined {
+  try {
+    return Deno.env.get(name);
+  } catch {
+    // Without permission for a variable, it is as if it were unset.
+    return undefined;
+  }
+}
+
+function lines(): LineReader {
+  reader ??= new LineReader({
+    input: Deno.stdin.readable,
+    output: Deno.stdout,
+    terminal: Deno.stdin.isTerminal()
+      ? {
+        setRaw: (on) => Deno.stdin.setRaw(on),
+        columns: () => Deno.consoleSize().columns,
+      }
+      : null,
+    editorOutput: Deno.stdout.isTerminal() ? Deno.stdout : Deno.stderr,
+  });
+  return reader;
+}
+
+function exit(code: number): never {
+  reader?.close();
+  Deno.exit(code);
+}
+
+function fail(err: unknown): never {
+  if (err instanceof Interrupted) exit(EXIT_INTERRUPTED);
+  reader?.close();
+  if (err instanceof CliError) {
+    console.error(`chatroom: ${err.message}`);
+    exit(err.exitCode);
+  }
+  const message = err instanceof Error ? err.message : String(err);
+  console.error(`chatroom: unexpected error: ${message.split("\n")[0]}`);
+  exit(EXIT_ERROR);
+}
+
+globalThis.addEventListener("unhandledrejection", (event) => {
+  event.preventDefault();
+  fail(event.reason);
+});
+globalThis.addEventListener("error", (event) => {
+  event.preventDefault();
+  fail(event.error);
+});
+// Ctrl+C outside a raw-mode read (e.g. while logging in) comes as a signal.
+Deno.addSignalListener("SIGINT", () => exit(EXIT_INTERRUPTED));
+if (Deno.build.os !== "windows") {
+  Deno.addSignalListener("SIGTERM", () => exit(143));
+  Deno.addSignalListener("SIGHUP", () => exit(129));
+}
+
+try {
+  const code = await runApp(Deno.args, {
+    env,
+    lines,
+    out: (line) => reader !== null ? reader.print(line) : console.log(line),
+    err: (line) => console.error(line),
+    color: shouldColor({
+      noColor: env("NO_COLOR"),
+      term: env("TERM"),
+      isTerminal: Deno.stdout.isTerminal(),
+    }),
+  });
+  exit(code);
+} catch (err) {
+  fail(err);
+}

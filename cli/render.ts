@@ -1,0 +1,173 @@
+/**
+ * How the chat view looks: `[HH:MM] <alice> hi`, `#room` when not the current
+ * room, direct messages, presence, errors and status lines. Pure functions of
+ * the frame and a {@linkcode ViewOptions}, so they are tested directly.
+ *
+ * @module
+ */
+import type { DirectMessage, RoomMessage } from "../chat/protocol.ts";
+import type { ErrorFrame } from "./server_frames.ts";
+
+/** What a rendering depends on besides the frame itself. */
+export interface ViewOptions {
+  /** Whether to use ANSI colours. */
+  color: boolean;
+  /** The room plain lines go to; others are tagged with `#room`. */
+  currentRoom: string | undefined;
+  /** The logged-in user. */
+  me: string;
+}
+
+// Readable on dark and light backgrounds; no blue-on-black, no white-on-white.
+const NICK_COLORS = [31, 32, 33, 35, 36, 91, 92, 93, 94, 95, 96] as const;
+const DIM = 2;
+const BOLD = 1;
+const RED = 31;
+
+/** The ANSI colour of a nick: the same for a user every time, everywhere. */
+export function nickColor(name: string): number {
+  // FNV-1a over the lower-cased name: usernames are unique case-insensitively.
+  let hash = 0x811c9dc5;
+  for (const byte of new TextEncoder().encode(name.toLowerCase())) {
+    hash ^= byte;
+    hash = Math.imul(hash, 0x01000193) >>> 0;
+  }
+  return NICK_COLORS[hash % NICK_COLORS.length]!;
+}
+
+/** Whether the view should be coloured: not with `NO_COLOR`, not into a pipe. */
+export function shouldColor(
+  { noColor, term, isTerminal }: {
+    noColor: string | undefined;
+    term: string | undefined;
+    isTerminal: boolean;
+  },
+): boolean {
+  return isTerminal && (noColor === undefined || noColor === "") &&
+    term !== "dumb";
+}
+
+/** `HH:MM` of an ISO timestamp in local time (now when it cannot be read). */
+export function formatClock(ts: string, now: Date = new Date()): string {
+  const parsed = new Date(ts);
+  const date = Number.isNaN(parsed.getTime()) ? now : parsed;
+  return `${pad2(date.getHours())}:${pad2(date.getMinutes())}`;
+}
+
+/**
+ * Replaces control characters in text from the network, so that nobody can
+ * move the cursor, recolour or clear another user's terminal.
+ */
+export function sanitize(text: string): string {
+  // deno-lint-ignore no-control-regex
+  return text.replace(
+    /[\u0000-\u001f\u007f-\u009f]/g,
+    (c) => c === "\t" ? " " : "\ufffd",
+  );
+}
+
+/** `[HH:MM] <alice> hi`, with `#room` when the room is not the current one. */
+export function renderRoomMessage(
+  message: RoomMessage,
+  view: ViewOptions,
+): string {
+  return `${stamp(message.ts, view)}${roomTag(message.room, view)}${
+    nick(message.from, view)
+  } ${sanitize(message.text)}`;
+}
+
+/** One of the user's own messages that the server has not echoed yet. */
+export function renderPending(
+  room: string,
+  text: string,
+  view: ViewOptions,
+): string {
+  return paint(
+    `[--:--] ${roomTag(room, { ...view, color: false })}<${
+      sanitize(view.me)
+    }> ${sanitize(text)} (pending)`,
+    DIM,
+    view.color,
+  );
+}
+
+/** `[HH:MM] *alice* -> you: psst`, or `*you* -> bob: ...` for one's own. */
+export function renderDirectMessage(
+  dm: DirectMessage,
+  view: ViewOptions,
+): string {
+  const mine = dm.from.toLowerCase() === view.me.toLowerCase();
+  const from = mine ? "you" : dm.from;
+  const to = dm.to.toLowerCase() === view.me.toLowerCase() ? "you" : dm.to;
+  return `${stamp(dm.ts, view)}${
+    paint(`*${sanitize(from)}*`, mine ? BOLD : nickColor(dm.from), view.color)
+  } -> ${sanitize(to)}: ${sanitize(dm.text)}`;
+}
+
+/** `* bob joined #lobby` / `* bob left #dev`. */
+export function renderPresence(
+  frame: { type: "join" | "leave"; room: string; user: string },
+  view: ViewOptions,
+): string {
+  return status(
+    `${paint(sanitize(frame.user), nickColor(frame.user), view.color)} ${
+      frame.type === "join" ? "joined" : "left"
+    } #${sanitize(frame.room)}`,
+    view,
+  );
+}
+
+/** `! rate_limited: Too many messages (retry in 1.5s)`. */
+export function renderError(frame: ErrorFrame, view: ViewOptions): string {
+  const retry = frame.retry_after_ms !== undefined
+    ? ` (retry in ${(frame.retry_after_ms / 1000).toFixed(1)}s)`
+    : "";
+  const text = `! ${sanitize(frame.error)}${
+    frame.message === "" ? "" : `: ${sanitize(frame.message)}`
+  }${retry}`;
+  return paint(text, RED, view.color);
+}
+
+/** A line from the client itself, `* ...`. */
+export function status(text: string, view: ViewOptions): string {
+  return `${paint("*", DIM, view.color)} ${text}`;
+}
+
+/** A hint after a mistake at the prompt, `! ...`. */
+export function hint(text: string, view: ViewOptions): string {
+  return paint(`! ${text}`, RED, view.color);
+}
+
+/** A comma-separated list of nicks, each in its colour. */
+export function userList(users: readonly string[], view: ViewOptions): string {
+  return users.length === 0
+    ? "nobody"
+    : users.map((u) => paint(sanitize(u), nickColor(u), view.color)).join(", ");
+}
+
+/** Wraps `text` in an SGR colour when colours are on. */
+export function paint(text: string, code: number, color: boolean): string {
+  return color ? `\x1b[${code}m${text}\x1b[0m` : text;
+}
+
+/** How many terminal columns `text` takes once colour codes are removed. */
+export function visibleLength(text: string): number {
+  // deno-lint-ignore no-control-regex
+  return [...text.replace(/\x1b\[[0-9;]*m/g, "")].length;
+}
+
+function stamp(ts: string, view: ViewOptions): string {
+  return `${paint(`[${formatClock(ts)}]`, DIM, view.color)} `;
+}
+
+function roomTag(room: string, view: ViewOptions): string {
+  return room === view.currentRoom ? "" : `#${sanitize(room)} `;
+}
+
+function nick(name: string, view: ViewOptions): string {
+  return paint(`<${sanitize(name)}>`, nickColor(name), view.color);
+}
+
+function pad2(n: number): string {
+  return String(n).padStart(2, "0");
+}
