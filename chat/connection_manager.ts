@@ -1,0 +1,773 @@
+/**
+ * The ConnectionManager keeps the live WebSocket connections, the rooms and
+ * presence, and carries messages between them.
+ *
+ * Outgoing frames are queued per connection and written together a couple of
+ * milliseconds later, newline-separated in one WebSocket frame (the contract
+ * allows it): one system call per recipient per burst instead of per message.
+ * Every frame is serialised once per message, never once per recipient.
+ *
+ * @module
+ */
+import type { TokenCheck } from "./auth_client.ts";
+import { AuthUnavailableError } from "./auth_client.ts";
+import type { HistoryStore } from "./history.ts";
+import {
+  type ClientFrame,
+  CloseCode,
+  DEFAULT_HISTORY_LIMIT,
+  type ErrorCode,
+  FrameError,
+  LOBBY,
+  MAX_FRAME_BYTES,
+  parseClientFrameText,
+  type ServerFrame,
+} from "./protocol.ts";
+import { TokenBucket } from "./token_bucket.ts";
+
+/** Limits of the chat server; every one is configurable. */
+export interface ChatLimits {
+  /** Messages and DMs a user may send in a burst, across all connections. */
+  messageBurst: number;
+  /** Sustained messages and DMs per second per user. */
+  messagesPerSecond: number;
+  /** Frames of any kind a connection may send in a burst. */
+  frameBurst: number;
+  /** Sustained frames of any kind per second per connection. */
+  framesPerSecond: number;
+  /** Rate-limited frames tolerated in a burst before the connection is closed with 1008. */
+  floodStrikes: number;
+  /** How fast those strikes are forgiven, per second. */
+  floodStrikesPerSecond: number;
+  /** Open connections per user. */
+  maxConnectionsPerUser: number;
+  /** Open (and pending) connections per client address. */
+  maxConnectionsPerAddress: number;
+  /** Open connections in all. */
+  maxConnections: number;
+  /** Rooms one connection may be in at once. */
+  maxRoomsPerConnection: number;
+  /** Unsent bytes (ours plus the runtime's) before a slow reader is closed with 1013. */
+  maxBufferedBytes: number;
+  /** How often open sessions are re-checked with the auth server. */
+  recheckIntervalMs: number;
+  /** How long outgoing frames wait to be coalesced. */
+  coalesceMs: number;
+  /** How long a `client_id` is remembered for exactly-once sending. */
+  dedupWindowMs: number;
+}
+
+/** Defaults of {@linkcode ChatLimits}. */
+export const DEFAULT_CHAT_LIMITS: ChatLimits = {
+  messageBurst: 10,
+  messagesPerSecond: 2,
+  frameBurst: 60,
+  framesPerSecond: 20,
+  floodStrikes: 30,
+  floodStrikesPerSecond: 1,
+  maxConnectionsPerUser: 16,
+  maxConnectionsPerAddress: 128,
+  maxConnections: 20_000,
+  maxRoomsPerConnection: 64,
+  maxBufferedBytes: 1024 * 1024,
+  recheckIntervalMs: 30_000,
+  coalesceMs: 2,
+  dedupWindowMs: 10 * 60_000,
+};
+
+/** Options of {@linkcode ConnectionManager}. */
+export interface ConnectionManagerOptions {
+  history: HistoryStore;
+  /** Checks a token with the auth server (for the periodic re-check). */
+  validateToken: (token: string) => Promise<TokenCheck>;
+  /** False lifts message rates, flood closes and connection caps. Default true. */
+  rateLimits?: boolean;
+  limits?: Partial<ChatLimits>;
+  log?: (line: string) => void;
+  now?: () => number;
+}
+
+/** A validated session that is about to become a connection. */
+export interface SessionInfo {
+  username: string;
+  token: string;
+  expiresAt: number;
+  address: string;
+}
+
+interface User {
+  name: string;
+  conns: Set<Conn>;
+  bucket: TokenBucket;
+  /** client_id → the echo line of the message it sent, with when it was sent. */
+  sent: Map<string, { line: string; at: number }>;
+  lastSeen: number;
+}
+
+interface Conn {
+  id: number;
+  socket: WebSocket;
+  user: User;
+  token: string;
+  address: string;
+  /** Rooms in join order; the last is the current room. */
+  rooms: Set<string>;
+  outbox: string[];
+  outboxBytes: number;
+  open: boolean;
+  frames: TokenBucket;
+  strikes: TokenBucket;
+  closed: Promise<void>;
+  markClosed: () => void;
+}
+
+interface Room {
+  name: string;
+  conns: Set<Conn>;
+  /** Connections each user has in the room: presence changes at 0 ↔ 1. */
+  members: Map<User, number>;
+}
+
+interface TokenEntry {
+  conns: Set<Conn>;
+  expiresAt: number;
+}
+
+/** Live connections, rooms and presence. Call {@linkcode close} to shut down. */
+export class ConnectionManager {
+  #history: HistoryStore;
+  #validateToken: (token: string) => Promise<TokenCheck>;
+  #rateLimits: boolean;
+  #limits: ChatLimits;
+  #log: (line: string) => void;
+  #now: () => number;
+  #users = new Map<string, User>();
+  #rooms = new Map<string, Room>();
+  #tokens = new Map<string, TokenEntry>();
+  #addresses = new Map<string, number>();
+  #conns = new Set<Conn>();
+  #dirty = new Set<Conn>();
+  #flushTimer: ReturnType<typeof setTimeout> | undefined;
+  #recheckTimer: ReturnType<typeof setInterval>;
+  #rechecking = false;
+  #nextConnId = 1;
+  #dmSeq = 0;
+  #dmPrefix = Date.now().toString(36);
+  #closing = false;
+
+  /** Starts the manager and its session re-check timer. */
+  constructor(options: ConnectionManagerOptions) {
+    this.#history = options.history;
+    this.#validateToken = options.validateToken;
+    this.#rateLimits = options.rateLimits ?? true;
+    this.#limits = { ...DEFAULT_CHAT_LIMITS, ...options.limits };
+    this.#log = options.log ?? (() => {});
+    this.#now = options.now ?? Date.now;
+    this.#recheckTimer = setInterval(
+      () => void this.#recheck(),
+      this.#limits.recheckIntervalMs,
+    );
+  }
+
+  /** Number of open connections. */
+  get size(): number {
+    return this.#conns.size;
+  }
+
+  /** Whether the manager is shutting down. */
+  get closing(): boolean {
+    return this.#closing;
+  }
+
+  /**
+   * Counts a connection attempt from `address` against the caps. Returns
+   * false when over a cap; otherwise the caller must either {@linkcode accept}
+   * or {@linkcode releaseAddress}.
+   */
+  reserveAddress(address: string): boolean {
+    const count = this.#addresses.get(address) ?? 0;
+    if (
+      this.#rateLimits &&
+      (count >= this.#limits.maxConnectionsPerAddress ||
+        this.#conns.size >= this.#limits.maxConnections)
+    ) {
+      return false;
+    }
+    this.#addresses.set(address, count + 1);
+    return true;
+  }
+
+  /** Gives back a reservation that did not become a connection. */
+  releaseAddress(address: string): void {
+    const count = (this.#addresses.get(address) ?? 1) - 1;
+    if (count <= 0) this.#addresses.delete(address);
+    else this.#addresses.set(address, count);
+  }
+
+  /** Whether `username` already holds as many connections as allowed. */
+  userAtCapacity(username: string): boolean {
+    if (!this.#rateLimits) return false;
+    const user = this.#users.get(username.toLowerCase());
+    return (user?.conns.size ?? 0) >= this.#limits.maxConnectionsPerUser;
+  }
+
+  /** Takes over an upgraded socket; its address reservation moves with it. */
+  accept(socket: WebSocket, session: SessionInfo): void {
+    let markClosed = () => {};
+    const closed = new Promise<void>((resolve) => markClosed = resolve);
+    const now = this.#now();
+    const user = this.#user(session.username, now);
+    const conn: Conn = {
+      id: this.#nextConnId++,
+      socket,
+      user,
+      token: session.token,
+      address: session.address,
+      rooms: new Set(),
+      outbox: [],
+      outboxBytes: 0,
+      open: false,
+      frames: new TokenBucket(
+        this.#limits.frameBurst,
+        this.#limits.framesPerSecond,
+        now,
+      ),
+      strikes: new TokenBucket(
+        this.#limits.floodStrikes,
+        this.#limits.floodStrikesPerSecond,
+        now,
+      ),
+      closed,
+      markClosed,
+    };
+    let settled = false;
+    socket.binaryType = "arraybuffer";
+    socket.onopen = () => {
+      if (this.#closing) {
+        settled = true;
+        this.releaseAddress(conn.address);
+        socket.close(CloseCode.goingAway, "server shutting down");
+        return;
+      }
+      settled = true;
+      this.#register(conn, session.expiresAt);
+    };
+    socket.onmessage = (event) => this.#onFrame(conn, event.data);
+    socket.onclose = () => {
+      conn.markClosed();
+      if (!settled) {
+        settled = true;
+        this.releaseAddress(conn.address);
+        return;
+      }
+      this.#drop(conn);
+    };
+    socket.onerror = () => {};
+  }
+
+  /**
+   * Closes every connection with 1001 after sending what is queued, and waits
+   * (at most `timeoutMs`) for the close handshakes.
+   */
+  async close(timeoutMs = 2000): Promise<void> {
+    if (this.#closing) return;
+    this.#closing = true;
+    clearInterval(this.#recheckTimer);
+    this.#flush();
+    const conns = [...this.#conns];
+    const closed = Promise.all(conns.map((c) => c.closed));
+    for (const conn of conns) {
+      this.#drop(conn, CloseCode.goingAway, "server shutting down");
+    }
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      closed,
+      new Promise<void>((resolve) => timer = setTimeout(resolve, timeoutMs)),
+    ]);
+    clearTimeout(timer);
+  }
+
+  #user(username: string, now: number): User {
+    const key = username.toLowerCase();
+    let user = this.#users.get(key);
+    if (user === undefined) {
+      user = {
+        name: username,
+        conns: new Set(),
+        bucket: new TokenBucket(
+          this.#limits.messageBurst,
+          this.#limits.messagesPerSecond,
+          now,
+        ),
+        sent: new Map(),
+        lastSeen: now,
+      };
+      this.#users.set(key, user);
+    }
+    return user;
+  }
+
+  #register(conn: Conn, expiresAt: number): void {
+    conn.open = true;
+    this.#conns.add(conn);
+    conn.user.conns.add(conn);
+    let entry = this.#tokens.get(conn.token);
+    if (entry === undefined) {
+      entry = { conns: new Set(), expiresAt };
+      this.#tokens.set(conn.token, entry);
+    }
+    entry.conns.add(conn);
+    const lobby = this.#enter(conn, LOBBY);
+    this.#sendFrame(conn, {
+      type: "welcome",
+      username: conn.user.name,
+      room: LOBBY,
+      rooms: [LOBBY],
+      users: usersOf(lobby),
+      history: this.#history.recent(LOBBY, DEFAULT_HISTORY_LIMIT),
+    });
+    this.#announce(lobby, conn, "join");
+    this.#log(
+      `chat: connect user=${conn.user.name} addr=${conn.address} conn=${conn.id}`,
+    );
+  }
+
+  /**
+   * Removes a connection from every table at once (a peer that does not
+   * read may never report its close), then closes the socket. Idempotent.
+   */
+  #drop(conn: Conn, code?: number, reason?: string): void {
+    if (!conn.open) return;
+    conn.open = false;
+    this.#conns.delete(conn);
+    this.#dirty.delete(conn);
+    conn.outbox = [];
+    conn.user.conns.delete(conn);
+    conn.user.lastSeen = this.#now();
+    const entry = this.#tokens.get(conn.token);
+    entry?.conns.delete(conn);
+    if (entry?.conns.size === 0) this.#tokens.delete(conn.token);
+    this.releaseAddress(conn.address);
+    for (const name of conn.rooms) {
+      const room = this.#rooms.get(name);
+      if (room !== undefined) this.#exit(conn, room);
+    }
+    conn.rooms.clear();
+    if (code !== undefined) {
+      try {
+        conn.socket.close(code, reason);
+      } catch {
+        // Already closing.
+      }
+    }
+    this.#log(
+      `chat: disconnect user=${conn.user.name} conn=${conn.id}${
+        code !== undefined ? ` code=${code}` : ""
+      }`,
+    );
+  }
+
+  #onFrame(conn: Conn, data: unknown): void {
+    if (!conn.open) return;
+    try {
+      if (typeof data !== "string") {
+        const size = data instanceof ArrayBuffer ? data.byteLength : 0;
+        if (size > MAX_FRAME_BYTES) {
+          this.#drop(conn, CloseCode.tooBig, "frame too big");
+        } else {
+          this.#sendError(conn, "invalid_frame", "Frames must be JSON text");
+        }
+        return;
+      }
+      if (utf8Length(data) > MAX_FRAME_BYTES) {
+        this.#drop(conn, CloseCode.tooBig, "frame too big");
+        return;
+      }
+      const now = this.#now();
+      if (this.#rateLimits) {
+        const wait = conn.frames.take(now);
+        if (wait > 0) return this.#limited(conn, wait, now);
+      }
+      this.#handle(conn, parseClientFrameText(data), now);
+    } catch (err) {
+      if (err instanceof FrameError) {
+        this.#sendError(conn, err.code, err.message);
+        return;
+      }
+      this.#log(
+        `chat: error handling a frame of ${conn.user.name}: ${
+          err instanceof Error ? err.stack : err
+        }`,
+      );
+      this.#sendError(conn, "server_error", "The server could not do that");
+    }
+  }
+
+  #limited(conn: Conn, waitMs: number, now: number): void {
+    if (conn.strikes.take(now) > 0) {
+      this.#drop(conn, CloseCode.policy, "flooding");
+      return;
+    }
+    this.#sendFrame(conn, {
+      type: "error",
+      error: "rate_limited",
+      message: `Slow down: try again in ${Math.ceil(waitMs / 100) / 10} s`,
+      retry_after_ms: waitMs,
+    });
+  }
+
+  #handle(conn: Conn, frame: ClientFrame, now: number): void {
+    switch (frame.type) {
+      case "message":
+        return this.#message(conn, frame, now);
+      case "dm":
+        return this.#directMessage(conn, frame.to, frame.text, now);
+      case "join":
+        return this.#join(conn, frame.room);
+      case "leave":
+        return this.#leave(conn, frame.room);
+      case "who": {
+        const room = this.#existingRoom(conn, frame.room);
+        this.#sendFrame(conn, {
+          type: "who",
+          room,
+          users: usersOf(this.#rooms.get(room)),
+        });
+        return;
+      }
+      case "rooms":
+        return this.#listRooms(conn);
+      case "history": {
+        const room = this.#existingRoom(conn, frame.room);
+        if (frame.after !== undefined) {
+          const page = this.#history.after(room, frame.after, frame.limit);
+          this.#sendFrame(conn, {
+            type: "history",
+            room,
+            messages: page.messages,
+            ...(page.gap && { gap: true as const }),
+          });
+        } else {
+          this.#sendFrame(conn, {
+            type: "history",
+            room,
+            messages: frame.before !== undefined
+              ? this.#history.before(room, frame.before, frame.limit)
+              : this.#history.recent(room, frame.limit),
+          });
+        }
+        return;
+      }
+      case "ping":
+        return this.#sendFrame(conn, { type: "pong" });
+    }
+  }
+
+  #message(
+    conn: Conn,
+    frame: { text: string; room?: string; client_id?: string },
+    now: number,
+  ): void {
+    const user = conn.user;
+    const clientId = frame.client_id;
+    if (clientId !== undefined) {
+      const earlier = user.sent.get(clientId);
+      if (
+        earlier !== undefined && now - earlier.at < this.#limits.dedupWindowMs
+      ) {
+        this.#send(conn, earlier.line);
+        return;
+      }
+    }
+    const roomName = frame.room ?? current(conn);
+    if (roomName === undefined || !conn.rooms.has(roomName)) {
+      throw new FrameError(
+        "unknown_room",
+        roomName === undefined
+          ? "You are in no room: /join one first"
+          : `You are not in #${roomName}`,
+      );
+    }
+    if (this.#rateLimits) {
+      const wait = user.bucket.take(now);
+      if (wait > 0) return this.#limited(conn, wait, now);
+    }
+    const room = this.#rooms.get(roomName)!;
+    const message = this.#history.append(roomName, user.name, frame.text);
+    const line = JSON.stringify(message);
+    let own = line;
+    if (clientId !== undefined) {
+      own = JSON.stringify({ ...message, client_id: clientId });
+      this.#remember(user, clientId, own, now);
+    }
+    for (const c of room.conns) this.#send(c, c.user === user ? own : line);
+  }
+
+  #remember(user: User, clientId: string, line: string, now: number): void {
+    const sent = user.sent;
+    sent.delete(clientId);
+    sent.set(clientId, { line, at: now });
+    // Entries are in time order: forget those past the window, and bound the map.
+    for (const [id, entry] of sent) {
+      if (now - entry.at < this.#limits.dedupWindowMs && sent.size <= 50_000) {
+        break;
+      }
+      sent.delete(id);
+    }
+  }
+
+  #directMessage(conn: Conn, to: string, text: string, now: number): void {
+    const target = this.#users.get(to.toLowerCase());
+    if (target === undefined || target.conns.size === 0) {
+      throw new FrameError("unknown_user", `${to} is not connected`);
+    }
+    if (this.#rateLimits) {
+      const wait = conn.user.bucket.take(now);
+      if (wait > 0) return this.#limited(conn, wait, now);
+    }
+    const line = JSON.stringify(
+      {
+        type: "dm",
+        id: `${this.#dmPrefix}-${++this.#dmSeq}`,
+        from: conn.user.name,
+        to: target.name,
+        text,
+        ts: new Date(now).toISOString(),
+      } satisfies ServerFrame,
+    );
+    for (const c of target.conns) this.#send(c, line);
+    if (target !== conn.user) {
+      for (const c of conn.user.conns) this.#send(c, line);
+    }
+  }
+
+  #join(conn: Conn, name: string): void {
+    if (conn.rooms.has(name)) {
+      // Re-joining makes it the current room again.
+      conn.rooms.delete(name);
+      conn.rooms.add(name);
+    } else if (conn.rooms.size >= this.#limits.maxRoomsPerConnection) {
+      throw new FrameError(
+        "invalid_frame",
+        `Cannot join #${name}: a connection may be in at most ${this.#limits.maxRoomsPerConnection} rooms`,
+      );
+    }
+    const fresh = !conn.rooms.has(name);
+    const room = fresh ? this.#enter(conn, name) : this.#rooms.get(name)!;
+    this.#sendFrame(conn, {
+      type: "joined",
+      room: name,
+      users: usersOf(room),
+      history: this.#history.recent(name, DEFAULT_HISTORY_LIMIT),
+    });
+    if (fresh) this.#announce(room, conn, "join");
+  }
+
+  #leave(conn: Conn, name: string): void {
+    const room = this.#rooms.get(name);
+    if (room !== undefined && conn.rooms.delete(name)) this.#exit(conn, room);
+    this.#sendFrame(conn, { type: "left", room: name });
+  }
+
+  /** Adds the connection to a room (created if new); returns the room. */
+  #enter(conn: Conn, name: string): Room {
+    let room = this.#rooms.get(name);
+    if (room === undefined) {
+      room = { name, conns: new Set(), members: new Map() };
+      this.#rooms.set(name, room);
+    }
+    conn.rooms.add(name);
+    room.conns.add(conn);
+    room.members.set(conn.user, (room.members.get(conn.user) ?? 0) + 1);
+    return room;
+  }
+
+  /** Sends a join presence frame if this is the user's first connection in the room. */
+  #announce(room: Room, conn: Conn, type: "join"): void {
+    if (room.members.get(conn.user) !== 1) return;
+    const line = JSON.stringify(
+      {
+        type,
+        room: room.name,
+        user: conn.user.name,
+        ts: new Date(this.#now()).toISOString(),
+      } satisfies ServerFrame,
+    );
+    for (const c of room.conns) if (c !== conn) this.#send(c, line);
+  }
+
+  /** Removes the connection from a room; announces the user's last leave. */
+  #exit(conn: Conn, room: Room): void {
+    if (!room.conns.delete(conn)) return;
+    const left = (room.members.get(conn.user) ?? 1) - 1;
+    if (left > 0) {
+      room.members.set(conn.user, left);
+      return;
+    }
+    room.members.delete(conn.user);
+    if (room.conns.size === 0) {
+      if (room.name !== LOBBY) this.#rooms.delete(room.name);
+      return;
+    }
+    // At shutdown everyone leaves at once: presence would cost O(n²) for nothing.
+    if (this.#closing) return;
+    const line = JSON.stringify(
+      {
+        type: "leave",
+        room: room.name,
+        user: conn.user.name,
+        ts: new Date(this.#now()).toISOString(),
+      } satisfies ServerFrame,
+    );
+    for (const c of room.conns) this.#send(c, line);
+  }
+
+  /** The named room (or the current one) if it exists; else `unknown_room`. */
+  #existingRoom(conn: Conn, name: string | undefined): string {
+    const room = name ?? current(conn);
+    if (room === undefined) {
+      throw new FrameError("unknown_room", "You are in no room: name one");
+    }
+    if (
+      room !== LOBBY && !this.#rooms.has(room) && !this.#history.has(room)
+    ) {
+      throw new FrameError("unknown_room", `There is no room #${room}`);
+    }
+    return room;
+  }
+
+  #listRooms(conn: Conn): void {
+    const names = new Set<string>([LOBBY]);
+    for (const name of this.#rooms.keys()) names.add(name);
+    for (const name of this.#history.roomNames()) names.add(name);
+    const rooms = [...names].sort().map((name) => ({
+      name,
+      users: this.#rooms.get(name)?.members.size ?? 0,
+    }));
+    this.#sendFrame(conn, { type: "rooms", rooms });
+  }
+
+  #sendError(conn: Conn, error: ErrorCode, message: string): void {
+    this.#sendFrame(conn, { type: "error", error, message });
+  }
+
+  #sendFrame(conn: Conn, frame: ServerFrame): void {
+    this.#send(conn, JSON.stringify(frame));
+  }
+
+  /** Queues one serialised frame for a connection; written at the next flush. */
+  #send(conn: Conn, line: string): void {
+    if (!conn.open) return;
+    conn.outbox.push(line);
+    conn.outboxBytes += line.length;
+    if (conn.outboxBytes > this.#limits.maxBufferedBytes) {
+      this.#drop(conn, CloseCode.tryAgainLater, "too slow to keep up");
+      return;
+    }
+    this.#dirty.add(conn);
+    if (this.#flushTimer === undefined) {
+      this.#flushTimer = setTimeout(this.#flush, this.#limits.coalesceMs);
+    }
+  }
+
+  #flush = (): void => {
+    if (this.#flushTimer !== undefined) {
+      clearTimeout(this.#flushTimer);
+      this.#flushTimer = undefined;
+    }
+    // Drops below may queue presence frames: those land in this same pass.
+    for (const conn of this.#dirty) {
+      this.#dirty.delete(conn);
+      if (!conn.open || conn.outbox.length === 0) continue;
+      const data = conn.outbox.length === 1
+        ? conn.outbox[0]!
+        : conn.outbox.join("\n");
+      conn.outbox = [];
+      conn.outboxBytes = 0;
+      if (
+        conn.socket.bufferedAmount + data.length > this.#limits.maxBufferedBytes
+      ) {
+        this.#drop(conn, CloseCode.tryAgainLater, "too slow to keep up");
+        continue;
+      }
+      try {
+        conn.socket.send(data);
+      } catch {
+        this.#drop(conn);
+      }
+    }
+  };
+
+  /** Closes connections whose session ended; one auth call per distinct token. */
+  async #recheck(): Promise<void> {
+    if (this.#rechecking || this.#closing) return;
+    this.#rechecking = true;
+    try {
+      const now = this.#now();
+      for (const [key, user] of this.#users) {
+        if (
+          user.conns.size === 0 &&
+          now - user.lastSeen > this.#limits.dedupWindowMs
+        ) {
+          this.#users.delete(key);
+        }
+      }
+      const tokens = [...this.#tokens.keys()];
+      const workers = Array.from(
+        { length: Math.min(8, tokens.length) },
+        async () => {
+          for (
+            let token = tokens.pop();
+            token !== undefined;
+            token = tokens.pop()
+          ) {
+            await this.#recheckToken(token);
+          }
+        },
+      );
+      await Promise.all(workers);
+    } finally {
+      this.#rechecking = false;
+    }
+  }
+
+  async #recheckToken(token: string): Promise<void> {
+    const entry = this.#tokens.get(token);
+    if (entry === undefined) return;
+    let reason: string | undefined;
+    if (entry.expiresAt <= this.#now()) {
+      reason = "session expired";
+    } else {
+      try {
+        const check = await this.#validateToken(token);
+        if (!check.valid) reason = "session ended";
+        else entry.expiresAt = check.expiresAt;
+      } catch (err) {
+        // Auth down: keep existing connections rather than dropping everyone.
+        if (!(err instanceof AuthUnavailableError)) throw err;
+      }
+    }
+    if (reason === undefined || this.#closing) return;
+    for (const conn of [...entry.conns]) {
+      this.#drop(conn, CloseCode.policy, reason);
+    }
+  }
+}
+
+function current(conn: Conn): string | undefined {
+  let last: string | undefined;
+  for (const name of conn.rooms) last = name;
+  return last;
+}
+
+function usersOf(room: Room | undefined): string[] {
+  if (room === undefined) return [];
+  return [...room.members.keys()].map((u) => u.name).sort();
+}
+
+/** UTF-8 length of a string, computed only when it could matter. */
+function utf8Length(text: string): number {
+  if (text.length * 3 <= MAX_FRAME_BYTES) return text.length;
+  if (text.length > MAX_FRAME_BYTES) return text.length;
+  return new TextEncoder().encode(text).length;
+}

@@ -1,0 +1,389 @@
+/**
+ * Room history: the last messages of every room in memory, persisted as one
+ * JSON Lines file a room under `DATA_DIR/history/` (`<room>.jsonl`, one
+ * message frame a line, ids increasing).
+ *
+ * Appends are batched: a message is queued in memory and written with the
+ * others of its room at the next flush (at most `flushIntervalMs` later, and
+ * at close), so the hot path never waits for the disk. Files are compacted to
+ * the kept tail at start-up and whenever they grow well past it.
+ *
+ * @module
+ */
+import type { RoomMessage } from "./protocol.ts";
+
+/** Options of {@linkcode HistoryStore.open}. */
+export interface HistoryOptions {
+  /** Messages kept per room, in memory and on disk. Default 1000. */
+  keep?: number;
+  /** Longest time a message waits in memory before it is written. Default 1000 ms. */
+  flushIntervalMs?: number;
+  /** Clock in ms. Default `Date.now`. */
+  now?: () => number;
+  /** Where write failures are reported. */
+  log?: (line: string) => void;
+}
+
+/** The answer to a history query. */
+export interface HistoryPage {
+  messages: RoomMessage[];
+  /** True when `after` reached back past what is still kept. */
+  gap: boolean;
+}
+
+interface Room {
+  name: string;
+  /** Kept messages, oldest first; trimmed to `keep` lazily (at most twice that). */
+  messages: RoomMessage[];
+  lastId: number;
+  /** JSON lines not yet on disk. */
+  pending: string[];
+  /** Lines in the file beyond the kept tail; compaction rewrites the file. */
+  needsRewrite: boolean;
+  linesOnDisk: number;
+}
+
+const FILE_SUFFIX = ".jsonl";
+const TAIL_CHUNK = 64 * 1024;
+
+/** The history of every room, with batched persistence. */
+export class HistoryStore {
+  #dir: string;
+  #keep: number;
+  #flushIntervalMs: number;
+  #now: () => number;
+  #log: (line: string) => void;
+  #rooms = new Map<string, Room>();
+  #dirty = new Set<Room>();
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #flushing: Promise<void> = Promise.resolve();
+  #closed = false;
+
+  private constructor(dir: string, options: HistoryOptions) {
+    this.#dir = dir;
+    this.#keep = options.keep ?? 1000;
+    this.#flushIntervalMs = options.flushIntervalMs ?? 1000;
+    this.#now = options.now ?? Date.now;
+    this.#log = options.log ?? (() => {});
+  }
+
+  /** Loads the kept tail of every room's file under `dir` (created if missing). */
+  static async open(
+    dir: string,
+    options: HistoryOptions = {},
+  ): Promise<HistoryStore> {
+    const store = new HistoryStore(dir, options);
+    await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
+    const loads: Promise<void>[] = [];
+    for await (const entry of Deno.readDir(dir)) {
+      if (entry.isFile && entry.name.endsWith(".tmp")) {
+        // Left by a crash in the middle of a compaction; the real file is intact.
+        loads.push(Deno.remove(`${dir}/${entry.name}`).catch(() => {}));
+        continue;
+      }
+      if (!entry.isFile || !entry.name.endsWith(FILE_SUFFIX)) continue;
+      const name = entry.name.slice(0, -FILE_SUFFIX.length);
+      if (!/^[a-z0-9_-]{1,32}$/.test(name)) continue;
+      loads.push(store.#load(name));
+    }
+    await Promise.all(loads);
+    // Compactions found at load happen in the background, off the start-up path.
+    if (store.#dirty.size > 0) store.#schedule();
+    return store;
+  }
+
+  /** Whether the room has any kept history. */
+  has(room: string): boolean {
+    return (this.#rooms.get(room)?.messages.length ?? 0) > 0;
+  }
+
+  /** Names of the rooms with history. */
+  roomNames(): IterableIterator<string> {
+    return this.#rooms.keys();
+  }
+
+  /** Stores a new message and returns it with its id and timestamp. */
+  append(room: string, from: string, text: string): RoomMessage {
+    let r = this.#rooms.get(room);
+    if (r === undefined) {
+      r = newRoom(room);
+      this.#rooms.set(room, r);
+    }
+    r.lastId++;
+    const message: RoomMessage = {
+      type: "message",
+      id: String(r.lastId),
+      room,
+      from,
+      text,
+      ts: new Date(this.#now()).toISOString(),
+    };
+    r.messages.push(message);
+    if (r.messages.length >= this.#keep * 2) {
+      r.messages.splice(0, r.messages.length - this.#keep);
+    }
+    r.pending.push(JSON.stringify(message));
+    this.#dirty.add(r);
+    this.#schedule();
+    return message;
+  }
+
+  /** The newest `limit` messages of a room, oldest first. */
+  recent(room: string, limit: number): RoomMessage[] {
+    const messages = this.#kept(room);
+    return messages.slice(Math.max(0, messages.length - limit));
+  }
+
+  /** The newest `limit` messages with an id below `before`, oldest first. */
+  before(room: string, before: string, limit: number): RoomMessage[] {
+    const messages = this.#kept(room);
+    const end = firstIndexAbove(messages, Number(before) - 1);
+    return messages.slice(Math.max(0, end - limit), end);
+  }
+
+  /** The oldest `limit` messages with an id above `after`, and whether some are gone. */
+  after(room: string, after: string, limit: number): HistoryPage {
+    const messages = this.#kept(room);
+    const afterId = Number(after);
+    const start = firstIndexAbove(messages, afterId);
+    const first = messages[0];
+    const lastId = this.#rooms.get(room)?.lastId ?? 0;
+    // Ids are consecutive, so a hole between `after` and the oldest kept one is lost history.
+    const gap = first !== undefined
+      ? Number(first.id) > afterId + 1
+      : lastId > afterId;
+    return { messages: messages.slice(start, start + limit), gap };
+  }
+
+  /** Writes every queued message now. */
+  flush(): Promise<void> {
+    if (this.#timer !== undefined) {
+      clearTimeout(this.#timer);
+      this.#timer = undefined;
+    }
+    this.#flushing = this.#flushing.then(() => this.#writeDirty());
+    return this.#flushing;
+  }
+
+  /** Flushes and stops the timer; appends after this are kept in memory only. */
+  async close(): Promise<void> {
+    if (this.#closed) return this.#flushing;
+    this.#closed = true;
+    await this.flush();
+  }
+
+  #kept(room: string): RoomMessage[] {
+    const r = this.#rooms.get(room);
+    if (r === undefined) return [];
+    if (r.messages.length > this.#keep) {
+      r.messages.splice(0, r.messages.length - this.#keep);
+    }
+    return r.messages;
+  }
+
+  #schedule(): void {
+    if (this.#timer !== undefined || this.#closed) return;
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      this.flush().catch(() => {});
+    }, this.#flushIntervalMs);
+  }
+
+  async #writeDirty(): Promise<void> {
+    const rooms = [...this.#dirty];
+    this.#dirty.clear();
+    await Promise.all(rooms.map((r) => this.#writeRoom(r)));
+  }
+
+  async #writeRoom(r: Room): Promise<void> {
+    const path = `${this.#dir}/${r.name}${FILE_SUFFIX}`;
+    const lines = r.pending;
+    r.pending = [];
+    try {
+      if (r.needsRewrite || r.linesOnDisk + lines.length > this.#keep * 4) {
+        const kept = this.#kept(r.name);
+        const text = kept.map((m) => JSON.stringify(m) + "\n").join("");
+        await writeAtomic(path, text);
+        r.needsRewrite = false;
+        r.linesOnDisk = kept.length;
+        return;
+      }
+      if (lines.length === 0) return;
+      const file = await Deno.open(path, {
+        append: true,
+        create: true,
+        mode: 0o600,
+      });
+      try {
+        await writeAll(file, new TextEncoder().encode(lines.join("\n") + "\n"));
+        await file.syncData();
+      } finally {
+        file.close();
+      }
+      r.linesOnDisk += lines.length;
+    } catch (err) {
+      // Keep the lines for the next flush rather than losing them.
+      r.pending = lines.concat(r.pending);
+      this.#dirty.add(r);
+      this.#log(
+        `history: cannot write ${path}: ${
+          err instanceof Error ? err.message : err
+        }`,
+      );
+      if (!this.#closed) this.#schedule();
+    }
+  }
+
+  async #load(name: string): Promise<void> {
+    const path = `${this.#dir}/${name}${FILE_SUFFIX}`;
+    const { lines, complete, clean } = await readTailLines(path, this.#keep);
+    const r = newRoom(name);
+    for (const line of lines) {
+      const message = parseStoredMessage(line, name);
+      if (message === undefined || Number(message.id) <= r.lastId) {
+        r.needsRewrite = true;
+        continue;
+      }
+      r.messages.push(message);
+      r.lastId = Number(message.id);
+    }
+    r.linesOnDisk = r.messages.length;
+    if (!complete || !clean) r.needsRewrite = true;
+    if (r.needsRewrite) this.#dirty.add(r);
+    this.#rooms.set(name, r);
+  }
+}
+
+function newRoom(name: string): Room {
+  return {
+    name,
+    messages: [],
+    lastId: 0,
+    pending: [],
+    needsRewrite: false,
+    linesOnDisk: 0,
+  };
+}
+
+/** Index of the first message whose id is above `id` (messages sorted by id). */
+function firstIndexAbove(messages: RoomMessage[], id: number): number {
+  let lo = 0;
+  let hi = messages.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (Number(messages[mid]!.id) <= id) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+function parseStoredMessage(
+  line: string,
+  room: string,
+): RoomMessage | undefined {
+  let value: unknown;
+  try {
+    value = JSON.parse(line);
+  } catch {
+    return undefined;
+  }
+  if (typeof value !== "object" || value === null) return undefined;
+  const v: Record<string, unknown> = { ...value };
+  if (
+    typeof v.id !== "string" || !/^\d{1,16}$/.test(v.id) ||
+    typeof v.from !== "string" || typeof v.text !== "string" ||
+    typeof v.ts !== "string"
+  ) {
+    return undefined;
+  }
+  return {
+    type: "message",
+    id: v.id,
+    room,
+    from: v.from,
+    text: v.text,
+    ts: v.ts,
+  };
+}
+
+/**
+ * Reads the last `count` complete lines of a file without reading all of it.
+ * `complete` is false when older lines were left unread; `clean` is false when
+ * the file does not end with a newline (a torn append).
+ */
+async function readTailLines(
+  path: string,
+  count: number,
+): Promise<{ lines: string[]; complete: boolean; clean: boolean }> {
+  const file = await Deno.open(path, { read: true });
+  try {
+    const { size } = await file.stat();
+    const chunks: Uint8Array[] = [];
+    let pos = size;
+    let newlines = 0;
+    while (pos > 0 && newlines <= count) {
+      const len = Math.min(TAIL_CHUNK, pos);
+      pos -= len;
+      const buf = new Uint8Array(len);
+      await file.seek(pos, Deno.SeekMode.Start);
+      let read = 0;
+      while (read < len) {
+        const n = await file.read(buf.subarray(read));
+        if (n === null) break;
+        read += n;
+      }
+      for (const b of buf) if (b === 10) newlines++;
+      chunks.unshift(buf);
+    }
+    const bytes = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+    let offset = 0;
+    for (const c of chunks) {
+      bytes.set(c, offset);
+      offset += c.length;
+    }
+    const text = new TextDecoder().decode(bytes);
+    const clean = text === "" || text.endsWith("\n");
+    const all = text.split("\n");
+    all.pop(); // after the last newline: empty, or a torn line
+    if (pos > 0) all.shift(); // the first line may start before what was read
+    const lines = all.length > count ? all.slice(all.length - count) : all;
+    return { lines, complete: pos === 0 && all.length <= count, clean };
+  } finally {
+    file.close();
+  }
+}
+
+async function writeAll(file: Deno.FsFile, data: Uint8Array): Promise<void> {
+  let written = 0;
+  while (written < data.length) {
+    written += await file.write(data.subarray(written));
+  }
+}
+
+async function writeAtomic(path: string, text: string): Promise<void> {
+  const tmp = `${path}.${crypto.randomUUID()}.tmp`;
+  try {
+    const file = await Deno.open(tmp, {
+      write: true,
+      create: true,
+      truncate: true,
+      mode: 0o600,
+    });
+    try {
+      await writeAll(file, new TextEncoder().encode(text));
+      await file.sync();
+    } finally {
+      file.close();
+    }
+    await Deno.rename(tmp, path);
+  } catch (err) {
+    await Deno.remove(tmp).catch(() => {});
+    throw err;
+  }
+  const dir = await Deno.open(path.slice(0, path.lastIndexOf("/")) || ".");
+  try {
+    await dir.sync();
+  } finally {
+    dir.close();
+  }
+}

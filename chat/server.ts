@@ -1,0 +1,290 @@
+/**
+ * The chat server: checks each session token with the auth server, upgrades
+ * `/ws` to a WebSocket, and hands the socket to the {@linkcode ConnectionManager}.
+ *
+ * @module
+ */
+import {
+  AuthUnavailableError,
+  createTokenValidator,
+  type TokenCheck,
+} from "./auth_client.ts";
+import {
+  type ChatLimits,
+  ConnectionManager,
+  DEFAULT_CHAT_LIMITS,
+} from "./connection_manager.ts";
+import { HistoryStore } from "./history.ts";
+
+/** Options of {@linkcode createChatServer}. */
+export interface ChatServerOptions {
+  /** Interface to bind. Default `127.0.0.1`. */
+  hostname?: string;
+  /** Port; 0 picks a free one. Default 8001. */
+  port?: number;
+  /** History lives in `<dataDir>/history/`. */
+  dataDir: string;
+  /** Base URL of the auth server, or a function giving it. */
+  authUrl: string | (() => string);
+  /** Origins allowed besides the server's own. */
+  allowedOrigins?: string[];
+  /** False lifts message rates and connection caps. Default true. */
+  rateLimits?: boolean;
+  limits?: Partial<ChatLimits>;
+  /** Messages kept per room. Default 1000. */
+  historyKeep?: number;
+  /** Longest delay before history reaches the disk. Default 1000 ms. */
+  historyFlushMs?: number;
+  /** Longest wait for the auth server. Default 2000 ms. */
+  authTimeoutMs?: number;
+  /** Seconds without an answer to the runtime's pings before a peer is dropped. Default 30. */
+  idleTimeoutSeconds?: number;
+  log?: (line: string) => void;
+  now?: () => number;
+}
+
+/** A running chat server. */
+export interface ChatServer {
+  /** `ws://host:port/ws` */
+  url: string;
+  /** `http://host:port` */
+  httpUrl: string;
+  hostname: string;
+  port: number;
+  /** Resolves when the server has stopped. */
+  finished: Promise<void>;
+  /** Number of open WebSocket connections. */
+  readonly connections: number;
+  /** Closes every WebSocket with 1001, stops listening, flushes history. Idempotent. */
+  shutdown(): Promise<void>;
+}
+
+/** Starts a chat server; resolves once it listens. */
+export async function createChatServer(
+  options: ChatServerOptions,
+): Promise<ChatServer> {
+  const {
+    hostname = "127.0.0.1",
+    port = 8001,
+    dataDir,
+    log = () => {},
+  } = options;
+  const history = await HistoryStore.open(`${dataDir}/history`, {
+    keep: options.historyKeep,
+    flushIntervalMs: options.historyFlushMs,
+    now: options.now,
+    log,
+  });
+  const validateToken = createTokenValidator({
+    authUrl: options.authUrl,
+    timeoutMs: options.authTimeoutMs,
+  });
+  const manager = new ConnectionManager({
+    history,
+    validateToken,
+    rateLimits: options.rateLimits,
+    limits: options.limits,
+    log,
+    now: options.now,
+  });
+  const handler = createChatHandler({
+    manager,
+    validateToken,
+    allowedOrigins: options.allowedOrigins ?? [],
+    idleTimeoutSeconds: options.idleTimeoutSeconds ?? 30,
+    log,
+  });
+  let server: Deno.HttpServer<Deno.NetAddr>;
+  try {
+    server = await new Promise((resolve, reject) => {
+      try {
+        const s = Deno.serve({
+          hostname,
+          port,
+          onListen: () => resolve(s),
+          onError: (err) => {
+            log(
+              `chat: unexpected error: ${
+                err instanceof Error ? err.stack : err
+              }`,
+            );
+            return jsonError(500, "server_error", "Something went wrong");
+          },
+        }, handler);
+      } catch (err) {
+        reject(err);
+      }
+    });
+  } catch (err) {
+    await manager.close();
+    await history.close();
+    throw err;
+  }
+  const addr = server.addr;
+  const host = addr.hostname.includes(":")
+    ? `[${addr.hostname}]`
+    : addr.hostname;
+  let stopping: Promise<void> | undefined;
+  return {
+    url: `ws://${host}:${addr.port}/ws`,
+    httpUrl: `http://${host}:${addr.port}`,
+    hostname: addr.hostname,
+    port: addr.port,
+    finished: server.finished,
+    get connections() {
+      return manager.size;
+    },
+    shutdown() {
+      stopping ??= (async () => {
+        await manager.close();
+        await server.shutdown();
+        await history.close();
+      })();
+      return stopping;
+    },
+  };
+}
+
+interface HandlerOptions {
+  manager: ConnectionManager;
+  validateToken: (token: string) => Promise<TokenCheck>;
+  allowedOrigins: string[];
+  idleTimeoutSeconds: number;
+  log: (line: string) => void;
+}
+
+/** The HTTP handler of the chat server: `/ws` upgrades and `/health`. */
+export function createChatHandler(
+  options: HandlerOptions,
+): (
+  req: Request,
+  info: Deno.ServeHandlerInfo<Deno.NetAddr>,
+) => Promise<Response> {
+  const { manager, validateToken, allowedOrigins, idleTimeoutSeconds, log } =
+    options;
+  const allowed = new Set(allowedOrigins.map((o) => o.replace(/\/+$/, "")));
+  return async function handleChat(req, info) {
+    const url = new URL(req.url);
+    if (url.pathname === "/health") {
+      if (req.method !== "GET") {
+        return jsonError(405, "method_not_allowed", "Use GET", {
+          allow: "GET",
+        });
+      }
+      return Response.json({ status: "ok", connections: manager.size });
+    }
+    if (url.pathname !== "/ws") {
+      return jsonError(404, "not_found", `Nothing at ${url.pathname}`);
+    }
+    if (req.method !== "GET") {
+      return jsonError(405, "method_not_allowed", "Use GET", { allow: "GET" });
+    }
+    if (manager.closing) {
+      return jsonError(503, "shutting_down", "The server is shutting down");
+    }
+    if (req.headers.get("upgrade")?.toLowerCase() !== "websocket") {
+      return jsonError(
+        426,
+        "upgrade_required",
+        "This endpoint speaks WebSocket only",
+        { upgrade: "websocket" },
+      );
+    }
+    const origin = req.headers.get("origin");
+    if (origin !== null && !originAllowed(origin, req, allowed)) {
+      return jsonError(
+        403,
+        "origin_not_allowed",
+        `Connections from ${origin.slice(0, 200)} are not allowed`,
+      );
+    }
+    const token = bearerToken(req) ?? url.searchParams.get("token");
+    if (token === null || token === "" || token.length > 512) {
+      return jsonError(401, "invalid_token", "A session token is required");
+    }
+    const address = info.remoteAddr.hostname;
+    if (!manager.reserveAddress(address)) {
+      return jsonError(
+        429,
+        "too_many_connections",
+        "Too many connections from this address",
+      );
+    }
+    let upgraded = false;
+    try {
+      let check: TokenCheck;
+      try {
+        check = await validateToken(token);
+      } catch (err) {
+        if (!(err instanceof AuthUnavailableError)) throw err;
+        log(`chat: ${err.message}`);
+        return jsonError(
+          503,
+          "auth_unavailable",
+          "Cannot check the session right now; try again shortly",
+          { "retry-after": "2" },
+        );
+      }
+      if (!check.valid) {
+        return jsonError(
+          401,
+          "invalid_token",
+          "The session is unknown, expired or revoked: log in again",
+        );
+      }
+      if (manager.closing) {
+        return jsonError(503, "shutting_down", "The server is shutting down");
+      }
+      if (manager.userAtCapacity(check.username)) {
+        return jsonError(
+          429,
+          "too_many_connections",
+          `Too many connections for ${check.username}`,
+        );
+      }
+      const { socket, response } = Deno.upgradeWebSocket(req, {
+        idleTimeout: idleTimeoutSeconds,
+      });
+      manager.accept(socket, {
+        username: check.username,
+        token,
+        expiresAt: check.expiresAt,
+        address,
+      });
+      upgraded = true;
+      return response;
+    } finally {
+      if (!upgraded) manager.releaseAddress(address);
+    }
+  };
+}
+
+function bearerToken(req: Request): string | undefined {
+  const header = req.headers.get("authorization");
+  if (header === null) return undefined;
+  const match = /^Bearer\s+(\S+)\s*$/i.exec(header);
+  return match?.[1];
+}
+
+/** The server's own origin (as the browser saw it), or one listed. */
+function originAllowed(
+  origin: string,
+  req: Request,
+  allowed: Set<string>,
+): boolean {
+  if (allowed.has(origin) || allowed.has("*")) return true;
+  const host = req.headers.get("host");
+  if (host === null) return false;
+  return origin === `http://${host}` || origin === `https://${host}`;
+}
+
+function jsonError(
+  status: number,
+  error: string,
+  message: string,
+  headers: Record<string, string> = {},
+): Response {
+  return Response.json({ error, message }, { status, headers });
+}
+
+export { DEFAULT_CHAT_LIMITS };

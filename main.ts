@@ -1,0 +1,89 @@
+// deno-lint-ignore-file no-console
+/**
+ * Entry point of `deno task start`: the auth server and the chat server in
+ * one process, until SIGINT or SIGTERM.
+ *
+ * The chat server starts first so that, with port 0, `/login` hands out its
+ * real address; the chat server reaches the auth server at `AUTH_URL`, or at
+ * the auth server's real address when that is not set.
+ *
+ * @module
+ */
+import { createAuthServer } from "./auth/server.ts";
+import { createChatServer } from "./chat/server.ts";
+import {
+  ConfigError,
+  defaultChatUrl,
+  httpAddress,
+  parseServerConfig,
+  SERVER_USAGE,
+} from "./config.ts";
+
+if (Deno.args.includes("--help")) {
+  console.log(`Usage: deno task start [options]\n\n${SERVER_USAGE}`);
+  Deno.exit(0);
+}
+
+let config;
+try {
+  config = parseServerConfig("start", Deno.args, (n) => Deno.env.get(n));
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err;
+  console.error(`start: ${err.message}\n\n${SERVER_USAGE}`);
+  Deno.exit(2);
+}
+
+const stop = new AbortController();
+for (const signal of ["SIGINT", "SIGTERM"] as const) {
+  Deno.addSignalListener(signal, () => stop.abort());
+}
+
+const log = (line: string) => console.error(line);
+let authUrl = config.authUrl;
+let chat;
+let auth;
+try {
+  chat = await createChatServer({
+    hostname: config.chatHost,
+    port: config.chatPort,
+    dataDir: config.dataDir,
+    authUrl: () => authUrl ?? "http://127.0.0.1:8000",
+    allowedOrigins: config.allowedOrigins,
+    rateLimits: config.rateLimits,
+    log,
+  });
+  const chatUrl = config.chatPublicUrl ??
+    defaultChatUrl(chat.hostname, chat.port);
+  try {
+    auth = await createAuthServer({
+      hostname: config.authHost,
+      port: config.authPort,
+      dataDir: config.dataDir,
+      chatUrl,
+      sessionTtlSeconds: config.sessionTtlSeconds,
+      rateLimits: config.rateLimits,
+      log,
+    });
+  } catch (err) {
+    await chat.shutdown();
+    throw err;
+  }
+  authUrl ??= auth.url;
+} catch (err) {
+  console.error(
+    `start: cannot start: ${err instanceof Error ? err.message : err}`,
+  );
+  Deno.exit(1);
+}
+console.log(`auth: listening on ${httpAddress(auth.hostname, auth.port)}`);
+console.log(`chat: listening on ${httpAddress(chat.hostname, chat.port)}`);
+
+if (!stop.signal.aborted) {
+  await new Promise((resolve) =>
+    stop.signal.addEventListener("abort", resolve)
+  );
+}
+console.error("start: shutting down");
+await chat.shutdown();
+await auth.shutdown();
+Deno.exit(0);

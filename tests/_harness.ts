@@ -1,0 +1,366 @@
+/**
+ * Test harness: real auth and chat servers on port 0 in a temporary data
+ * directory, and a WebSocket client that lets tests await frames.
+ *
+ * @module
+ */
+import { type AuthServer, createAuthServer } from "../auth/server.ts";
+import type { ChatLimits } from "../chat/connection_manager.ts";
+import { type ChatServer, createChatServer } from "../chat/server.ts";
+import { splitServerFrames } from "../chat/protocol.ts";
+
+/** A frame as the tests see it: a decoded JSON object. */
+export type Frame = Record<string, unknown>;
+
+/** Options of {@linkcode startStack}. */
+export interface StackOptions {
+  dataDir?: string;
+  /** The chat server's limits (the auth server's throttles stay off). */
+  rateLimits?: boolean;
+  chatLimits?: Partial<ChatLimits>;
+  historyKeep?: number;
+  historyFlushMs?: number;
+  allowedOrigins?: string[];
+  sessionTtlSeconds?: number;
+  now?: () => number;
+  log?: (line: string) => void;
+}
+
+/** Both servers, running. */
+export interface Stack {
+  auth: AuthServer;
+  chat: ChatServer;
+  dataDir: string;
+  /** Starts a new chat server on the same data directory (after `chat.shutdown()`). */
+  restartChat(port?: number): Promise<ChatServer>;
+  /** Shuts both down and removes the data directory (unless it was given). */
+  close(): Promise<void>;
+}
+
+/** Starts auth and chat servers on port 0. */
+export async function startStack(options: StackOptions = {}): Promise<Stack> {
+  const ownDir = options.dataDir === undefined;
+  const dataDir = options.dataDir ??
+    await Deno.makeTempDir({ prefix: "chat_test_" });
+  let chatUrl = "ws://127.0.0.1:0/ws";
+  const auth = await createAuthServer({
+    hostname: "127.0.0.1",
+    port: 0,
+    dataDir,
+    chatUrl: () => chatUrl,
+    // Auth throttles have their own tests; here they would only get in the way.
+    rateLimits: false,
+    sessionTtlSeconds: options.sessionTtlSeconds,
+    now: options.now,
+  });
+  const startChat = (port = 0) =>
+    createChatServer({
+      hostname: "127.0.0.1",
+      port,
+      dataDir,
+      authUrl: auth.url,
+      rateLimits: options.rateLimits ?? false,
+      limits: options.chatLimits,
+      historyKeep: options.historyKeep,
+      historyFlushMs: options.historyFlushMs,
+      allowedOrigins: options.allowedOrigins,
+      log: options.log,
+      now: options.now,
+    });
+  const stack: Stack = {
+    auth,
+    chat: await startChat(),
+    dataDir,
+    async restartChat(port = 0) {
+      stack.chat = await startChat(port);
+      chatUrl = stack.chat.url;
+      return stack.chat;
+    },
+    async close() {
+      await stack.chat.shutdown();
+      await auth.shutdown();
+      if (ownDir) await Deno.remove(dataDir, { recursive: true });
+    },
+  };
+  chatUrl = stack.chat.url;
+  return stack;
+}
+
+/** Registers a user and logs in; returns the session token. */
+export async function login(
+  authUrl: string,
+  username: string,
+  password = "correct horse battery",
+): Promise<string> {
+  const reg = await fetch(`${authUrl}/register`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ username, password }),
+  });
+  await reg.body?.cancel();
+  if (reg.status !== 201 && reg.status !== 409) {
+    throw new Error(`register ${username}: ${reg.status}`);
+  }
+  const res = await fetch(`${authUrl}/login`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ username, password }),
+  });
+  const body = await res.json();
+  if (res.status !== 200 || typeof body.token !== "string") {
+    throw new Error(`login ${username}: ${res.status} ${JSON.stringify(body)}`);
+  }
+  return body.token;
+}
+
+/** A WebSocket client that records frames and lets tests await them. */
+export class TestClient {
+  readonly socket: WebSocket;
+  readonly frames: Frame[] = [];
+  /** Raw text frames as received (to see coalescing). */
+  readonly rawFrames: string[] = [];
+  #cursor = 0;
+  #waiters: (() => void)[] = [];
+  readonly opened: Promise<void>;
+  readonly closed: Promise<CloseEvent>;
+
+  /** Opens a connection; `headers` default to a bearer token if given. */
+  constructor(
+    url: string,
+    token?: string,
+    headers: Record<string, string> = {},
+  ) {
+    const h = { ...headers };
+    if (token !== undefined) h.authorization = `Bearer ${token}`;
+    this.socket = new WebSocket(url, { headers: h });
+    this.opened = new Promise((resolve, reject) => {
+      this.socket.addEventListener("open", () => resolve(), { once: true });
+      this.socket.addEventListener(
+        "close",
+        () => reject(new Error("closed before open")),
+        {
+          once: true,
+        },
+      );
+    });
+    this.opened.catch(() => {});
+    this.closed = new Promise((resolve) =>
+      this.socket.addEventListener("close", (e) => {
+        resolve(e);
+        this.#wake();
+      }, { once: true })
+    );
+    this.socket.addEventListener("message", (e) => {
+      if (typeof e.data !== "string") return;
+      this.rawFrames.push(e.data);
+      for (const value of splitServerFrames(e.data)) {
+        if (
+          typeof value === "object" && value !== null && !Array.isArray(value)
+        ) {
+          this.frames.push({ ...value });
+        }
+      }
+      this.#wake();
+    });
+  }
+
+  /** Connects and waits for the `welcome` frame. */
+  static async connect(url: string, token: string): Promise<TestClient> {
+    const client = new TestClient(url, token);
+    await client.next((f) => f.type === "welcome");
+    return client;
+  }
+
+  /** Sends a frame (an object is JSON-encoded). */
+  send(frame: Frame | string): void {
+    this.socket.send(typeof frame === "string" ? frame : JSON.stringify(frame));
+  }
+
+  /**
+   * The next frame (after those already taken) matching `match`; frames
+   * skipped on the way are consumed. Fails after `timeoutMs`.
+   */
+  async next(
+    match: (f: Frame) => boolean = () => true,
+    timeoutMs = 5000,
+  ): Promise<Frame> {
+    const deadline = Date.now() + timeoutMs;
+    while (true) {
+      while (this.#cursor < this.frames.length) {
+        const f = this.frames[this.#cursor++]!;
+        if (match(f)) return f;
+      }
+      if (this.socket.readyState === WebSocket.CLOSED) {
+        throw new Error(
+          `socket closed while waiting; got ${
+            JSON.stringify(this.frames.slice(-5))
+          }`,
+        );
+      }
+      const left = deadline - Date.now();
+      if (left <= 0) {
+        throw new Error(
+          `timed out waiting for a frame; last: ${
+            JSON.stringify(this.frames.slice(-5))
+          }`,
+        );
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.#waiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+  }
+
+  /** The next frame of a type. */
+  nextOfType(type: string, timeoutMs?: number): Promise<Frame> {
+    return this.next((f) => f.type === type, timeoutMs);
+  }
+
+  /** Sends `ping` and waits for `pong`: every frame sent before it was handled. */
+  async sync(): Promise<void> {
+    this.send({ type: "ping" });
+    await this.nextOfType("pong");
+  }
+
+  /** Closes (if still open) and waits for the close event. */
+  async close(code = 1000): Promise<CloseEvent> {
+    if (this.socket.readyState === WebSocket.CONNECTING) {
+      await this.opened.catch(() => {});
+    }
+    if (this.socket.readyState === WebSocket.OPEN) this.socket.close(code);
+    return await this.closed;
+  }
+
+  #wake(): void {
+    const waiters = this.#waiters;
+    this.#waiters = [];
+    for (const w of waiters) w();
+  }
+}
+
+/** Waits until `condition` holds, checking after each macrotask; fails after `timeoutMs`. */
+export async function waitFor(
+  condition: () => boolean,
+  timeoutMs = 5000,
+  what = "condition",
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+/** The status line and body of a raw HTTP request over TCP. */
+export interface RawResponse {
+  status: number;
+  head: string;
+  body: string;
+}
+
+/**
+ * Sends a WebSocket upgrade request over a raw TCP connection and reads the
+ * answer's status and body (a 101 leaves the body empty), then closes.
+ */
+export async function rawUpgrade(
+  port: number,
+  path: string,
+  headers: Record<string, string> = {},
+): Promise<RawResponse> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    const lines = [
+      `GET ${path} HTTP/1.1`,
+      `Host: 127.0.0.1:${port}`,
+      "Upgrade: websocket",
+      "Connection: Upgrade",
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+      "Sec-WebSocket-Version: 13",
+      ...Object.entries(headers).map(([k, v]) => `${k}: ${v}`),
+      "",
+      "",
+    ];
+    await conn.write(new TextEncoder().encode(lines.join("\r\n")));
+    const decoder = new TextDecoder();
+    let text = "";
+    const buf = new Uint8Array(16 * 1024);
+    while (true) {
+      const end = text.indexOf("\r\n\r\n");
+      if (end >= 0) {
+        const head = text.slice(0, end);
+        const status = Number(head.split(" ")[1]);
+        const length = Number(/content-length:\s*(\d+)/i.exec(head)?.[1] ?? 0);
+        if (status === 101 || text.length - end - 4 >= length) {
+          return { status, head, body: text.slice(end + 4, end + 4 + length) };
+        }
+      }
+      const n = await conn.read(buf);
+      if (n === null) {
+        throw new Error(`connection closed; got ${JSON.stringify(text)}`);
+      }
+      text += decoder.decode(buf.subarray(0, n));
+    }
+  } finally {
+    conn.close();
+  }
+}
+
+/** Lines of a subprocess's output, which tests can await. */
+export class LineWatcher {
+  readonly lines: string[] = [];
+  #waiters: (() => void)[] = [];
+  #ended = false;
+  /** Resolves when the stream has ended. */
+  readonly done: Promise<void>;
+
+  /** Starts reading `stream` line by line. */
+  constructor(stream: ReadableStream<Uint8Array>) {
+    this.done = (async () => {
+      let rest = "";
+      for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+        const parts = (rest + chunk).split("\n");
+        rest = parts.pop() ?? "";
+        this.lines.push(...parts);
+        this.#wake();
+      }
+      if (rest !== "") this.lines.push(rest);
+      this.#ended = true;
+      this.#wake();
+    })();
+  }
+
+  /** The first line (from the start) matching `re`; fails after `timeoutMs`. */
+  async waitFor(re: RegExp, timeoutMs = 10_000): Promise<string> {
+    const deadline = Date.now() + timeoutMs;
+    while (true) {
+      const line = this.lines.find((l) => re.test(l));
+      if (line !== undefined) return line;
+      const left = deadline - Date.now();
+      if (this.#ended || left <= 0) {
+        throw new Error(
+          `no line matching ${re}; got:\n${this.lines.join("\n")}`,
+        );
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.#waiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+  }
+
+  #wake(): void {
+    const waiters = this.#waiters;
+    this.#waiters = [];
+    for (const w of waiters) w();
+  }
+}
+
+/** Root of the repository, for subprocesses. */
+export const REPO_ROOT = new URL("..", import.meta.url).pathname;

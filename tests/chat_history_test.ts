@@ -1,0 +1,95 @@
+import assert from "node:assert/strict";
+import { HistoryStore } from "../chat/history.ts";
+
+Deno.test("history keeps the tail of each room across reopen and continues ids", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const store = await HistoryStore.open(dir, { keep: 5 });
+    for (let i = 1; i <= 12; i++) store.append("dev", "alice", `m${i}`);
+    assert.deepEqual(store.recent("dev", 50).map((m) => m.text), [
+      "m8",
+      "m9",
+      "m10",
+      "m11",
+      "m12",
+    ]);
+    await store.close();
+    const again = await HistoryStore.open(dir, { keep: 5 });
+    assert.deepEqual(again.recent("dev", 3).map((m) => m.id), [
+      "10",
+      "11",
+      "12",
+    ]);
+    assert.equal(again.append("dev", "bob", "next").id, "13");
+    await again.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a torn last line from a crash is skipped and the file is repaired", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const good = (id: number) =>
+      JSON.stringify({
+        type: "message",
+        id: String(id),
+        room: "lobby",
+        from: "a",
+        text: `t${id}`,
+        ts: "2026-01-01T00:00:00.000Z",
+      });
+    await Deno.writeTextFile(
+      `${dir}/lobby.jsonl`,
+      `${good(1)}\n${good(2)}\n{"type":"mess`,
+    );
+    const store = await HistoryStore.open(dir, { keep: 10 });
+    assert.deepEqual(store.recent("lobby", 10).map((m) => m.id), ["1", "2"]);
+    store.append("lobby", "a", "t3");
+    await store.close();
+    const lines = (await Deno.readTextFile(`${dir}/lobby.jsonl`)).split("\n");
+    assert.equal(lines.pop(), "");
+    assert.deepEqual(lines.map((l) => JSON.parse(l).id), ["1", "2", "3"]);
+    const entries = [];
+    for await (const e of Deno.readDir(dir)) entries.push(e.name);
+    assert.deepEqual(entries, ["lobby.jsonl"]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a large history file is read from its tail and compacted", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const lines: string[] = [];
+    for (let i = 1; i <= 20_000; i++) {
+      lines.push(
+        JSON.stringify({
+          type: "message",
+          id: String(i),
+          room: "big",
+          from: "a",
+          text: `text number ${i}`,
+          ts: "2026-01-01T00:00:00.000Z",
+        }),
+      );
+    }
+    await Deno.writeTextFile(`${dir}/big.jsonl`, lines.join("\n") + "\n");
+    const store = await HistoryStore.open(dir, { keep: 100 });
+    assert.deepEqual(store.recent("big", 2).map((m) => m.id), [
+      "19999",
+      "20000",
+    ]);
+    const page = store.after("big", "10", 5);
+    assert.equal(page.gap, true);
+    assert.equal(page.messages[0]!.id, "19901");
+    await store.flush();
+    const kept = (await Deno.readTextFile(`${dir}/big.jsonl`)).trim().split(
+      "\n",
+    );
+    assert.equal(kept.length, 100);
+    await store.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

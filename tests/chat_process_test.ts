@@ -1,0 +1,77 @@
+import assert from "node:assert/strict";
+import { LineWatcher, login, REPO_ROOT, TestClient } from "./_harness.ts";
+
+async function startProcess(args: string[], dataDir: string) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args,
+    cwd: REPO_ROOT,
+    env: { RATE_LIMITS: "off", DATA_DIR: dataDir, NO_COLOR: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  return {
+    child,
+    stdout: new LineWatcher(child.stdout),
+    stderr: new LineWatcher(child.stderr),
+  };
+}
+
+Deno.test("deno task start runs both servers on port 0, hands out the real chat address and stops cleanly on SIGTERM", async () => {
+  const dataDir = await Deno.makeTempDir();
+  const { child, stdout, stderr } = await startProcess(
+    ["task", "start", "--auth-port", "0", "--chat-port", "0"],
+    dataDir,
+  );
+  try {
+    const authLine = await stdout.waitFor(
+      /^auth: listening on http:\/\/127\.0\.0\.1:\d+$/,
+    );
+    const chatLine = await stdout.waitFor(
+      /^chat: listening on http:\/\/127\.0\.0\.1:\d+$/,
+    );
+    const authUrl = authLine.split(" ").pop()!;
+    const chatPort = chatLine.split(":").pop()!;
+    const token = await login(authUrl, "alice");
+    const res = await fetch(`${authUrl}/login`, {
+      method: "POST",
+      body: JSON.stringify({
+        username: "alice",
+        password: "correct horse battery",
+      }),
+    });
+    const body = await res.json();
+    assert.equal(body.chat_url, `ws://127.0.0.1:${chatPort}/ws`);
+    const alice = await TestClient.connect(body.chat_url, token);
+    alice.send({ type: "message", text: "before the signal" });
+    await alice.nextOfType("message");
+    child.kill("SIGTERM");
+    assert.equal((await alice.closed).code, 1001);
+    const status = await child.status;
+    assert.equal(status.code, 0);
+    const history = await Deno.readTextFile(`${dataDir}/history/lobby.jsonl`);
+    assert.match(history, /before the signal/);
+    await Promise.all([stdout.done, stderr.done]);
+    assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
+  } finally {
+    try {
+      child.kill("SIGKILL");
+    } catch {
+      // Already gone.
+    }
+    await child.status;
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("deno task chat refuses bad configuration with exit code 2", async () => {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["task", "chat", "--port", "99999"],
+    cwd: REPO_ROOT,
+    stdout: "piped",
+    stderr: "piped",
+  });
+  const out = await child.output();
+  assert.equal(out.code, 2);
+  assert.match(new TextDecoder().decode(out.stderr), /chat port "99999"/);
+});

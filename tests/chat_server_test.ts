@@ -1,0 +1,551 @@
+import assert from "node:assert/strict";
+import {
+  login,
+  rawUpgrade,
+  startStack,
+  TestClient,
+  waitFor,
+} from "./_harness.ts";
+
+Deno.test("a connection without a valid token gets 401 JSON and no WebSocket", async (t) => {
+  const stack = await startStack();
+  try {
+    await t.step("missing token", async () => {
+      const res = await rawUpgrade(stack.chat.port, "/ws");
+      assert.equal(res.status, 401);
+      assert.equal(JSON.parse(res.body).error, "invalid_token");
+    });
+    await t.step("unknown token, in the header and in the query", async () => {
+      const a = await rawUpgrade(stack.chat.port, "/ws", {
+        authorization: "Bearer nope",
+      });
+      assert.equal(a.status, 401);
+      const b = await rawUpgrade(stack.chat.port, "/ws?token=nope");
+      assert.equal(b.status, 401);
+      assert.equal(JSON.parse(b.body).error, "invalid_token");
+    });
+    await t.step("revoked token", async () => {
+      const token = await login(stack.auth.url, "revoked");
+      const ok = await rawUpgrade(stack.chat.port, "/ws", {
+        authorization: `Bearer ${token}`,
+      });
+      assert.equal(ok.status, 101);
+      const out = await fetch(`${stack.auth.url}/logout`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${token}` },
+      });
+      await out.body?.cancel();
+      assert.equal(out.status, 204);
+      const res = await rawUpgrade(stack.chat.port, "/ws", {
+        authorization: `Bearer ${token}`,
+      });
+      assert.equal(res.status, 401);
+    });
+    await t.step("a browser's ?token= works", async () => {
+      const token = await login(stack.auth.url, "browser");
+      const client = new TestClient(`${stack.chat.url}?token=${token}`);
+      const welcome = await client.nextOfType("welcome");
+      assert.equal(welcome.username, "browser");
+      await client.close();
+    });
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("non-upgrade requests get 426, other paths 404, /health 200", async () => {
+  const stack = await startStack();
+  try {
+    const res = await fetch(`${stack.chat.httpUrl}/ws`);
+    assert.equal(res.status, 426);
+    assert.equal((await res.json()).error, "upgrade_required");
+    const nf = await fetch(`${stack.chat.httpUrl}/nope`);
+    assert.equal(nf.status, 404);
+    assert.equal((await nf.json()).error, "not_found");
+    const health = await fetch(`${stack.chat.httpUrl}/health`);
+    assert.equal((await health.json()).status, "ok");
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("an unreachable or slow auth server gives 503 auth_unavailable, not 401 and not a hang", async () => {
+  const { createChatServer } = await import("../chat/server.ts");
+  const dataDir = await Deno.makeTempDir();
+  // A listener that accepts and never answers: a hung auth server.
+  const silent = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const c of silent) held.push(c);
+  })();
+  const closedPort = (() => {
+    const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = l.addr.port;
+    l.close();
+    return port;
+  })();
+  for (
+    const authUrl of [
+      `http://127.0.0.1:${closedPort}`,
+      `http://127.0.0.1:${silent.addr.port}`,
+    ]
+  ) {
+    const chat = await createChatServer({
+      port: 0,
+      dataDir,
+      authUrl,
+      authTimeoutMs: 300,
+    });
+    try {
+      const started = Date.now();
+      const res = await rawUpgrade(chat.port, "/ws", {
+        authorization: "Bearer abc",
+      });
+      assert.equal(res.status, 503);
+      assert.equal(JSON.parse(res.body).error, "auth_unavailable");
+      assert.ok(Date.now() - started < 2000);
+    } finally {
+      await chat.shutdown();
+    }
+  }
+  silent.close();
+  for (const c of held) c.close();
+  await accepting.catch(() => {});
+  await Deno.remove(dataDir, { recursive: true });
+});
+
+Deno.test("welcome gives the user, the lobby, its users and its recent history", async () => {
+  const stack = await startStack();
+  try {
+    const alice = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    for (let i = 1; i <= 55; i++) {
+      alice.send({ type: "message", text: `m${i}` });
+    }
+    await alice.next((f) => f.type === "message" && f.text === "m55");
+    const bob = new TestClient(
+      stack.chat.url,
+      await login(stack.auth.url, "Bob"),
+    );
+    const welcome = await bob.nextOfType("welcome");
+    assert.equal(welcome.username, "Bob");
+    assert.equal(welcome.room, "lobby");
+    assert.deepEqual(welcome.rooms, ["lobby"]);
+    assert.deepEqual(welcome.users, ["Bob", "alice"]);
+    const history = welcome.history as { text: string; id: string }[];
+    assert.equal(history.length, 50);
+    assert.equal(history[0]!.text, "m6");
+    assert.equal(history[49]!.text, "m55");
+    assert.equal(history[49]!.id, "55");
+    const join = await alice.nextOfType("join");
+    assert.deepEqual([join.room, join.user], ["lobby", "Bob"]);
+    await bob.close();
+    const leave = await alice.nextOfType("leave");
+    assert.deepEqual([leave.room, leave.user], ["lobby", "Bob"]);
+    await alice.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("a message reaches everyone in the room; only the sender's echo carries client_id", async () => {
+  const stack = await startStack();
+  try {
+    const alice = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    const alice2 = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    const bob = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "bob"),
+    );
+    alice.send({ type: "message", text: "  hi all  ", client_id: "c-1" });
+    const echo = await alice.nextOfType("message");
+    const other = await alice2.nextOfType("message");
+    const seen = await bob.nextOfType("message");
+    assert.equal(echo.text, "hi all");
+    assert.equal(echo.client_id, "c-1");
+    assert.equal(other.client_id, "c-1");
+    assert.equal(seen.client_id, undefined);
+    assert.equal(seen.from, "alice");
+    assert.equal(seen.room, "lobby");
+    assert.equal(seen.id, echo.id);
+    assert.ok(!Number.isNaN(Date.parse(String(seen.ts))));
+    for (const c of [alice, alice2, bob]) await c.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("a text frame that is not a JSON object is a message whose text is the frame", async () => {
+  const stack = await startStack();
+  try {
+    const alice = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    for (const raw of ["hello", "null", "[1,2]", "42"]) {
+      alice.send(raw);
+      const m = await alice.nextOfType("message");
+      assert.equal(m.text, raw);
+    }
+    await alice.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("bad frames get error frames and the connection stays open", async (t) => {
+  const stack = await startStack();
+  try {
+    const alice = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    const cases: [string, unknown, string][] = [
+      ["unknown type", { type: "explode" }, "invalid_frame"],
+      ["missing type", { text: "x" }, "invalid_frame"],
+      ["empty text", { type: "message", text: "   " }, "invalid_frame"],
+      ["non-string text", { type: "message", text: 5 }, "invalid_frame"],
+      [
+        "too long",
+        { type: "message", text: "x".repeat(4001) },
+        "message_too_long",
+      ],
+      ["bad room name", { type: "join", room: "no spaces" }, "invalid_frame"],
+      [
+        "room too long",
+        { type: "join", room: "a".repeat(33) },
+        "invalid_frame",
+      ],
+      [
+        "room not joined",
+        { type: "message", text: "x", room: "dev" },
+        "unknown_room",
+      ],
+      ["who of a missing room", { type: "who", room: "ghost" }, "unknown_room"],
+      [
+        "history of a missing room",
+        { type: "history", room: "ghost" },
+        "unknown_room",
+      ],
+      [
+        "before and after",
+        { type: "history", before: "5", after: "1" },
+        "invalid_frame",
+      ],
+      ["limit 0", { type: "history", limit: 0 }, "invalid_frame"],
+      ["limit 501", { type: "history", limit: 501 }, "invalid_frame"],
+      ["dm to nobody", { type: "dm", to: "nobody", text: "x" }, "unknown_user"],
+      ["dm to a bad name", { type: "dm", to: "x", text: "x" }, "invalid_frame"],
+    ];
+    for (const [name, frame, code] of cases) {
+      await t.step(name, async () => {
+        alice.send(JSON.stringify(frame));
+        const err = await alice.nextOfType("error");
+        assert.equal(err.error, code);
+        assert.equal(typeof err.message, "string");
+      });
+    }
+    await t.step("4000 emoji (code points) are not too long", async () => {
+      alice.send({ type: "message", text: "😀".repeat(4000) });
+      const m = await alice.next((f) =>
+        f.type === "message" || f.type === "error"
+      );
+      assert.equal(m.type, "message");
+    });
+    await t.step("a binary frame is invalid", async () => {
+      alice.socket.send(new Uint8Array([1, 2, 3]));
+      assert.equal((await alice.nextOfType("error")).error, "invalid_frame");
+    });
+    await alice.sync();
+    await alice.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("a frame over 64 KiB closes the connection with 1009", async () => {
+  const stack = await startStack();
+  try {
+    const alice = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    alice.send({ type: "message", text: "x".repeat(70_000) });
+    const event = await alice.closed;
+    assert.equal(event.code, 1009);
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("rooms: join, current room, who, rooms, leave and presence", async () => {
+  const stack = await startStack();
+  try {
+    const alice = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    const bob = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "bob"),
+    );
+    alice.send({ type: "join", room: "Dev" });
+    const joined = await alice.nextOfType("joined");
+    assert.equal(joined.room, "dev");
+    assert.deepEqual(joined.users, ["alice"]);
+    assert.deepEqual(joined.history, []);
+    bob.send({ type: "join", room: "dev" });
+    assert.deepEqual((await bob.nextOfType("joined")).users, ["alice", "bob"]);
+    const presence = await alice.next((f) =>
+      f.type === "join" && f.room === "dev"
+    );
+    assert.equal(presence.user, "bob");
+    // No room: the current room, the last one joined.
+    alice.send({ type: "message", text: "in dev" });
+    assert.equal((await bob.nextOfType("message")).room, "dev");
+    alice.send({ type: "who" });
+    assert.deepEqual(await alice.nextOfType("who"), {
+      type: "who",
+      room: "dev",
+      users: ["alice", "bob"],
+    });
+    alice.send({ type: "rooms" });
+    const rooms = await alice.nextOfType("rooms");
+    assert.deepEqual(rooms.rooms, [{ name: "dev", users: 2 }, {
+      name: "lobby",
+      users: 2,
+    }]);
+    alice.send({ type: "leave", room: "dev" });
+    assert.deepEqual(await alice.nextOfType("left"), {
+      type: "left",
+      room: "dev",
+    });
+    const gone = await bob.next((f) => f.type === "leave" && f.room === "dev");
+    assert.equal(gone.user, "alice");
+    // Back in lobby as current; lobby can be left, then nothing is current.
+    alice.send({ type: "message", text: "lobby again" });
+    assert.equal((await alice.nextOfType("message")).room, "lobby");
+    alice.send({ type: "leave", room: "lobby" });
+    await alice.nextOfType("left");
+    alice.send({ type: "message", text: "nowhere" });
+    assert.equal((await alice.nextOfType("error")).error, "unknown_room");
+    await alice.close();
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("presence is announced on a user's first connection in a room and last one out", async () => {
+  const stack = await startStack();
+  try {
+    const token = await login(stack.auth.url, "alice");
+    const bob = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "bob"),
+    );
+    const a1 = await TestClient.connect(stack.chat.url, token);
+    await bob.nextOfType("join");
+    const a2 = await TestClient.connect(stack.chat.url, token);
+    a2.send({ type: "join", room: "lobby" });
+    const again = await a2.nextOfType("joined");
+    assert.deepEqual(again.users, ["alice", "bob"]);
+    await a1.close();
+    await bob.sync();
+    await a2.close();
+    const leave = await bob.nextOfType("leave");
+    assert.equal(leave.user, "alice");
+    // Between the two: exactly one join and one leave for alice.
+    const presence = bob.frames.filter((f) =>
+      f.type === "join" || f.type === "leave"
+    );
+    assert.deepEqual(presence.map((f) => f.type), ["join", "leave"]);
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("a direct message reaches all of the recipient's and the sender's connections", async () => {
+  const stack = await startStack();
+  try {
+    const at = await login(stack.auth.url, "alice");
+    const a1 = await TestClient.connect(stack.chat.url, at);
+    const a2 = await TestClient.connect(stack.chat.url, at);
+    const bt = await login(stack.auth.url, "bob");
+    const b1 = await TestClient.connect(stack.chat.url, bt);
+    const b2 = await TestClient.connect(stack.chat.url, bt);
+    const carol = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "carol"),
+    );
+    a1.send({ type: "dm", to: "BOB", text: "psst" });
+    for (const c of [a1, a2, b1, b2]) {
+      const dm = await c.nextOfType("dm");
+      assert.equal(dm.from, "alice");
+      assert.equal(dm.to, "bob");
+      assert.equal(dm.text, "psst");
+      assert.equal(typeof dm.id, "string");
+    }
+    await carol.sync();
+    assert.equal(carol.frames.filter((f) => f.type === "dm").length, 0);
+    for (const c of [a1, a2, b1, b2, carol]) await c.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("history pages back with before, resumes with after, and reports a gap", async () => {
+  const stack = await startStack({ historyKeep: 20 });
+  try {
+    const alice = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    for (let i = 1; i <= 30; i++) {
+      alice.send({ type: "message", text: `m${i}` });
+    }
+    await alice.next((f) => f.type === "message" && f.text === "m30");
+    alice.send({ type: "history", before: "25", limit: 3 });
+    const back = await alice.nextOfType("history");
+    assert.deepEqual((back.messages as { id: string }[]).map((m) => m.id), [
+      "22",
+      "23",
+      "24",
+    ]);
+    alice.send({ type: "history", room: "lobby", after: "27" });
+    const resume = await alice.nextOfType("history");
+    assert.deepEqual((resume.messages as { id: string }[]).map((m) => m.id), [
+      "28",
+      "29",
+      "30",
+    ]);
+    assert.equal(resume.gap, undefined);
+    alice.send({ type: "history", after: "5", limit: 2 });
+    const gap = await alice.nextOfType("history");
+    assert.equal(gap.gap, true);
+    assert.deepEqual((gap.messages as { id: string }[]).map((m) => m.id), [
+      "11",
+      "12",
+    ]);
+    alice.send({ type: "history", limit: 500 });
+    assert.equal(
+      ((await alice.nextOfType("history")).messages as unknown[]).length,
+      20,
+    );
+    await alice.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("history survives a restart of the chat server and ids keep increasing", async () => {
+  const stack = await startStack();
+  try {
+    const token = await login(stack.auth.url, "alice");
+    const alice = await TestClient.connect(stack.chat.url, token);
+    alice.send({ type: "join", room: "dev" });
+    await alice.nextOfType("joined");
+    alice.send({ type: "message", text: "one" });
+    alice.send({ type: "message", text: "two" });
+    await alice.next((f) => f.type === "message" && f.text === "two");
+    await stack.chat.shutdown();
+    assert.equal((await alice.closed).code, 1001);
+    const lines =
+      (await Deno.readTextFile(`${stack.dataDir}/history/dev.jsonl`)).trim()
+        .split("\n");
+    assert.equal(lines.length, 2);
+    await stack.restartChat();
+    const again = await TestClient.connect(stack.chat.url, token);
+    again.send({ type: "join", room: "dev" });
+    const joined = await again.nextOfType("joined");
+    assert.deepEqual(
+      (joined.history as { text: string }[]).map((m) => m.text),
+      ["one", "two"],
+    );
+    again.send({ type: "message", text: "three" });
+    assert.equal((await again.nextOfType("message")).id, "3");
+    again.send({ type: "rooms" });
+    const rooms = await again.nextOfType("rooms");
+    assert.ok(
+      (rooms.rooms as { name: string }[]).some((r) => r.name === "dev"),
+    );
+    await again.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("a repeated client_id is not stored or broadcast again, even after a reconnect", async () => {
+  const stack = await startStack();
+  try {
+    const token = await login(stack.auth.url, "alice");
+    const alice = await TestClient.connect(stack.chat.url, token);
+    const bob = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "bob"),
+    );
+    alice.send({ type: "message", text: "once", client_id: "abc" });
+    const first = await alice.nextOfType("message");
+    await alice.close();
+    const again = await TestClient.connect(stack.chat.url, token);
+    again.send({ type: "message", text: "once", client_id: "abc" });
+    const echo = await again.nextOfType("message");
+    assert.equal(echo.id, first.id);
+    assert.equal(echo.client_id, "abc");
+    again.send({ type: "message", text: "after" });
+    await bob.next((f) => f.type === "message" && f.text === "after");
+    assert.equal(
+      bob.frames.filter((f) => f.type === "message" && f.text === "once")
+        .length,
+      1,
+    );
+    again.send({ type: "history", limit: 10 });
+    const h = await again.nextOfType("history");
+    assert.deepEqual((h.messages as { text: string }[]).map((m) => m.text), [
+      "once",
+      "after",
+    ]);
+    await again.close();
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("several messages sent at once arrive coalesced in fewer frames", async () => {
+  const stack = await startStack();
+  try {
+    const alice = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    const bob = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "bob"),
+    );
+    await alice.sync();
+    const before = bob.rawFrames.length;
+    for (let i = 0; i < 20; i++) {
+      alice.send({ type: "message", text: `burst ${i}` });
+    }
+    await bob.next((f) => f.text === "burst 19");
+    const texts = bob.frames.filter((f) => f.type === "message").map((f) =>
+      f.text
+    );
+    assert.deepEqual(texts, Array.from({ length: 20 }, (_, i) => `burst ${i}`));
+    assert.ok(bob.rawFrames.length - before < 20, "expected coalesced frames");
+    await alice.close();
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
