@@ -1,0 +1,636 @@
+/**
+ * The benchmark's scenarios (issue 5). Each runs against one *side*: the
+ * real auth + chat servers, or the bare baseline broadcast server, started
+ * fresh for the scenario so that peak RSS and CPU belong to it alone.
+ *
+ * @module
+ */
+import { type BenchUser, writeAuthFixtures } from "./fixtures.ts";
+import { Histogram, type HistogramData } from "./histogram.ts";
+import { LoadGroup, type RunSummary } from "./load_group.ts";
+import { readProcStats } from "./proc_stats.ts";
+import { ServerProcess } from "./processes.ts";
+
+/** A JSON value in results.json. */
+export type JsonValue =
+  | number
+  | string
+  | boolean
+  | null
+  | JsonValue[]
+  | { [key: string]: JsonValue };
+
+/** One side's figures for one scenario. */
+export type Metrics = { [key: string]: JsonValue };
+
+/** Sizes and durations of a run. */
+export interface BenchSizes {
+  fanoutClients: number;
+  senders: number;
+  ratePerSender: number;
+  fanoutMs: number;
+  /** The low-rate run after fan-out (2 messages/s per sender): the delay coalescing adds. */
+  lowRateMs: number;
+  warmupMs: number;
+  settleMs: number;
+  saturationClients: number;
+  saturationStepMs: number;
+  /** Messages per second per sender, tried in order. */
+  saturationRates: number[];
+  idleConnections: number;
+  idleUsers: number;
+  stormClients: number;
+  httpMs: number;
+  validateConcurrency: number;
+  loginMs: number;
+  loginConcurrency: number;
+  bigUsers: number;
+  bigMessages: number;
+  bigRooms: number;
+}
+
+/** The real run: the figures of issue 5. */
+export const FULL_SIZES: BenchSizes = {
+  fanoutClients: 1000,
+  senders: 2,
+  ratePerSender: 20,
+  fanoutMs: 10_000,
+  lowRateMs: 5000,
+  warmupMs: 2000,
+  settleMs: 1000,
+  saturationClients: 1000,
+  saturationStepMs: 4000,
+  saturationRates: [
+    10,
+    15,
+    20,
+    25,
+    30,
+    35,
+    40,
+    50,
+    60,
+    70,
+    80,
+    100,
+    120,
+    150,
+    200,
+    250,
+    300,
+    400,
+  ],
+  idleConnections: 5000,
+  idleUsers: 500,
+  stormClients: 1000,
+  httpMs: 5000,
+  validateConcurrency: 64,
+  loginMs: 5000,
+  loginConcurrency: 4,
+  bigUsers: 100_000,
+  bigMessages: 1_000_000,
+  bigRooms: 100,
+};
+
+/** `--quick`: the same code paths in about 20 s; timings are not judged. */
+export const QUICK_SIZES: BenchSizes = {
+  fanoutClients: 100,
+  senders: 2,
+  ratePerSender: 20,
+  fanoutMs: 1000,
+  lowRateMs: 500,
+  warmupMs: 200,
+  settleMs: 200,
+  saturationClients: 100,
+  saturationStepMs: 500,
+  saturationRates: [20, 100],
+  idleConnections: 300,
+  idleUsers: 30,
+  stormClients: 100,
+  httpMs: 500,
+  validateConcurrency: 16,
+  loginMs: 500,
+  loginConcurrency: 2,
+  bigUsers: 2000,
+  bigMessages: 20_000,
+  bigRooms: 10,
+};
+
+/** A server (or two) under test. */
+export interface Side {
+  kind: "chat" | "baseline";
+  /** The WebSocket address clients connect to. */
+  wsUrl: string;
+  /** Where `/validate_token` and `/login` go (the auth server, or the baseline itself). */
+  httpUrl: string;
+  /** The WebSocket server: its CPU and memory are the ones compared. */
+  server: ServerProcess;
+  /** The auth server (chat side only). */
+  auth: ServerProcess | undefined;
+  /** Session tokens, one per user (empty for the baseline). */
+  tokens: string[];
+}
+
+/** Environment of the real servers: abuse limits off, as CONTRACT section 1 allows. */
+const SERVER_ENV = { RATE_LIMITS: "off" };
+
+/** Whether the real servers exist yet. */
+export async function chatServersExist(root: string): Promise<boolean> {
+  for (const path of ["auth/main.ts", "chat/main.ts"]) {
+    try {
+      await Deno.stat(`${root}/${path}`);
+    } catch (err) {
+      if (err instanceof Deno.errors.NotFound) return false;
+      throw err;
+    }
+  }
+  return true;
+}
+
+/**
+ * Starts the auth and chat servers on `dataDir` (already holding the
+ * fixtures) the way a user would, as two processes on port 0.
+ */
+export async function startChatSide(
+  dataDir: string,
+  users: BenchUser[],
+): Promise<Side> {
+  const auth = await ServerProcess.start("auth", [
+    "run",
+    "--allow-net",
+    "--allow-read",
+    "--allow-write",
+    "--allow-env",
+    "auth/main.ts",
+    "--port",
+    "0",
+    "--data-dir",
+    dataDir,
+  ], { env: SERVER_ENV });
+  try {
+    const chat = await ServerProcess.start("chat", [
+      "run",
+      "--allow-net",
+      "--allow-read",
+      "--allow-write",
+      "--allow-env",
+      "chat/main.ts",
+      "--port",
+      "0",
+      "--data-dir",
+      dataDir,
+      "--auth-url",
+      auth.address,
+    ], { env: SERVER_ENV });
+    return {
+      kind: "chat",
+      wsUrl: `${chat.address.replace(/^http/, "ws")}/ws`,
+      httpUrl: auth.address,
+      server: chat,
+      auth,
+      tokens: users.map((user) => user.token),
+    };
+  } catch (err) {
+    await auth.close();
+    throw err;
+  }
+}
+
+/** Starts the baseline broadcast server. */
+export async function startBaselineSide(): Promise<Side> {
+  const server = await ServerProcess.start("baseline", [
+    "run",
+    "--allow-net=127.0.0.1",
+    "bench/baseline_server.ts",
+    "--port",
+    "0",
+    "--exit-on-eof",
+  ], { pipeStdin: true });
+  return {
+    kind: "baseline",
+    wsUrl: server.address.replace(/^http/, "ws"),
+    httpUrl: server.address,
+    server,
+    auth: undefined,
+    tokens: [],
+  };
+}
+
+/** Stops a side's servers (chat before auth). */
+export async function closeSide(side: Side): Promise<void> {
+  await side.server.close();
+  await side.auth?.close();
+}
+
+/** Writes a data directory with `sessions` users holding a session. */
+export async function prepareDataDir(
+  dir: string,
+  sessions: number,
+): Promise<BenchUser[]> {
+  return await writeAuthFixtures(dir, { users: sessions, sessions });
+}
+
+/** Options shared by the scenario functions. */
+export interface ScenarioContext {
+  sizes: BenchSizes;
+  loadProcesses: number;
+  log: (line: string) => void;
+}
+
+/**
+ * Fan-out: `fanoutClients` clients in one room, `senders` of them sending at
+ * `ratePerSender` for `fanoutMs`, after an unmeasured warm-up.
+ */
+export async function fanout(
+  side: Side,
+  ctx: ScenarioContext,
+): Promise<Metrics> {
+  const { sizes } = ctx;
+  const group = new LoadGroup(ctx.loadProcesses);
+  try {
+    await connectAll(side, group, sizes.fanoutClients, 50);
+    await delay(sizes.settleMs);
+    await group.run({
+      senders: sizes.senders,
+      ratePerSender: sizes.ratePerSender,
+      durationMs: sizes.warmupMs,
+      drainMs: 1000,
+    });
+    await delay(sizes.settleMs / 2);
+    const measured = await measureRun(side, group, {
+      senders: sizes.senders,
+      ratePerSender: sizes.ratePerSender,
+      durationMs: sizes.fanoutMs,
+      drainMs: 3000,
+    });
+    const stats = await readProcStats(side.server.pid);
+    const low = await group.run({
+      senders: sizes.senders,
+      ratePerSender: 2,
+      durationMs: sizes.lowRateMs,
+      drainMs: 1000,
+    });
+    return {
+      clients: group.openClients,
+      ...measured,
+      peak_rss_mb: round(stats.peakRssKb / 1024, 1),
+      low_rate_p50_ms: round(low.hist.quantile(0.5), 2),
+      low_rate_p99_ms: round(low.hist.quantile(0.99), 2),
+    };
+  } finally {
+    await group.close();
+  }
+}
+
+/**
+ * Saturation: the fan-out load, stepped up until p99 passes 250 ms or fewer
+ * than 99% of the deliveries arrive in time; the highest offered rate held.
+ */
+export async function saturation(
+  side: Side,
+  ctx: ScenarioContext,
+): Promise<Metrics> {
+  const { sizes } = ctx;
+  const group = new LoadGroup(ctx.loadProcesses);
+  try {
+    const clients = await connectAll(side, group, sizes.saturationClients, 50);
+    await delay(sizes.settleMs);
+    const lowest = sizes.saturationRates[0] ?? sizes.ratePerSender;
+    await group.run({
+      senders: sizes.senders,
+      ratePerSender: lowest,
+      durationMs: sizes.warmupMs,
+      drainMs: 1000,
+    });
+    await delay(sizes.settleMs / 2);
+    const steps: Metrics[] = [];
+    let held = 0;
+    let failedAt: number | null = null;
+    for (const rate of sizes.saturationRates) {
+      const m = await measureRun(side, group, {
+        senders: sizes.senders,
+        ratePerSender: rate,
+        durationMs: sizes.saturationStepMs,
+        drainMs: 1000,
+      });
+      const ok = m.delivered_pct >= 99 && m.p99_ms <= 250 &&
+        m.closed_clients === 0;
+      const offered = sizes.senders * rate * clients;
+      steps.push({
+        offered_deliveries_per_s: offered,
+        deliveries_per_s: m.deliveries_per_s,
+        delivered_pct: m.delivered_pct,
+        p99_ms: m.p99_ms,
+        server_cpu_pct: m.server_cpu_pct,
+        load_cpu_pct: m.load_cpu_pct,
+        held: ok,
+      });
+      ctx.log(
+        `  ${side.kind} saturation ${offered}/s: ${
+          ok ? "held" : "not held"
+        } (p99 ${m.p99_ms} ms, ${m.delivered_pct}% delivered, server ${m.server_cpu_pct}% CPU, load ${m.load_cpu_pct}% CPU)`,
+      );
+      if (!ok) {
+        failedAt = offered;
+        break;
+      }
+      held = offered;
+      await delay(500);
+    }
+    return {
+      clients,
+      max_rate_held: held,
+      first_rate_not_held: failedAt,
+      ceiling_of_steps_reached: failedAt === null,
+      steps,
+    };
+  } finally {
+    await group.close();
+  }
+}
+
+/**
+ * Idle: RSS per connection of `idleConnections` authenticated idle clients
+ * (over `idleUsers` users), after a warm-up of 20 connections.
+ */
+export async function idle(side: Side, ctx: ScenarioContext): Promise<Metrics> {
+  const { sizes } = ctx;
+  const group = new LoadGroup(ctx.loadProcesses);
+  try {
+    await connectAll(side, group, 20, 20);
+    await group.closeClients();
+    await delay(1000);
+    const before = await readProcStats(side.server.pid);
+    const connected = await group.connect(
+      side.wsUrl,
+      sizes.idleConnections,
+      {
+        tokens: side.tokens.slice(0, sizes.idleUsers),
+        concurrency: 100,
+        expectWelcome: side.kind === "chat",
+      },
+    );
+    await delay(Math.max(1000, sizes.settleMs * 2));
+    const samples: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      samples.push((await readProcStats(side.server.pid)).rssKb);
+      await delay(300);
+    }
+    const after = median(samples);
+    const peak = (await readProcStats(side.server.pid)).peakRssKb;
+    return {
+      connections: connected.ok,
+      failed: connected.failed,
+      rss_before_mb: round(before.rssKb / 1024, 1),
+      rss_after_mb: round(after / 1024, 1),
+      rss_kb_per_conn: connected.ok === 0
+        ? null
+        : round((after - before.rssKb) / connected.ok, 1),
+      peak_rss_mb: round(peak / 1024, 1),
+    };
+  } finally {
+    await group.close();
+  }
+}
+
+/**
+ * Connect storm: `stormClients` clients with distinct tokens connect at
+ * once; connections/s and time to `welcome` (baseline: to open).
+ */
+export async function connectStorm(
+  side: Side,
+  ctx: ScenarioContext,
+): Promise<Metrics> {
+  const { sizes } = ctx;
+  const group = new LoadGroup(ctx.loadProcesses);
+  try {
+    // Warm-up with other users, so the storm does not time first-use setup.
+    if (side.kind === "chat") {
+      await group.connect(side.wsUrl, 10, {
+        tokens: side.tokens.slice(sizes.stormClients, sizes.stormClients + 10),
+        concurrency: 10,
+        expectWelcome: true,
+      });
+    } else {
+      await connectAll(side, group, 10, 10);
+    }
+    await group.closeClients();
+    await delay(500);
+    const before = await readProcStats(side.server.pid);
+    const authBefore = side.auth ? await readProcStats(side.auth.pid) : null;
+    const storm = await group.connect(side.wsUrl, sizes.stormClients, {
+      tokens: side.tokens.slice(0, sizes.stormClients),
+      concurrency: sizes.stormClients,
+      expectWelcome: side.kind === "chat",
+      timeoutMs: 30_000,
+    });
+    const after = await readProcStats(side.server.pid);
+    const authAfter = side.auth ? await readProcStats(side.auth.pid) : null;
+    const metrics: Metrics = {
+      clients: storm.ok,
+      failed: storm.failed,
+      connects_per_s: storm.elapsedMs > 0
+        ? round(storm.ok / (storm.elapsedMs / 1000), 0)
+        : null,
+      p50_welcome_ms: round(storm.hist.quantile(0.5), 1),
+      p99_welcome_ms: round(storm.hist.quantile(0.99), 1),
+      max_welcome_ms: round(storm.hist.maxMs, 1),
+      cpu_us_per_connect: storm.ok === 0
+        ? null
+        : round((after.cpuUs - before.cpuUs) / storm.ok, 0),
+    };
+    if (authBefore && authAfter) {
+      metrics.auth_cpu_us_per_connect = storm.ok === 0
+        ? null
+        : round((authAfter.cpuUs - authBefore.cpuUs) / storm.ok, 0);
+    }
+    if (storm.failed > 0) metrics.failures = storm.failures;
+    return metrics;
+  } finally {
+    await group.close();
+  }
+}
+
+/**
+ * Auth: `/validate_token` requests/s with many keep-alive requests in
+ * flight, and (chat side) `/login` requests/s for one real user.
+ */
+export async function authThroughput(
+  side: Side,
+  ctx: ScenarioContext,
+): Promise<Metrics> {
+  const { sizes } = ctx;
+  const group = new LoadGroup(1);
+  const url = `${side.httpUrl}/validate_token`;
+  const tokens = side.tokens.length > 0 ? side.tokens : ["baseline"];
+  try {
+    await group.http({
+      url,
+      kind: "validate",
+      tokens,
+      concurrency: sizes.validateConcurrency,
+      durationMs: Math.min(1000, sizes.httpMs),
+    });
+    const server = side.auth ?? side.server;
+    const before = await readProcStats(server.pid);
+    const validate = await group.http({
+      url,
+      kind: "validate",
+      tokens,
+      concurrency: sizes.validateConcurrency,
+      durationMs: sizes.httpMs,
+    });
+    const after = await readProcStats(server.pid);
+    const metrics: Metrics = {
+      validate_per_s: round(validate.ok / (validate.elapsedMs / 1000), 0),
+      validate_p99_ms: round(quantileOf(validate.hist, 0.99), 2),
+      cpu_us_per_validate: validate.ok === 0
+        ? null
+        : round((after.cpuUs - before.cpuUs) / validate.ok, 1),
+      validate_statuses: validate.statuses,
+      login_per_s: null,
+    };
+    if (side.kind === "chat") {
+      const username = "bench_login";
+      const password = "correct horse battery staple";
+      const res = await fetch(`${side.httpUrl}/register`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ username, password }),
+      });
+      await res.body?.cancel();
+      if (res.status !== 201 && res.status !== 409) {
+        throw new Error(`Cannot register the login user: HTTP ${res.status}`);
+      }
+      const login = await group.http({
+        url: `${side.httpUrl}/login`,
+        kind: "login",
+        username,
+        password,
+        concurrency: sizes.loginConcurrency,
+        durationMs: sizes.loginMs,
+      });
+      metrics.login_per_s = round(login.ok / (login.elapsedMs / 1000), 1);
+      metrics.login_statuses = login.statuses;
+    }
+    return metrics;
+  } finally {
+    await group.close();
+  }
+}
+
+/** Figures of one measured broadcast run. */
+interface RunMetrics {
+  offered_deliveries_per_s: number;
+  deliveries_per_s: number;
+  delivered_pct: number;
+  p50_ms: number;
+  p99_ms: number;
+  max_ms: number;
+  cpu_us_per_delivery: number | null;
+  auth_cpu_us_per_delivery?: number | null;
+  server_cpu_pct: number;
+  load_cpu_pct: number;
+  send_lag_max_ms: number;
+  error_frames: number;
+  closed_clients: number;
+  [key: string]: JsonValue | undefined;
+}
+
+async function measureRun(
+  side: Side,
+  group: LoadGroup,
+  options: {
+    senders: number;
+    ratePerSender: number;
+    durationMs: number;
+    drainMs: number;
+  },
+): Promise<RunMetrics> {
+  const pids = [side.server.pid, ...group.processes.map((p) => p.pid)];
+  if (side.auth) pids.push(side.auth.pid);
+  const before = await Promise.all(pids.map(readProcStats));
+  const t0 = performance.now();
+  const run: RunSummary = await group.run(options);
+  const wallUs = (performance.now() - t0) * 1000;
+  const after = await Promise.all(pids.map(readProcStats));
+  const cpu = pids.map((_, i) => after[i]!.cpuUs - before[i]!.cpuUs);
+  const serverCpu = cpu[0]!;
+  const loadCpu = cpu.slice(1, 1 + group.processes.length)
+    .reduce((a, b) => a + b, 0);
+  const offered = options.senders * options.ratePerSender * group.openClients;
+  const metrics: RunMetrics = {
+    offered_deliveries_per_s: offered,
+    deliveries_per_s: round(run.received / (options.durationMs / 1000), 0),
+    delivered_pct: run.expected === 0
+      ? 0
+      : round(100 * run.received / run.expected, 2),
+    p50_ms: round(run.hist.quantile(0.5), 2),
+    p99_ms: round(run.hist.quantile(0.99), 2),
+    max_ms: round(run.hist.maxMs, 2),
+    cpu_us_per_delivery: run.received === 0
+      ? null
+      : round(serverCpu / run.received, 2),
+    server_cpu_pct: round(100 * serverCpu / wallUs, 0),
+    load_cpu_pct: round(100 * loadCpu / wallUs, 0),
+    send_lag_max_ms: round(run.maxSendLagMs, 1),
+    error_frames: run.errors,
+    closed_clients: run.closed,
+  };
+  if (side.auth) {
+    const authCpu = cpu[cpu.length - 1]!;
+    metrics.auth_cpu_us_per_delivery = run.received === 0
+      ? null
+      : round(authCpu / run.received, 3);
+  }
+  return metrics;
+}
+
+/** Connects `count` clients with distinct users; throws unless all made it. */
+async function connectAll(
+  side: Side,
+  group: LoadGroup,
+  count: number,
+  concurrency: number,
+): Promise<number> {
+  if (side.kind === "chat" && side.tokens.length < count) {
+    throw new Error(
+      `Cannot connect ${count} clients: only ${side.tokens.length} tokens`,
+    );
+  }
+  const result = await group.connect(side.wsUrl, count, {
+    tokens: side.tokens.slice(0, count),
+    concurrency,
+    expectWelcome: side.kind === "chat",
+  });
+  if (result.ok < count) {
+    throw new Error(
+      `Cannot connect ${count} clients to ${side.kind}: ${result.failed} failed (${
+        JSON.stringify(result.failures)
+      })`,
+    );
+  }
+  return result.ok;
+}
+
+function quantileOf(data: HistogramData, q: number): number {
+  const hist = new Histogram();
+  hist.merge(data);
+  return hist.quantile(q);
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)] ?? 0;
+}
+
+/** Rounds to `digits` decimals. */
+export function round(value: number, digits: number): number {
+  const f = 10 ** digits;
+  return Math.round(value * f) / f;
+}
+
+/** Waits `ms` milliseconds. */
+export function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
