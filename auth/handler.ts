@@ -1,0 +1,455 @@
+/**
+ * The auth HTTP API (CONTRACT section 2) as a plain request handler:
+ * `/register`, `/login`, `/validate_token`, `/logout`, `/health`.
+ *
+ * @module
+ */
+import { createHash } from "node:crypto";
+import {
+  errorResponse,
+  HttpError,
+  jsonResponse,
+  serverErrorResponse,
+} from "./http_error.ts";
+import { HashBusyError, HashLimiter } from "./hash_limiter.ts";
+import type { AuthStore, UserRecord } from "./json_store.ts";
+import {
+  DUMMY_HASH,
+  hashPassword,
+  needsRehash,
+  verifyPassword,
+} from "./password.ts";
+import {
+  type AuthLimits,
+  DEFAULT_AUTH_LIMITS,
+  LoginThrottle,
+  type LoginTicket,
+  RegistrationThrottle,
+  retryAfterSeconds,
+} from "./rate_limit.ts";
+import { discardBody, readJsonObject } from "./read_json_object.ts";
+
+/** Options of {@linkcode createAuthHandler}. */
+export interface AuthHandlerOptions {
+  /** Where users and sessions live. */
+  store: AuthStore;
+  /** The chat address `/login` hands out; a function is asked on every login. */
+  chatUrl: string | (() => string);
+  /** Session lifetime in seconds. Default 86400. */
+  sessionTtlSeconds?: number;
+  /** `false` lifts the login and registration throttles (not the hash bound, not size limits). Default true. */
+  rateLimits?: boolean;
+  /** Overrides of {@linkcode DEFAULT_AUTH_LIMITS}. */
+  limits?: Partial<AuthLimits>;
+  /** Receives one line per auth event. Default: no logging. */
+  log?: (line: string) => void;
+  /** Clock in ms. Default `Date.now`. */
+  now?: () => number;
+}
+
+/** A request handler in the shape `Deno.serve` takes. */
+export type AuthHandler = (
+  req: Request,
+  info: Deno.ServeHandlerInfo,
+) => Promise<Response>;
+
+/** Shortest username, in characters. */
+export const MIN_USERNAME_CHARS = 3;
+/** Longest username, in characters. */
+export const MAX_USERNAME_CHARS = 32;
+/** Shortest password, in code points after NFC normalisation. */
+export const MIN_PASSWORD_CHARS = 8;
+/** Longest password, in code points after NFC normalisation. */
+export const MAX_PASSWORD_CHARS = 1024;
+
+const USERNAME_RE = /^[A-Za-z0-9_.-]{3,32}$/;
+const BEARER_RE = /^Bearer[ \t]+([^\s]+)[ \t]*$/i;
+const TOKEN_BYTES = 32;
+const SESSION_PRUNE_INTERVAL_MS = 60_000;
+
+interface Route {
+  method: string;
+  handle: (req: Request, address: string) => Promise<Response>;
+}
+
+/** Builds the auth API handler over an open {@linkcode AuthStore}. */
+export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
+  const {
+    store,
+    chatUrl,
+    sessionTtlSeconds = 86400,
+    rateLimits = true,
+    log = () => {},
+    now = Date.now,
+  } = options;
+  const limits: AuthLimits = { ...DEFAULT_AUTH_LIMITS, ...options.limits };
+  const hashes = new HashLimiter({
+    concurrency: limits.hashConcurrency,
+    maxWaiting: limits.maxHashWaiting,
+  });
+  const loginThrottle = new LoginThrottle(limits, now);
+  const registrationThrottle = new RegistrationThrottle(limits, now);
+  let lastPrune = now();
+
+  function event(
+    action: string,
+    outcome: string,
+    user: string | undefined,
+    address: string,
+    detail = "",
+  ): void {
+    log(
+      `${new Date(now()).toISOString()} auth ${action} ${outcome} user=${
+        logValue(user)
+      } addr=${logValue(address)}${detail === "" ? "" : ` ${detail}`}`,
+    );
+  }
+
+  function throttled(
+    action: string,
+    user: string | undefined,
+    address: string,
+    retryAfterMs: number,
+  ): HttpError {
+    const seconds = retryAfterSeconds(retryAfterMs);
+    event(action, "throttled", user, address, `retry_after=${seconds}`);
+    return new HttpError(
+      429,
+      "rate_limited",
+      `Cannot ${
+        action === "login" ? "log in" : action
+      } now: too many attempts, retry in ${seconds} s`,
+      { headers: { "retry-after": String(seconds) } },
+    );
+  }
+
+  async function hashJob<T>(job: () => Promise<T>): Promise<T> {
+    try {
+      return await hashes.run(job);
+    } catch (err) {
+      if (!(err instanceof HashBusyError)) throw err;
+      throw new HttpError(
+        503,
+        "busy",
+        "Cannot check passwords now: the server is busy, retry in a moment",
+        { headers: { "retry-after": "1" } },
+      );
+    }
+  }
+
+  async function register(req: Request, address: string): Promise<Response> {
+    const body = await readJsonObject(req, limits.maxBodyBytes);
+    const { username, password } = body;
+    if (typeof username !== "string" || !USERNAME_RE.test(username)) {
+      event(
+        "register",
+        "fail",
+        stringOrUndefined(username),
+        address,
+        "reason=invalid_username",
+      );
+      throw new HttpError(
+        400,
+        "invalid_username",
+        "Cannot register: a username is 3 to 32 characters of A-Z, a-z, 0-9, _ . -",
+      );
+    }
+    const normalized = typeof password === "string"
+      ? password.normalize("NFC")
+      : undefined;
+    if (normalized === undefined || !isPasswordLength(normalized)) {
+      event("register", "fail", username, address, "reason=invalid_password");
+      throw new HttpError(
+        400,
+        "invalid_password",
+        `Cannot register "${username}": a password is ${MIN_PASSWORD_CHARS} to ${MAX_PASSWORD_CHARS} characters`,
+      );
+    }
+    if (rateLimits) {
+      const wait = registrationThrottle.take(address);
+      if (wait > 0) throw throttled("register", username, address, wait);
+    }
+    const taken = () => {
+      event("register", "fail", username, address, "reason=username_taken");
+      return new HttpError(
+        409,
+        "username_taken",
+        `Cannot register "${username}": username is taken`,
+      );
+    };
+    if (store.getUser(username) !== undefined) throw taken();
+    const passwordHash = await hashJob(() => hashPassword(normalized));
+    const added = await store.addUser({
+      username,
+      password_hash: passwordHash,
+      created_at: new Date(now()).toISOString(),
+    });
+    if (!added) throw taken();
+    event("register", "ok", username, address);
+    return jsonResponse(201, { username });
+  }
+
+  async function login(req: Request, address: string): Promise<Response> {
+    const body = await readJsonObject(req, limits.maxBodyBytes);
+    const { username, password } = body;
+    if (typeof username !== "string") {
+      event("login", "fail", undefined, address, "reason=invalid_username");
+      throw new HttpError(
+        400,
+        "invalid_username",
+        "Cannot log in: the request needs a string username",
+      );
+    }
+    const validName = USERNAME_RE.test(username);
+    if (validName && typeof password !== "string") {
+      event("login", "fail", username, address, "reason=invalid_password");
+      throw new HttpError(
+        400,
+        "invalid_password",
+        "Cannot log in: the request needs a string password",
+      );
+    }
+    const key = validName ? username.toLowerCase() : undefined;
+    let ticket: LoginTicket | undefined;
+    if (rateLimits) {
+      const admission = loginThrottle.admit(key, address);
+      if (!admission.ok) {
+        throw throttled("login", username, address, admission.retryAfterMs);
+      }
+      ticket = admission.ticket;
+    }
+    const normalized = typeof password === "string"
+      ? password.normalize("NFC")
+      : "";
+    if (!validName || !isPasswordLength(normalized)) {
+      // Cannot match any account: no hash needed, and nothing to learn.
+      throw invalidCredentials(username, address, "reason=rule_breaking");
+    }
+    let result: { user: UserRecord; rehash: string | undefined } | undefined;
+    try {
+      result = await hashJob(async () => {
+        const user = store.getUser(username);
+        const ok = await verifyPassword(
+          normalized,
+          user?.password_hash ?? DUMMY_HASH,
+        );
+        if (!ok || user === undefined) return undefined;
+        const rehash = needsRehash(user.password_hash)
+          ? await hashPassword(normalized)
+          : undefined;
+        return { user, rehash };
+      });
+    } catch (err) {
+      if (ticket !== undefined) loginThrottle.cancelled(ticket);
+      throw err;
+    }
+    if (result === undefined) {
+      throw invalidCredentials(username, address, "reason=wrong_credentials");
+    }
+    const { user, rehash } = result;
+    const token = newToken();
+    const createdMs = now();
+    const expiresAt = new Date(createdMs + sessionTtlSeconds * 1000)
+      .toISOString();
+    const rehashed = rehash === undefined
+      ? Promise.resolve()
+      : store.setPasswordHash(user.username, rehash).then(
+        () => event("login", "rehashed", user.username, address),
+        (err) =>
+          event(
+            "login",
+            "rehash_failed",
+            user.username,
+            address,
+            `error=${logValue(String(err))}`,
+          ),
+      );
+    await Promise.all([
+      store.addSession(tokenHash(token), {
+        username: user.username,
+        createdAt: new Date(createdMs).toISOString(),
+        expiresAt,
+        expiresAtMs: Date.parse(expiresAt),
+      }),
+      rehashed,
+    ]);
+    if (ticket !== undefined) loginThrottle.succeeded(ticket);
+    event("login", "ok", user.username, address);
+    return jsonResponse(200, {
+      token,
+      username: user.username,
+      expires_at: expiresAt,
+      chat_url: typeof chatUrl === "function" ? chatUrl() : chatUrl,
+    });
+  }
+
+  function invalidCredentials(
+    username: string,
+    address: string,
+    detail: string,
+  ): HttpError {
+    event("login", "fail", username, address, detail);
+    return new HttpError(
+      401,
+      "invalid_credentials",
+      "Cannot log in: wrong username or password",
+    );
+  }
+
+  async function validateToken(req: Request): Promise<Response> {
+    let token = bearerToken(req);
+    if (token !== undefined) {
+      await discardBody(req);
+    } else {
+      // No token at all is an invalid token, not malformed JSON.
+      const body = await readJsonObject(req, limits.maxBodyBytes, {
+        emptyAsObject: true,
+      });
+      if (typeof body.token === "string") token = body.token;
+    }
+    const session = token === undefined
+      ? undefined
+      : store.getSession(tokenHash(token));
+    if (session === undefined) throw invalidToken(true);
+    return jsonResponse(200, {
+      valid: true,
+      username: session.username,
+      expires_at: session.expiresAt,
+    });
+  }
+
+  async function logout(req: Request, address: string): Promise<Response> {
+    const token = bearerToken(req);
+    await discardBody(req);
+    const hash = token === undefined ? undefined : tokenHash(token);
+    const session = hash === undefined ? undefined : store.getSession(hash);
+    if (hash === undefined || session === undefined) {
+      event("logout", "fail", undefined, address, "reason=invalid_token");
+      throw invalidToken(false);
+    }
+    if (!await store.removeSession(hash)) {
+      event(
+        "logout",
+        "fail",
+        session.username,
+        address,
+        "reason=invalid_token",
+      );
+      throw invalidToken(false);
+    }
+    event("logout", "ok", session.username, address);
+    return new Response(null, { status: 204 });
+  }
+
+  function health(): Promise<Response> {
+    return Promise.resolve(jsonResponse(200, { status: "ok" }));
+  }
+
+  const routes = new Map<string, Route>([
+    ["/register", { method: "POST", handle: register }],
+    ["/login", { method: "POST", handle: login }],
+    ["/validate_token", { method: "POST", handle: validateToken }],
+    ["/logout", { method: "POST", handle: logout }],
+    ["/health", { method: "GET", handle: health }],
+  ]);
+
+  return async function handleAuthRequest(req, info) {
+    const address = "hostname" in info.remoteAddr
+      ? info.remoteAddr.hostname
+      : "local";
+    let path = "";
+    try {
+      path = new URL(req.url).pathname;
+      const route = routes.get(path);
+      if (route === undefined) {
+        await discardBody(req);
+        throw new HttpError(404, "not_found", `Cannot find ${path}`);
+      }
+      if (req.method !== route.method) {
+        await discardBody(req);
+        throw new HttpError(
+          405,
+          "method_not_allowed",
+          `Cannot ${req.method} ${path}: use ${route.method}`,
+          { headers: { allow: route.method } },
+        );
+      }
+      const time = now();
+      if (time - lastPrune >= SESSION_PRUNE_INTERVAL_MS) {
+        lastPrune = time;
+        store.pruneSessions().catch((err) =>
+          log(
+            `${new Date(time).toISOString()} auth error prune: ${
+              logValue(String(err))
+            }`,
+          )
+        );
+      }
+      return await route.handle(req, address);
+    } catch (err) {
+      if (err instanceof HttpError) return errorResponse(err);
+      log(
+        `${new Date(now()).toISOString()} auth error ${req.method} ${
+          logValue(path)
+        }: ${
+          logValue(
+            err instanceof Error ? err.stack ?? err.message : String(err),
+          )
+        }`,
+      );
+      await discardBody(req);
+      return serverErrorResponse();
+    }
+  };
+}
+
+/** SHA-256 of a token's UTF-8, in hex: the only form a token is kept in. */
+export function tokenHash(token: string): string {
+  return createHash("sha256").update(token, "utf8").digest("hex");
+}
+
+function newToken(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(TOKEN_BYTES));
+  let binary = "";
+  for (const b of bytes) binary += String.fromCharCode(b);
+  return btoa(binary).replaceAll("+", "-").replaceAll("/", "_").replace(
+    /=+$/,
+    "",
+  );
+}
+
+function bearerToken(req: Request): string | undefined {
+  const header = req.headers.get("authorization");
+  if (header === null) return undefined;
+  return BEARER_RE.exec(header)?.[1];
+}
+
+function invalidToken(withValid: boolean): HttpError {
+  return new HttpError(
+    401,
+    "invalid_token",
+    "Cannot accept the token: it is unknown, expired or revoked",
+    withValid ? { fields: { valid: false } } : {},
+  );
+}
+
+function isPasswordLength(password: string): boolean {
+  // Cheap bound first: a code point is at most 2 UTF-16 units.
+  if (password.length > 2 * MAX_PASSWORD_CHARS) return false;
+  let n = 0;
+  for (const _ of password) n++;
+  return n >= MIN_PASSWORD_CHARS && n <= MAX_PASSWORD_CHARS;
+}
+
+function stringOrUndefined(value: unknown): string | undefined {
+  return typeof value === "string" ? value : undefined;
+}
+
+/** A value safe to put in a log line: plain words as they are, anything else JSON-quoted and cut. */
+function logValue(value: string | undefined): string {
+  if (value === undefined) return "-";
+  if (/^[A-Za-z0-9_.:-]{1,64}$/.test(value)) return value;
+  return JSON.stringify(
+    value.length > 200 ? `${value.slice(0, 200)}...` : value,
+  );
+}

@@ -1,0 +1,512 @@
+/**
+ * The auth server's files, `users.json` and `sessions.json`: the only module
+ * that touches them. Loads and validates them, keeps them in memory, and
+ * writes them atomically (temp file, fsync, rename, fsync of the directory)
+ * with group commit: changes made while a write is running share the next
+ * write, and every change is acknowledged only once it is durable. An OS lock
+ * on a separate `.lock` file keeps a second server off the same directory.
+ *
+ * @module
+ */
+import { basename, dirname, join } from "node:path";
+
+/** A user as stored in `users.json`. */
+export interface UserRecord {
+  /** As registered (case kept). */
+  username: string;
+  /** PHC string. */
+  password_hash: string;
+  /** ISO 8601 UTC. */
+  created_at: string;
+}
+
+/** A session as kept in memory. */
+export interface SessionRecord {
+  username: string;
+  /** ISO 8601 UTC. */
+  createdAt: string;
+  /** ISO 8601 UTC. */
+  expiresAt: string;
+  /** `expiresAt` in ms since the epoch. */
+  expiresAtMs: number;
+}
+
+/** Options of {@linkcode AuthStore.open}. */
+export interface AuthStoreOptions {
+  /** Clock in ms; default `Date.now`. */
+  now?: () => number;
+}
+
+/** The store cannot start: a file does not parse, or the directory is locked. */
+export class StoreError extends Error {
+  override name = "StoreError";
+}
+
+/** Name of the users file inside the data directory. */
+export const USERS_FILE = "users.json";
+/** Name of the sessions file inside the data directory. */
+export const SESSIONS_FILE = "sessions.json";
+/** Name of the lock file inside the data directory. */
+export const LOCK_FILE = ".lock";
+
+const FILE_VERSION = 1;
+const TEMP_RE = /^\.(users|sessions)\.json\.tmp-[0-9a-f]+$/;
+const TOKEN_HASH_RE = /^[0-9a-f]{64}$/;
+const encoder = new TextEncoder();
+
+/** Users and sessions, in memory and on disk. */
+export class AuthStore {
+  #dataDir: string;
+  #lock: Deno.FsFile;
+  #now: () => number;
+  #users: Map<string, UserRecord>;
+  #sessions: Map<string, SessionRecord>;
+  #usersWriter: GroupWriter;
+  #sessionsWriter: GroupWriter;
+  #closed: Promise<void> | undefined;
+
+  private constructor(
+    dataDir: string,
+    lock: Deno.FsFile,
+    now: () => number,
+    users: Map<string, UserRecord>,
+    sessions: Map<string, SessionRecord>,
+  ) {
+    this.#dataDir = dataDir;
+    this.#lock = lock;
+    this.#now = now;
+    this.#users = users;
+    this.#sessions = sessions;
+    this.#usersWriter = new GroupWriter(
+      join(dataDir, USERS_FILE),
+      () => this.#renderUsers(),
+    );
+    this.#sessionsWriter = new GroupWriter(
+      join(dataDir, SESSIONS_FILE),
+      () => this.#renderSessions(),
+    );
+  }
+
+  /**
+   * Opens the store in `dataDir` (created if missing): takes the lock, removes
+   * temp files a crash left, loads both files (missing = empty). Throws
+   * {@linkcode StoreError} naming the file when one does not parse, or when
+   * another server holds the lock.
+   */
+  static async open(
+    dataDir: string,
+    options: AuthStoreOptions = {},
+  ): Promise<AuthStore> {
+    const { now = Date.now } = options;
+    await Deno.mkdir(dataDir, { recursive: true, mode: 0o700 });
+    const lockPath = join(dataDir, LOCK_FILE);
+    const lock = await Deno.open(lockPath, {
+      read: true,
+      write: true,
+      create: true,
+      mode: 0o600,
+    });
+    try {
+      if (!await lock.tryLock(true)) {
+        throw new StoreError(
+          `Cannot use data directory ${dataDir}: another auth server holds its lock file ${lockPath}`,
+        );
+      }
+      await removeStaleTempFiles(dataDir);
+      const users = await loadFile(join(dataDir, USERS_FILE), parseUsers);
+      const sessions = await loadFile(
+        join(dataDir, SESSIONS_FILE),
+        parseSessions,
+      );
+      const store = new AuthStore(dataDir, lock, now, users, sessions);
+      if (store.#dropExpiredSessions() > 0) {
+        await store.#sessionsWriter.commit();
+      }
+      return store;
+    } catch (err) {
+      lock.close();
+      throw err;
+    }
+  }
+
+  /** The data directory. */
+  get dataDir(): string {
+    return this.#dataDir;
+  }
+
+  /** Completed file writes since opening (both files), for the benchmark. */
+  get fileWrites(): number {
+    return this.#usersWriter.writes + this.#sessionsWriter.writes;
+  }
+
+  /** Number of users. */
+  get userCount(): number {
+    return this.#users.size;
+  }
+
+  /** Number of sessions in memory (expired ones included until pruned). */
+  get sessionCount(): number {
+    return this.#sessions.size;
+  }
+
+  /** The user named `username`, compared case-insensitively. */
+  getUser(username: string): UserRecord | undefined {
+    return this.#users.get(username.toLowerCase());
+  }
+
+  /**
+   * Adds a user and resolves once it is on disk. Returns false (and changes
+   * nothing) when the name is taken, compared case-insensitively.
+   */
+  async addUser(user: UserRecord): Promise<boolean> {
+    this.#assertOpen();
+    const key = user.username.toLowerCase();
+    if (this.#users.has(key)) return false;
+    this.#users.set(key, user);
+    try {
+      await this.#usersWriter.commit();
+    } catch (err) {
+      if (this.#users.get(key) === user) this.#users.delete(key);
+      throw err;
+    }
+    return true;
+  }
+
+  /** Replaces a user's password hash and resolves once it is on disk. */
+  async setPasswordHash(username: string, passwordHash: string): Promise<void> {
+    this.#assertOpen();
+    const key = username.toLowerCase();
+    const user = this.#users.get(key);
+    if (user === undefined) return;
+    this.#users.set(key, { ...user, password_hash: passwordHash });
+    await this.#usersWriter.commit();
+  }
+
+  /** The live session whose token hashes to `tokenHash`, or `undefined` if unknown or expired. */
+  getSession(tokenHash: string): SessionRecord | undefined {
+    const session = this.#sessions.get(tokenHash);
+    if (session === undefined) return undefined;
+    if (session.expiresAtMs <= this.#now()) {
+      // Dropped from memory now, from the file with the next write.
+      this.#sessions.delete(tokenHash);
+      return undefined;
+    }
+    return session;
+  }
+
+  /** Adds a session and resolves once it is on disk. */
+  async addSession(tokenHash: string, session: SessionRecord): Promise<void> {
+    this.#assertOpen();
+    this.#sessions.set(tokenHash, session);
+    try {
+      await this.#sessionsWriter.commit();
+    } catch (err) {
+      if (this.#sessions.get(tokenHash) === session) {
+        this.#sessions.delete(tokenHash);
+      }
+      throw err;
+    }
+  }
+
+  /**
+   * Removes a session (it stops validating at once) and resolves once the
+   * removal is on disk. Returns false when there was no live session.
+   */
+  async removeSession(tokenHash: string): Promise<boolean> {
+    this.#assertOpen();
+    if (this.getSession(tokenHash) === undefined) return false;
+    this.#sessions.delete(tokenHash);
+    await this.#sessionsWriter.commit();
+    return true;
+  }
+
+  /** Drops expired sessions from memory and from the file; returns how many. */
+  async pruneSessions(): Promise<number> {
+    const dropped = this.#dropExpiredSessions();
+    if (dropped > 0 && this.#closed === undefined) {
+      await this.#sessionsWriter.commit();
+    }
+    return dropped;
+  }
+
+  /** Waits for pending writes, then releases the lock. Idempotent. */
+  close(): Promise<void> {
+    this.#closed ??= (async () => {
+      try {
+        await Promise.allSettled([
+          this.#usersWriter.idle(),
+          this.#sessionsWriter.idle(),
+        ]);
+      } finally {
+        this.#lock.close();
+      }
+    })();
+    return this.#closed;
+  }
+
+  #assertOpen(): void {
+    if (this.#closed !== undefined) {
+      throw new Error("Cannot change the auth store: it is closed");
+    }
+  }
+
+  #dropExpiredSessions(): number {
+    const now = this.#now();
+    let dropped = 0;
+    for (const [hash, session] of this.#sessions) {
+      if (session.expiresAtMs <= now) {
+        this.#sessions.delete(hash);
+        dropped++;
+      }
+    }
+    return dropped;
+  }
+
+  #renderUsers(): string {
+    return JSON.stringify(
+      { version: FILE_VERSION, users: Object.fromEntries(this.#users) },
+      null,
+      2,
+    ) + "\n";
+  }
+
+  #renderSessions(): string {
+    const now = this.#now();
+    const sessions: Record<string, unknown> = {};
+    for (const [hash, s] of this.#sessions) {
+      if (s.expiresAtMs <= now) continue;
+      sessions[hash] = {
+        username: s.username,
+        created_at: s.createdAt,
+        expires_at: s.expiresAt,
+      };
+    }
+    return JSON.stringify({ version: FILE_VERSION, sessions }, null, 2) + "\n";
+  }
+}
+
+/**
+ * Serialises writes of one file and groups them: every `commit()` made
+ * while a write runs is satisfied by the single write that follows it.
+ */
+class GroupWriter {
+  #path: string;
+  #render: () => string;
+  #next: Deferred | undefined;
+  #running: Promise<void> | undefined;
+  writes = 0;
+
+  constructor(path: string, render: () => string) {
+    this.#path = path;
+    this.#render = render;
+  }
+
+  /** Resolves once a write that started after this call has completed. */
+  commit(): Promise<void> {
+    const batch = this.#next ??= deferred();
+    this.#running ??= this.#drain();
+    return batch.promise;
+  }
+
+  /** Resolves when no write is running or pending. */
+  async idle(): Promise<void> {
+    while (this.#running !== undefined) await this.#running;
+  }
+
+  async #drain(): Promise<void> {
+    try {
+      let batch;
+      while ((batch = this.#next) !== undefined) {
+        this.#next = undefined;
+        try {
+          // Rendered now: changes made from here on belong to the next batch.
+          await writeFileAtomic(this.#path, this.#render());
+          this.writes++;
+          batch.resolve();
+        } catch (err) {
+          batch.reject(err);
+        }
+      }
+    } finally {
+      this.#running = undefined;
+    }
+  }
+}
+
+interface Deferred {
+  promise: Promise<void>;
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
+function deferred(): Deferred {
+  const { promise, resolve, reject } = Promise.withResolvers<void>();
+  // A batch nobody awaits (a background prune) must not be an unhandled rejection.
+  promise.catch(() => {});
+  return { promise, resolve, reject };
+}
+
+/**
+ * Writes `text` to `path` so that a crash leaves the old or the new file,
+ * never a torn one, and no temp file behind it on success or failure.
+ */
+async function writeFileAtomic(path: string, text: string): Promise<void> {
+  const dir = dirname(path);
+  const random = crypto.getRandomValues(new Uint8Array(8));
+  const suffix = Array.from(random, (b) => b.toString(16).padStart(2, "0"))
+    .join("");
+  const temp = join(dir, `.${basename(path)}.tmp-${suffix}`);
+  try {
+    const file = await Deno.open(temp, {
+      write: true,
+      createNew: true,
+      mode: 0o600,
+    });
+    try {
+      const bytes = encoder.encode(text);
+      let written = 0;
+      while (written < bytes.length) {
+        written += await file.write(bytes.subarray(written));
+      }
+      await file.sync();
+    } finally {
+      file.close();
+    }
+    await Deno.rename(temp, path);
+  } catch (err) {
+    await Deno.remove(temp).catch(() => {});
+    throw err;
+  }
+  const dirHandle = await Deno.open(dir, { read: true });
+  try {
+    await dirHandle.sync();
+  } finally {
+    dirHandle.close();
+  }
+}
+
+async function removeStaleTempFiles(dataDir: string): Promise<void> {
+  for await (const entry of Deno.readDir(dataDir)) {
+    if (entry.isFile && TEMP_RE.test(entry.name)) {
+      await Deno.remove(join(dataDir, entry.name));
+    }
+  }
+}
+
+async function loadFile<T>(
+  path: string,
+  parse: (data: unknown) => T,
+): Promise<T> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return parse(undefined);
+    throw new StoreError(
+      `Cannot read ${path}: ${err instanceof Error ? err.message : err}`,
+    );
+  }
+  let data: unknown;
+  try {
+    data = JSON.parse(text);
+  } catch (err) {
+    throw new StoreError(
+      `Cannot parse ${path}: ${
+        err instanceof Error ? err.message : err
+      } (the file is left as it is; fix or move it)`,
+    );
+  }
+  try {
+    return parse(data);
+  } catch (err) {
+    if (!(err instanceof FormatError)) throw err;
+    throw new StoreError(
+      `Cannot parse ${path}: ${err.message} (the file is left as it is; fix or move it)`,
+    );
+  }
+}
+
+class FormatError extends Error {}
+
+function parseUsers(data: unknown): Map<string, UserRecord> {
+  const users = new Map<string, UserRecord>();
+  if (data === undefined) return users;
+  const entries = readVersioned(data, "users");
+  for (const [key, value] of Object.entries(entries)) {
+    if (
+      !isRecord(value) || typeof value.username !== "string" ||
+      typeof value.password_hash !== "string" ||
+      typeof value.created_at !== "string"
+    ) {
+      throw new FormatError(
+        `user "${key}" needs string username, password_hash and created_at`,
+      );
+    }
+    const lower = value.username.toLowerCase();
+    if (users.has(lower)) {
+      throw new FormatError(`user "${value.username}" appears twice`);
+    }
+    users.set(lower, {
+      username: value.username,
+      password_hash: value.password_hash,
+      created_at: value.created_at,
+    });
+  }
+  return users;
+}
+
+function parseSessions(data: unknown): Map<string, SessionRecord> {
+  const sessions = new Map<string, SessionRecord>();
+  if (data === undefined) return sessions;
+  const entries = readVersioned(data, "sessions");
+  for (const [key, value] of Object.entries(entries)) {
+    if (!TOKEN_HASH_RE.test(key)) {
+      throw new FormatError(
+        `session key "${key.slice(0, 80)}" is not a hex SHA-256`,
+      );
+    }
+    if (
+      !isRecord(value) || typeof value.username !== "string" ||
+      typeof value.created_at !== "string" ||
+      typeof value.expires_at !== "string"
+    ) {
+      throw new FormatError(
+        `session "${key}" needs string username, created_at and expires_at`,
+      );
+    }
+    const expiresAtMs = Date.parse(value.expires_at);
+    if (Number.isNaN(expiresAtMs)) {
+      throw new FormatError(`session "${key}" has an unreadable expires_at`);
+    }
+    sessions.set(key, {
+      username: value.username,
+      createdAt: value.created_at,
+      expiresAt: value.expires_at,
+      expiresAtMs,
+    });
+  }
+  return sessions;
+}
+
+function readVersioned(
+  data: unknown,
+  field: string,
+): Record<string, unknown> {
+  if (!isRecord(data)) throw new FormatError("expected a JSON object");
+  if (data.version !== FILE_VERSION) {
+    throw new FormatError(
+      `expected "version": ${FILE_VERSION}, found ${
+        JSON.stringify(data.version)
+      }`,
+    );
+  }
+  const entries = data[field];
+  if (!isRecord(entries)) {
+    throw new FormatError(`expected "${field}" to be a JSON object`);
+  }
+  return entries;
+}
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}

@@ -1,0 +1,67 @@
+// deno-lint-ignore-file no-console
+/**
+ * Entry point of `deno task auth`: the auth server alone.
+ *
+ * @module
+ */
+import {
+  ConfigError,
+  httpAddress,
+  parseServerConfig,
+  SERVER_USAGE,
+  type ServerConfig,
+} from "../config.ts";
+import { authOptionsFromConfig, createAuthServer } from "./server.ts";
+
+const USAGE = `Usage: deno task auth [options]\n\n${SERVER_USAGE}`;
+
+if (Deno.args.includes("--help") || Deno.args.includes("-h")) {
+  console.log(USAGE);
+  Deno.exit(0);
+}
+
+let config: ServerConfig;
+try {
+  config = parseServerConfig("auth", Deno.args, (name) => Deno.env.get(name));
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err;
+  console.error(`auth: ${err.message}\n\n${USAGE}`);
+  Deno.exit(2);
+}
+
+let server;
+try {
+  server = await createAuthServer(
+    authOptionsFromConfig(config, { log: (line) => console.error(line) }),
+  );
+} catch (err) {
+  console.error(
+    `auth: cannot start: ${err instanceof Error ? err.message : err}`,
+  );
+  Deno.exit(1);
+}
+
+const running = server;
+let stopping = false;
+async function stop(signal: Deno.Signal): Promise<void> {
+  if (stopping) return;
+  stopping = true;
+  console.error(`auth: ${signal} received, shutting down`);
+  try {
+    await running.shutdown();
+  } catch (err) {
+    console.error(
+      `auth: cannot shut down cleanly: ${
+        err instanceof Error ? err.message : err
+      }`,
+    );
+    Deno.exit(1);
+  }
+  Deno.exit(0);
+}
+Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
+Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
+
+console.log(
+  `auth: listening on ${httpAddress(running.hostname, running.port)}`,
+);

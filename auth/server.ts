@@ -1,0 +1,134 @@
+/**
+ * The auth server: the JSON store, the API handler and `Deno.serve` wired
+ * together, with a graceful `shutdown()`. Entry points (`auth/main.ts`, the
+ * root `main.ts`) build it from configuration with
+ * {@linkcode authOptionsFromConfig}.
+ *
+ * @module
+ */
+import { defaultChatUrl, httpAddress, type ServerConfig } from "../config.ts";
+import { createAuthHandler } from "./handler.ts";
+import { serverErrorResponse } from "./http_error.ts";
+import { AuthStore } from "./json_store.ts";
+import type { AuthLimits } from "./rate_limit.ts";
+
+export {
+  type AuthHandler,
+  type AuthHandlerOptions,
+  createAuthHandler,
+  tokenHash,
+} from "./handler.ts";
+export { AuthStore, StoreError } from "./json_store.ts";
+export { type AuthLimits, DEFAULT_AUTH_LIMITS } from "./rate_limit.ts";
+
+/** Options of {@linkcode createAuthServer}. */
+export interface AuthServerOptions {
+  /** Interface to bind. Default `"127.0.0.1"`. */
+  hostname?: string;
+  /** Port; 0 picks a free one. Default 8000. */
+  port?: number;
+  /** Directory of `users.json`, `sessions.json` and `.lock` (created if missing). */
+  dataDir: string;
+  /** The chat address `/login` hands out; a function is asked on every login. */
+  chatUrl: string | (() => string);
+  /** Session lifetime in seconds. Default 86400. */
+  sessionTtlSeconds?: number;
+  /** `false` lifts login and registration throttles (not the hash bound, not size limits). Default true. */
+  rateLimits?: boolean;
+  /** Overrides of the default limits. */
+  limits?: Partial<AuthLimits>;
+  /** Receives one line per auth event. Default: no logging. */
+  log?: (line: string) => void;
+  /** Clock in ms, for tests. Default `Date.now`. */
+  now?: () => number;
+}
+
+/** A running auth server. */
+export interface AuthServer {
+  /** `http://HOST:PORT` with the real port. */
+  url: string;
+  hostname: string;
+  port: number;
+  /** The store, for tests and the benchmark (e.g. `store.fileWrites`). */
+  store: AuthStore;
+  /** Resolves once the server has shut down and released its files. */
+  finished: Promise<void>;
+  /** Stops accepting, finishes requests in flight, flushes files, releases the lock. Idempotent. */
+  shutdown(): Promise<void>;
+}
+
+/**
+ * Opens the store in `options.dataDir` and starts serving. Rejects with a
+ * {@linkcode StoreError} naming the file when `users.json` or `sessions.json`
+ * does not parse, or when another server holds the directory's lock.
+ */
+export async function createAuthServer(
+  options: AuthServerOptions,
+): Promise<AuthServer> {
+  const { hostname = "127.0.0.1", port = 8000, dataDir, now } = options;
+  const store = await AuthStore.open(dataDir, { now });
+  const handler = createAuthHandler({ ...options, store });
+  let httpServer: Deno.HttpServer<Deno.NetAddr>;
+  try {
+    httpServer = Deno.serve({
+      hostname,
+      port,
+      onListen: () => {},
+      onError: () => serverErrorResponse(),
+    }, handler);
+  } catch (err) {
+    await store.close();
+    throw new Error(
+      `Cannot listen on ${httpAddress(hostname, port)}: ${
+        err instanceof Error ? err.message : err
+      }`,
+    );
+  }
+  const realPort = httpServer.addr.port;
+  const { promise: finished, resolve: resolveFinished } = Promise
+    .withResolvers<void>();
+  let closing: Promise<void> | undefined;
+  return {
+    url: httpAddress(hostname, realPort),
+    hostname,
+    port: realPort,
+    store,
+    finished,
+    shutdown() {
+      closing ??= (async () => {
+        try {
+          await httpServer.shutdown();
+        } finally {
+          await store.close();
+          resolveFinished();
+        }
+      })();
+      return closing;
+    },
+  };
+}
+
+/** What an entry point adds to the configuration. */
+export interface AuthConfigExtras {
+  /** Overrides the chat address derived from the configuration (e.g. once the chat port is known). */
+  chatUrl?: string | (() => string);
+  /** Event log; default none. */
+  log?: (line: string) => void;
+}
+
+/** {@linkcode AuthServerOptions} from the parsed server configuration. */
+export function authOptionsFromConfig(
+  config: ServerConfig,
+  extras: AuthConfigExtras = {},
+): AuthServerOptions {
+  return {
+    hostname: config.authHost,
+    port: config.authPort,
+    dataDir: config.dataDir,
+    chatUrl: extras.chatUrl ?? config.chatPublicUrl ??
+      defaultChatUrl(config.chatHost, config.chatPort),
+    sessionTtlSeconds: config.sessionTtlSeconds,
+    rateLimits: config.rateLimits,
+    log: extras.log,
+  };
+}
