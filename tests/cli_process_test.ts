@@ -1,0 +1,107 @@
+import assert from "node:assert/strict";
+import { CliProcess, looksLikeStackTrace } from "./_cli_helpers.ts";
+
+/** A local port where nothing listens. */
+function closedPort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr;
+  listener.close();
+  return port;
+}
+
+Deno.test("--version prints the version and exits 0", async () => {
+  const cli = new CliProcess(["--version"]);
+  assert.equal(await cli.exit(), 0);
+  assert.deepEqual(cli.stdout.lines, ["chatroom 0.1.0"]);
+  assert.equal(cli.stderr.text, "");
+});
+
+Deno.test("--help prints the usage on stdout and exits 0", async () => {
+  const cli = new CliProcess(["--help"]);
+  assert.equal(await cli.exit(), 0);
+  const text = cli.stdout.text;
+  for (
+    const part of [
+      "chatroom register",
+      "chatroom login",
+      "--auth-url",
+      "--user",
+      "--password-stdin",
+      "--version",
+    ]
+  ) {
+    assert.ok(text.includes(part), `usage mentions ${part}:\n${text}`);
+  }
+});
+
+Deno.test("an unknown flag prints the usage on stderr and exits 2", async (t) => {
+  for (
+    const args of [["--bogus"], ["login", "--frobnicate"], ["logout"], [
+      "--auth-url",
+      "ftp://example.com",
+    ]]
+  ) {
+    await t.step(args.join(" "), async () => {
+      const cli = new CliProcess(args);
+      assert.equal(await cli.exit(), 2);
+      assert.match(cli.stderr.lines[0] ?? "", /^chatroom: /);
+      assert.ok(cli.stderr.text.includes("Usage:"), cli.stderr.text);
+      assert.equal(cli.stdout.text, "");
+      assert.ok(!looksLikeStackTrace(cli.stderr.text), cli.stderr.text);
+    });
+  }
+});
+
+Deno.test("with the auth server down, login says so in one line and exits 1", async (t) => {
+  const authUrl = `http://127.0.0.1:${closedPort()}`;
+  const expected =
+    `chatroom: cannot reach the auth server at ${authUrl} (connection refused)`;
+
+  await t.step("login --password-stdin", async () => {
+    const cli = new CliProcess([
+      "login",
+      "--auth-url",
+      authUrl,
+      "--user",
+      "alice",
+      "--password-stdin",
+    ]);
+    await cli.write("secretpw1");
+    assert.equal(await cli.exit(), 1);
+    assert.deepEqual(cli.stderr.lines, [expected]);
+    assert.ok(!looksLikeStackTrace(cli.stderr.text));
+  });
+
+  await t.step(
+    "register, with the address from CHATROOM_AUTH_URL",
+    async () => {
+      const cli = new CliProcess(["register", "--user", "alice"], {
+        CHATROOM_AUTH_URL: authUrl,
+      });
+      await cli.write("secretpw1");
+      assert.equal(await cli.exit(), 1);
+      assert.deepEqual(cli.stderr.lines, [expected]);
+    },
+  );
+
+  await t.step("the interactive menu driven by a pipe", async () => {
+    const cli = new CliProcess(["--auth-url", authUrl]);
+    await cli.write("1", "alice", "secretpw1");
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 1);
+    assert.deepEqual(cli.stderr.lines, [expected]);
+    assert.ok(cli.stdout.text.includes("1) login"));
+    assert.ok(cli.stdout.text.includes("2) register"));
+  });
+});
+
+Deno.test("end of input at the menu exits 0", async () => {
+  const cli = new CliProcess([
+    "--auth-url",
+    `http://127.0.0.1:${closedPort()}`,
+  ]);
+  await cli.closeStdin();
+  assert.equal(await cli.exit(), 0);
+  assert.ok(cli.stdout.text.includes("1) login"));
+  assert.equal(cli.stderr.text, "");
+});

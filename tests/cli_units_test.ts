@@ -1,0 +1,285 @@
+import assert from "node:assert/strict";
+import { DEFAULT_AUTH_URL, parseCliArgs } from "../cli/args.ts";
+import { describeNetworkError } from "../cli/api.ts";
+import { CliError } from "../cli/cli_error.ts";
+import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
+import {
+  formatClock,
+  nickColor,
+  renderDirectMessage,
+  renderError,
+  renderPresence,
+  renderRoomMessage,
+  sanitize,
+  shouldColor,
+  type ViewOptions,
+} from "../cli/render.ts";
+import { parseServerText } from "../cli/server_frames.ts";
+
+const view: ViewOptions = { color: false, currentRoom: "lobby", me: "alice" };
+const ts = new Date(2024, 0, 2, 9, 5).toISOString();
+
+Deno.test("the command line is parsed strictly, flags winning over the environment", async (t) => {
+  await t.step("defaults to the menu and the default auth URL", () => {
+    assert.deepEqual(parseCliArgs([]), {
+      command: "menu",
+      authUrl: DEFAULT_AUTH_URL,
+      user: undefined,
+      passwordStdin: false,
+    });
+  });
+  await t.step("reads subcommands and flags", () => {
+    const args = parseCliArgs([
+      "login",
+      "--user",
+      "bob",
+      "--password-stdin",
+      "--auth-url",
+      "http://h:1/",
+    ]);
+    assert.deepEqual(args, {
+      command: "login",
+      authUrl: "http://h:1",
+      user: "bob",
+      passwordStdin: true,
+    });
+  });
+  await t.step("CHATROOM_AUTH_URL applies unless --auth-url is given", () => {
+    const env = (n: string) =>
+      n === "CHATROOM_AUTH_URL" ? "http://e:2" : undefined;
+    assert.equal(parseCliArgs([], env).authUrl, "http://e:2");
+    assert.equal(
+      parseCliArgs(["--auth-url", "http://f:3"], env).authUrl,
+      "http://f:3",
+    );
+  });
+  await t.step(
+    "unknown flags, commands and bad URLs are usage errors (exit 2)",
+    () => {
+      for (
+        const args of [["--nope"], ["chat"], ["login", "extra"], [
+          "--auth-url",
+          "nonsense",
+        ], ["--user"]]
+      ) {
+        assert.throws(
+          () => parseCliArgs(args),
+          (err) => err instanceof CliError && err.exitCode === 2,
+          args.join(" "),
+        );
+      }
+    },
+  );
+});
+
+Deno.test("the chat view renders messages, DMs, presence and errors as one line each", () => {
+  const message = {
+    type: "message" as const,
+    id: "7",
+    room: "lobby",
+    from: "bob",
+    text: "hi",
+    ts,
+  };
+  assert.equal(renderRoomMessage(message, view), "[09:05] <bob> hi");
+  assert.equal(
+    renderRoomMessage({ ...message, room: "dev" }, view),
+    "[09:05] #dev <bob> hi",
+  );
+  const dm = {
+    type: "dm" as const,
+    id: "1",
+    from: "bob",
+    to: "alice",
+    text: "psst",
+    ts,
+  };
+  assert.equal(renderDirectMessage(dm, view), "[09:05] *bob* -> you: psst");
+  assert.equal(
+    renderDirectMessage({ ...dm, from: "alice", to: "bob" }, view),
+    "[09:05] *you* -> bob: psst",
+  );
+  assert.equal(
+    renderPresence({ type: "join", room: "dev", user: "bob" }, view),
+    "* bob joined #dev",
+  );
+  assert.equal(
+    renderPresence({ type: "leave", room: "lobby", user: "bob" }, view),
+    "* bob left #lobby",
+  );
+  assert.equal(
+    renderError({
+      type: "error",
+      error: "rate_limited",
+      message: "Slow down",
+      retry_after_ms: 1500,
+    }, view),
+    "! rate_limited: Slow down (retry in 1.5s)",
+  );
+  assert.equal(
+    formatClock("not a date", new Date(2024, 0, 1, 23, 59)),
+    "23:59",
+  );
+});
+
+Deno.test("nick colours are stable per user and off without a terminal or with NO_COLOR", () => {
+  assert.equal(nickColor("bob"), nickColor("bob"));
+  assert.equal(nickColor("Bob"), nickColor("bob"));
+  const colours = new Set(
+    ["alice", "bob", "carol", "dave", "erin", "frank"].map(nickColor),
+  );
+  assert.ok(colours.size > 2, "different users get different colours");
+  const coloured = renderRoomMessage({
+    type: "message",
+    id: "1",
+    room: "lobby",
+    from: "bob",
+    text: "hi",
+    ts,
+  }, { ...view, color: true });
+  assert.ok(coloured.includes(`\x1b[${nickColor("bob")}m<bob>`));
+  const base = { noColor: undefined, term: "xterm", isTerminal: true };
+  assert.equal(shouldColor(base), true);
+  assert.equal(shouldColor({ ...base, noColor: "1" }), false);
+  assert.equal(shouldColor({ ...base, isTerminal: false }), false);
+  assert.equal(shouldColor({ ...base, term: "dumb" }), false);
+});
+
+Deno.test("text from the network cannot send terminal control sequences", () => {
+  assert.equal(sanitize("a\x1b[2Jb\x07\r\n"), "a\ufffd[2Jb\ufffd\ufffd\ufffd");
+});
+
+Deno.test("server frames are split on newlines and checked field by field", () => {
+  const frames = parseServerText(
+    [
+      JSON.stringify({
+        type: "message",
+        id: "3",
+        room: "lobby",
+        from: "bob",
+        text: "hi",
+        ts,
+      }),
+      JSON.stringify({
+        type: "message",
+        id: "4",
+        room: "lobby",
+        text: "no from",
+      }),
+      "not json",
+      JSON.stringify({ type: "error", error: "brand_new_code", message: "m" }),
+      JSON.stringify({ type: "history", room: "dev", messages: [], gap: true }),
+    ].join("\n"),
+  );
+  assert.deepEqual(frames.map((f) => f.type), ["message", "error", "history"]);
+  const error = frames[1];
+  assert.ok(error?.type === "error");
+  assert.equal(error.error, "brand_new_code");
+  const history = frames[2];
+  assert.ok(history?.type === "history");
+  assert.equal(history.gap, true);
+});
+
+Deno.test("the failure of fetch is described in a few words", () => {
+  const refused = new TypeError("fetch failed", {
+    cause: new Error("tcp connect error: Connection refused (os error 111)"),
+  });
+  assert.equal(describeNetworkError(refused), "connection refused");
+  assert.equal(
+    describeNetworkError(new TypeError("dns error: failed to lookup address")),
+    "host not found",
+  );
+});
+
+Deno.test("the shared line reader queues piped lines for the menu, the password and the chat", async () => {
+  const input = ReadableStream.from([
+    new TextEncoder().encode("1\nal"),
+    new TextEncoder().encode("ice\r\npw\nlast without newline"),
+  ]);
+  const reader = new LineReader({ input, output: sink() });
+  assert.equal(await reader.readLine(), "1");
+  assert.equal(await reader.readLine(), "alice");
+  assert.equal(await reader.readLine({ echo: false }), "pw");
+  assert.equal(await reader.readLine(), "last without newline");
+  assert.equal(await reader.readLine(), null);
+  reader.close();
+});
+
+Deno.test("on a terminal the reader edits the line in raw mode, hides passwords and restores the mode", async (t) => {
+  await t.step(
+    "typing, backspace, escape sequences, echo off, Enter",
+    async () => {
+      const { stream, push } = keyboard();
+      const out = sink();
+      const raw: boolean[] = [];
+      const reader = new LineReader({
+        input: stream,
+        output: out,
+        terminal: { setRaw: (on) => raw.push(on), columns: () => 80 },
+      });
+      const line = reader.readLine({ prompt: "Password: ", echo: false });
+      push("sec\x1b[Dret!\x7f\r");
+      assert.equal(await line, "secret");
+      assert.deepEqual(raw, [true, false]);
+      assert.ok(!out.text().includes("secret"), "the password is never echoed");
+      assert.ok(out.text().includes("Password: \n"));
+
+      const chat = reader.readLine({ prompt: "#lobby> " });
+      push("hel");
+      await Promise.resolve();
+      // A line printed meanwhile goes above the prompt, which is redrawn.
+      reader.print("[09:05] <bob> hi");
+      assert.ok(
+        out.text().endsWith("[09:05] <bob> hi\n#lobby> hel"),
+        out.text(),
+      );
+      push("lo\r");
+      assert.equal(await chat, "hello");
+      reader.close();
+    },
+  );
+
+  await t.step("Ctrl+C rejects the read and leaves raw mode", async () => {
+    const { stream, push } = keyboard();
+    const raw: boolean[] = [];
+    const reader = new LineReader({
+      input: stream,
+      output: sink(),
+      terminal: { setRaw: (on) => raw.push(on), columns: () => 80 },
+    });
+    const line = reader.readLine({ prompt: "Password: ", echo: false });
+    push("abc\x03");
+    await assert.rejects(line, { name: "Interrupted" });
+    assert.deepEqual(raw, [true, false]);
+    reader.close();
+  });
+});
+
+function sink(): SyncWriter & { text(): string } {
+  const chunks: Uint8Array[] = [];
+  return {
+    writeSync(p: Uint8Array) {
+      chunks.push(p.slice());
+      return p.length;
+    },
+    text() {
+      return chunks.map((c) => new TextDecoder().decode(c)).join("");
+    },
+  };
+}
+
+function keyboard(): {
+  stream: ReadableStream<Uint8Array>;
+  push: (keys: string) => void;
+} {
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const stream = new ReadableStream<Uint8Array>({
+    start(c) {
+      controller = c;
+    },
+  });
+  return {
+    stream,
+    push: (keys) => controller.enqueue(new TextEncoder().encode(keys)),
+  };
+}
