@@ -47,7 +47,9 @@ export async function writeAuthFixtures(
   // Placeholder hashes: random bytes in the real PHC layout. Nobody logs in
   // as these users; one random block is sliced to keep 100k users fast.
   const random = new Uint8Array(48 * Math.min(users, 4096));
-  crypto.getRandomValues(random);
+  for (let at = 0; at < random.length; at += 65536) {
+    crypto.getRandomValues(random.subarray(at, at + 65536)); // its limit per call
+  }
   const userEntries: Record<string, unknown> = {};
   for (let i = 0; i < users; i++) {
     const username = benchUsername(i);

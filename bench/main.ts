@@ -124,12 +124,18 @@ async function main(): Promise<number> {
     if (!haveChat) log("auth/main.ts or chat/main.ts missing: baseline only");
     for (const name of selected) {
       log(`== ${name}`);
-      results[name] = await runScenario(name, {
-        ctx,
-        tmp,
-        haveChat,
-        results,
-      });
+      try {
+        results[name] = await runScenario(name, {
+          ctx,
+          tmp,
+          haveChat,
+          results,
+        });
+      } catch (err) {
+        const error = err instanceof Error ? err.message : String(err);
+        log(`  failed: ${error}`);
+        results[name] = { chat: { error }, baseline: { error }, ratio: {} };
+      }
     }
   } finally {
     killAllChildren();

@@ -88,17 +88,16 @@ export function formatTable(
       first = false;
       return text;
     };
-    for (const side of ["chat", "baseline"] as const) {
-      const error = result[side].error;
-      if (typeof error === "string") {
-        rows.push([
-          cell(),
-          `${side} error`,
-          error.split("\n")[0] ?? "",
-          "",
-          "",
-        ]);
-      }
+    const chatError = typeof result.chat.error === "string";
+    const baselineError = typeof result.baseline.error === "string";
+    if (chatError || baselineError) {
+      rows.push([
+        cell(),
+        "error (see below)",
+        chatError ? "error" : "",
+        baselineError ? "error" : "",
+        "",
+      ]);
     }
     for (const key of ROWS[name] ?? []) {
       const chat = result.chat[key];
