@@ -23,6 +23,8 @@ const NICK_COLORS = [31, 32, 33, 35, 36, 91, 92, 93, 94, 95, 96] as const;
 const DIM = 2;
 const BOLD = 1;
 const RED = 31;
+// deno-lint-ignore no-control-regex
+const CONTROL_CHARS = /[\u0000-\u001f\u007f-\u009f]/g;
 
 /** The ANSI colour of a nick: the same for a user every time, everywhere. */
 export function nickColor(name: string): number {
@@ -59,11 +61,7 @@ export function formatClock(ts: string, now: Date = new Date()): string {
  * move the cursor, recolour or clear another user's terminal.
  */
 export function sanitize(text: string): string {
-  // deno-lint-ignore no-control-regex
-  return text.replace(
-    /[\u0000-\u001f\u007f-\u009f]/g,
-    (c) => c === "\t" ? " " : "\ufffd",
-  );
+  return text.replace(CONTROL_CHARS, (c) => c === "\t" ? " " : "\ufffd");
 }
 
 /** `[HH:MM] <alice> hi`, with `#room` when the room is not the current one. */

@@ -1,0 +1,271 @@
+import assert from "node:assert/strict";
+import {
+  CliProcess,
+  login,
+  looksLikeStackTrace,
+  PASSWORD,
+  Peer,
+  register,
+  startServers,
+} from "./_cli_helpers.ts";
+
+const MESSAGE_LINE = /^\[\d\d:\d\d\] /;
+
+Deno.test("register and login with --password-stdin, then /quit exits 0", async () => {
+  const servers = await startServers();
+  try {
+    const reg = new CliProcess([
+      "register",
+      "--auth-url",
+      servers.authUrl,
+      "--user",
+      "alice",
+      "--password-stdin",
+    ]);
+    await reg.write(PASSWORD);
+    assert.equal(await reg.exit(), 0, reg.stderr.text);
+    assert.ok(reg.stdout.text.includes("registered alice"), reg.stdout.text);
+
+    const bob = await Peer.connect(
+      servers.chat.url,
+      await bobToken(servers.authUrl),
+    );
+    const cli = new CliProcess([
+      "login",
+      "--auth-url",
+      servers.authUrl,
+      "--user",
+      "alice",
+      "--password-stdin",
+    ]);
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    await bob.next((f) => f.type === "join" && f.user === "alice");
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    await bob.next((f) => f.type === "leave" && f.user === "alice");
+    await bob.close();
+    assert.equal(cli.stderr.text, "");
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("the menu driven through piped stdin registers, logs in, says hello and quits", async () => {
+  const servers = await startServers();
+  try {
+    const bob = await Peer.connect(
+      servers.chat.url,
+      await bobToken(servers.authUrl),
+    );
+    const cli = new CliProcess(["--auth-url", servers.authUrl]);
+    // All of it at once, as `printf ... | chatroom` would: nothing may be lost.
+    await cli.write(
+      "2",
+      "alice",
+      PASSWORD,
+      "1",
+      "alice",
+      PASSWORD,
+      "hello",
+      "/quit",
+    );
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    const echo = await bob.next((f) => f.type === "message");
+    assert.equal(echo.from, "alice");
+    assert.equal(echo.text, "hello");
+    assert.equal(echo.room, "lobby");
+    assert.equal(echo.client_id, undefined, "nobody else sees the client_id");
+    await bob.close();
+    const out = cli.stdout.text;
+    assert.ok(out.includes("registered alice"), out);
+    assert.ok(out.includes("logged in as alice"), out);
+    assert.ok(
+      cli.stdout.lines.some((l) =>
+        MESSAGE_LINE.test(l) && l.endsWith("<alice> hello")
+      ),
+      out,
+    );
+    assert.equal(cli.stderr.text, "");
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("wrong password and taken username are one line on stderr and exit 1", async (t) => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    await t.step("login with a wrong password", async () => {
+      const cli = new CliProcess([
+        "login",
+        "--auth-url",
+        servers.authUrl,
+        "--user",
+        "alice",
+        "--password-stdin",
+      ]);
+      await cli.write("wrong-password");
+      assert.equal(await cli.exit(), 1);
+      assert.equal(cli.stderr.lines.length, 1, cli.stderr.text);
+      assert.match(
+        cli.stderr.lines[0]!,
+        /^chatroom: cannot log in as "alice": .*invalid_credentials/,
+      );
+    });
+    await t.step("register a taken name", async () => {
+      const cli = new CliProcess([
+        "register",
+        "--auth-url",
+        servers.authUrl,
+        "--user",
+        "ALICE",
+        "--password-stdin",
+      ]);
+      await cli.write(PASSWORD);
+      assert.equal(await cli.exit(), 1);
+      assert.equal(cli.stderr.lines.length, 1, cli.stderr.text);
+      assert.match(
+        cli.stderr.lines[0]!,
+        /^chatroom: cannot register "ALICE": .*username_taken/,
+      );
+      assert.ok(!looksLikeStackTrace(cli.stderr.text));
+    });
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("a typed line reaches another client, and its messages and DMs show in the chat view", async () => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    const bob = await Peer.connect(
+      servers.chat.url,
+      await bobToken(servers.authUrl),
+    );
+    const cli = await chatAs(servers.authUrl, "alice");
+
+    await cli.write("hi bob");
+    const got = await bob.next((f) => f.type === "message");
+    assert.equal(got.from, "alice");
+    assert.equal(got.text, "hi bob");
+
+    await bob.say("hi alice");
+    assert.match(
+      await cli.stdout.next("<bob>"),
+      /^\[\d\d:\d\d\] <bob> hi alice$/,
+    );
+
+    bob.send({ type: "dm", to: "alice", text: "psst" });
+    assert.match(
+      await cli.stdout.next("psst"),
+      /^\[\d\d:\d\d\] \*bob\* -> you: psst$/,
+    );
+
+    await cli.write("/msg bob back at you");
+    const dm = await bob.next((f) => f.type === "dm" && f.from === "alice");
+    assert.equal(dm.to, "bob");
+    assert.equal(dm.text, "back at you");
+
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    await bob.close();
+    assert.equal(cli.stdout.count("hi alice"), 1);
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("/join switches room, the next line goes there, /who lists it, presence shows", async () => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    const bob = await Peer.connect(
+      servers.chat.url,
+      await bobToken(servers.authUrl),
+    );
+    bob.send({ type: "join", room: "dev" });
+    await bob.next((f) => f.type === "joined");
+    const cli = await chatAs(servers.authUrl, "alice");
+
+    await cli.write("/join dev");
+    await cli.stdout.next("now in #dev");
+    await bob.next((f) => f.type === "join" && f.user === "alice");
+    await cli.write("in dev");
+    const got = await bob.next((f) => f.type === "message");
+    assert.equal(got.room, "dev");
+    assert.equal(got.text, "in dev");
+
+    await cli.write("/who");
+    const who = await cli.stdout.next("in #dev:");
+    assert.match(who, /alice/);
+    assert.match(who, /bob/);
+
+    // A message in a room that is not the current one carries its #room.
+    await bob.say("over here", "lobby");
+    assert.match(
+      await cli.stdout.next("over here"),
+      /^\[\d\d:\d\d\] #lobby <bob> over here$/,
+    );
+
+    bob.send({ type: "leave", room: "dev" });
+    await cli.stdout.next("* bob left #dev");
+
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("an unknown command or a wrong argument gets a one-line hint and sends nothing", async () => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    const bob = await Peer.connect(
+      servers.chat.url,
+      await bobToken(servers.authUrl),
+    );
+    const cli = await chatAs(servers.authUrl, "alice");
+    await cli.write("/dance");
+    assert.match(await cli.stdout.next("unknown command"), /^! .*\/dance/);
+    await cli.write("/join Not A Room!");
+    assert.match(await cli.stdout.next("usage: /join"), /^! /);
+    await cli.write("/msg bob");
+    assert.match(await cli.stdout.next("usage: /msg"), /^! /);
+    await cli.write("/history lots");
+    assert.match(await cli.stdout.next("usage: /history"), /^! /);
+    await cli.write("//not a command");
+    const got = await bob.next((f) => f.type === "message");
+    // The first message bob sees is the escaped one: nothing before it was sent.
+    assert.equal(got.text, "/not a command");
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
+/** Starts `chatroom login` as `username` and waits until it is in the lobby. */
+async function chatAs(authUrl: string, username: string): Promise<CliProcess> {
+  const cli = new CliProcess([
+    "login",
+    "--auth-url",
+    authUrl,
+    "--user",
+    username,
+    "--password-stdin",
+  ]);
+  await cli.write(PASSWORD);
+  await cli.stdout.next(`connected as ${username}`);
+  return cli;
+}
+
+async function bobToken(authUrl: string): Promise<string> {
+  await register(authUrl, "bob");
+  return (await login(authUrl, "bob")).token;
+}

@@ -1,0 +1,157 @@
+import assert from "node:assert/strict";
+import {
+  CliProcess,
+  login,
+  PASSWORD,
+  Peer,
+  register,
+  startServers,
+} from "./_cli_helpers.ts";
+
+Deno.test("after the chat server restarts, the client reconnects and shows each message sent while it was away exactly once", async () => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    await register(servers.authUrl, "bob");
+    const bobLogin = await login(servers.authUrl, "bob");
+    let bob = await Peer.connect(servers.chat.url, bobLogin.token);
+    bob.send({ type: "join", room: "dev" });
+    await bob.next((f) => f.type === "joined");
+    await bob.say("seen-before lobby", "lobby");
+    await bob.say("seen-before dev", "dev");
+
+    const cli = new CliProcess([
+      "login",
+      "--auth-url",
+      servers.authUrl,
+      "--user",
+      "alice",
+      "--password-stdin",
+    ]);
+    await cli.write(PASSWORD);
+    await cli.stdout.next("seen-before lobby");
+    await cli.write("/join dev");
+    await cli.stdout.next("seen-before dev");
+
+    // The server goes away; the client notices and retries.
+    const port = servers.chat.port;
+    await Promise.all([servers.chat.shutdown(), bob.closed()]);
+    assert.match(
+      await cli.stdout.next("connection lost"),
+      /^\* connection lost, reconnecting in \d+\.\ds\.\.\.$/,
+    );
+    // A line typed while away is kept, shown as pending, sent on reconnect.
+    await cli.write("typed while away");
+    await cli.stdout.next(/typed while away \(pending\)$/);
+    // Its first retry fails too; the next comes at least 0.8 s later.
+    await cli.stdout.next("still no connection");
+
+    const chat = await servers.restartChat();
+    assert.equal(chat.port, port);
+    bob = await Peer.connect(chat.url, bobLogin.token);
+    bob.send({ type: "join", room: "dev" });
+    await bob.next((f) => f.type === "joined");
+    for (let i = 1; i <= 3; i++) {
+      await bob.say(`away-${i} lobby`, "lobby");
+      await bob.say(`away-${i} dev`, "dev");
+    }
+
+    await cli.stdout.next("reconnected");
+    const resent = await bob.next((f) =>
+      f.type === "message" && f.from === "alice"
+    );
+    assert.equal(resent.text, "typed while away");
+    assert.equal(resent.room, "dev");
+    // Live again, in the room it rejoined.
+    await bob.say("after dev", "dev");
+    await cli.stdout.next("after dev");
+    await bob.say("after lobby", "lobby");
+    await cli.stdout.next("after lobby");
+
+    const out = cli.stdout;
+    for (
+      const text of [
+        "seen-before lobby",
+        "seen-before dev",
+        "away-1 lobby",
+        "away-2 lobby",
+        "away-3 lobby",
+        "away-1 dev",
+        "away-2 dev",
+        "away-3 dev",
+        "after dev",
+        "after lobby",
+      ]
+    ) {
+      assert.equal(
+        out.count((l) => l.endsWith(text)),
+        1,
+        `${text}:\n${out.text}`,
+      );
+    }
+    // The echo of the resent line is shown once, as the user's own message.
+    assert.equal(out.count((l) => l.endsWith("<alice> typed while away")), 1);
+    // In order: away messages of a room come before the live ones.
+    const lines = out.lines;
+    assert.ok(
+      lines.findIndex((l) => l.endsWith("away-3 dev")) <
+        lines.findIndex((l) => l.endsWith("after dev")),
+    );
+    // The room tag marks the lobby, which is not the current room.
+    assert.ok(
+      lines.some((l) => / #lobby <bob> away-2 lobby$/.test(l)),
+      out.text,
+    );
+
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("an expired session sends the client back to login instead of retrying forever", async (t) => {
+  let offsetMs = 0;
+  const servers = await startServers({ authNow: () => Date.now() + offsetMs });
+  try {
+    await register(servers.authUrl, "alice");
+
+    await t.step("login exits 1 with one line", async () => {
+      offsetMs = 0;
+      const cli = new CliProcess([
+        "login",
+        "--auth-url",
+        servers.authUrl,
+        "--user",
+        "alice",
+        "--password-stdin",
+      ]);
+      await cli.write(PASSWORD);
+      await cli.stdout.next("connected as alice");
+      offsetMs = 2 * 86_400_000;
+      await servers.restartChat();
+      assert.equal(await cli.exit(), 1);
+      assert.deepEqual(cli.stderr.lines, [
+        "chatroom: session expired, please log in again",
+      ]);
+    });
+
+    await t.step("the menu comes back, and a new login works", async () => {
+      offsetMs = 0;
+      const cli = new CliProcess(["--auth-url", servers.authUrl]);
+      await cli.write("1", "alice", PASSWORD);
+      await cli.stdout.next("connected as alice");
+      offsetMs = 4 * 86_400_000;
+      await servers.restartChat();
+      await cli.stderr.next("session expired, please log in again");
+      await cli.stdout.next("1) login");
+      await cli.write("1", "alice", PASSWORD);
+      await cli.stdout.next("connected as alice");
+      await cli.write("/quit");
+      assert.equal(await cli.exit(), 0, cli.stderr.text);
+    });
+  } finally {
+    await servers.close();
+  }
+});
