@@ -25,6 +25,9 @@ import {
 } from "./protocol.ts";
 import { TokenBucket } from "./token_bucket.ts";
 
+/** A connection's queue at this size is written at once, not at the next flush. */
+const WRITE_NOW_BYTES = 64 * 1024;
+
 /** Limits of the chat server; every one is configurable. */
 export interface ChatLimits {
   /** Messages and DMs a user may send in a burst, across all connections. */
@@ -660,13 +663,35 @@ export class ConnectionManager {
     if (!conn.open) return;
     conn.outbox.push(line);
     conn.outboxBytes += line.length;
-    if (conn.outboxBytes > this.#limits.maxBufferedBytes) {
-      this.#drop(conn, CloseCode.tryAgainLater, "too slow to keep up");
+    if (conn.outboxBytes >= WRITE_NOW_BYTES) {
+      // A burst: write now rather than hold a large queue of our own.
+      this.#write(conn);
       return;
     }
     this.#dirty.add(conn);
     if (this.#flushTimer === undefined) {
       this.#flushTimer = setTimeout(this.#flush, this.#limits.coalesceMs);
+    }
+  }
+
+  /** Writes a connection's queue as one frame, or drops it if it is not keeping up. */
+  #write(conn: Conn): void {
+    if (!conn.open || conn.outbox.length === 0) return;
+    const data = conn.outbox.length === 1
+      ? conn.outbox[0]!
+      : conn.outbox.join("\n");
+    conn.outbox = [];
+    conn.outboxBytes = 0;
+    if (
+      conn.socket.bufferedAmount + data.length > this.#limits.maxBufferedBytes
+    ) {
+      this.#drop(conn, CloseCode.tryAgainLater, "too slow to keep up");
+      return;
+    }
+    try {
+      conn.socket.send(data);
+    } catch {
+      this.#drop(conn);
     }
   }
 
@@ -678,23 +703,7 @@ export class ConnectionManager {
     // Drops below may queue presence frames: those land in this same pass.
     for (const conn of this.#dirty) {
       this.#dirty.delete(conn);
-      if (!conn.open || conn.outbox.length === 0) continue;
-      const data = conn.outbox.length === 1
-        ? conn.outbox[0]!
-        : conn.outbox.join("\n");
-      conn.outbox = [];
-      conn.outboxBytes = 0;
-      if (
-        conn.socket.bufferedAmount + data.length > this.#limits.maxBufferedBytes
-      ) {
-        this.#drop(conn, CloseCode.tryAgainLater, "too slow to keep up");
-        continue;
-      }
-      try {
-        conn.socket.send(data);
-      } catch {
-        this.#drop(conn);
-      }
+      this.#write(conn);
     }
   };
 

@@ -96,25 +96,18 @@ export async function createChatServer(
   });
   let server: Deno.HttpServer<Deno.NetAddr>;
   try {
-    server = await new Promise((resolve, reject) => {
-      try {
-        const s = Deno.serve({
-          hostname,
-          port,
-          onListen: () => resolve(s),
-          onError: (err) => {
-            log(
-              `chat: unexpected error: ${
-                err instanceof Error ? err.stack : err
-              }`,
-            );
-            return jsonError(500, "server_error", "Something went wrong");
-          },
-        }, handler);
-      } catch (err) {
-        reject(err);
-      }
-    });
+    // Deno.serve binds before it returns; onListen only silences its banner.
+    server = Deno.serve({
+      hostname,
+      port,
+      onListen: () => {},
+      onError: (err) => {
+        log(
+          `chat: unexpected error: ${err instanceof Error ? err.stack : err}`,
+        );
+        return jsonError(500, "server_error", "Something went wrong");
+      },
+    }, handler);
   } catch (err) {
     await manager.close();
     await history.close();

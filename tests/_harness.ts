@@ -193,7 +193,7 @@ export class TestClient {
       if (this.socket.readyState === WebSocket.CLOSED) {
         throw new Error(
           `socket closed while waiting; got ${
-            JSON.stringify(this.frames.slice(-5))
+            JSON.stringify(this.frames.slice(-5)).slice(0, 500)
           }`,
         );
       }
@@ -201,7 +201,7 @@ export class TestClient {
       if (left <= 0) {
         throw new Error(
           `timed out waiting for a frame; last: ${
-            JSON.stringify(this.frames.slice(-5))
+            JSON.stringify(this.frames.slice(-5)).slice(0, 500)
           }`,
         );
       }
