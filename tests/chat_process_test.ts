@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { LineWatcher, login, REPO_ROOT, TestClient } from "./_harness.ts";
 
-async function startProcess(args: string[], dataDir: string) {
+function startProcess(args: string[], dataDir: string) {
   const child = new Deno.Command(Deno.execPath(), {
     args,
     cwd: REPO_ROOT,
@@ -19,7 +19,7 @@ async function startProcess(args: string[], dataDir: string) {
 
 Deno.test("deno task start runs both servers on port 0, hands out the real chat address and stops cleanly on SIGTERM", async () => {
   const dataDir = await Deno.makeTempDir();
-  const { child, stdout, stderr } = await startProcess(
+  const { child, stdout, stderr } = startProcess(
     ["task", "start", "--auth-port", "0", "--chat-port", "0"],
     dataDir,
   );

@@ -1,11 +1,5 @@
 import assert from "node:assert/strict";
-import {
-  login,
-  rawUpgrade,
-  startStack,
-  TestClient,
-  waitFor,
-} from "./_harness.ts";
+import { login, rawUpgrade, startStack, TestClient } from "./_harness.ts";
 
 Deno.test("a connection without a valid token gets 401 JSON and no WebSocket", async (t) => {
   const stack = await startStack();
