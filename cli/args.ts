@@ -1,7 +1,8 @@
 /**
  * Command-line parsing of the `chatroom` client (CONTRACT section 5), with
- * `node:util` `parseArgs` in strict mode: flags win over `CHATROOM_AUTH_URL`,
- * which wins over the default auth address.
+ * `node:util` `parseArgs` in strict mode: `--auth-url` wins over
+ * `CHATROOM_AUTH_URL`, then `AUTH_URL` (the contract's shared variable), then
+ * the default auth address.
  *
  * @module
  */
@@ -19,7 +20,8 @@ export const USAGE = `Usage:
   chatroom --help | --version
 
 Options:
-  --auth-url URL     the auth server (env CHATROOM_AUTH_URL, default ${DEFAULT_AUTH_URL})
+  --auth-url URL     the auth server (env CHATROOM_AUTH_URL or AUTH_URL,
+                     default ${DEFAULT_AUTH_URL})
   --user NAME        the username (asked for when not given)
   --password-stdin   read the password from one line of stdin, without a prompt
   -h, --help         show this help
@@ -78,7 +80,7 @@ export function parseCliArgs(
     throw new CliError(`unknown command "${sub}"`, EXIT_USAGE);
   }
   const authUrl = values["auth-url"] ?? nonEmpty(env("CHATROOM_AUTH_URL")) ??
-    DEFAULT_AUTH_URL;
+    nonEmpty(env("AUTH_URL")) ?? DEFAULT_AUTH_URL;
   checkAuthUrl(authUrl);
   const user = values.user;
   if (user !== undefined && user.trim() === "") {

@@ -401,11 +401,13 @@ export class LineReader {
   }
 
   #safeColumns(): number {
+    let columns = 0;
     try {
-      return this.#terminal?.columns() ?? 80;
+      columns = this.#terminal?.columns() ?? 0;
     } catch {
-      return 80;
+      // No size known (e.g. a pseudo-terminal nobody sized): assume 80.
     }
+    return columns > 0 ? columns : 80;
   }
 
   #write(writer: SyncWriter, text: string): void {

@@ -16,7 +16,7 @@ export const REPO_ROOT = new URL("../", import.meta.url).pathname;
 /** The client's permissions, exactly those of `deno task cli`. */
 export const CLI_PERMISSIONS = [
   "--allow-net",
-  "--allow-env=NO_COLOR,TERM,CHATROOM_AUTH_URL",
+  "--allow-env=NO_COLOR,TERM,CHATROOM_AUTH_URL,AUTH_URL",
 ];
 
 /** A password that satisfies the contract's rules. */

@@ -44,15 +44,23 @@ Deno.test("the command line is parsed strictly, flags winning over the environme
       passwordStdin: true,
     });
   });
-  await t.step("CHATROOM_AUTH_URL applies unless --auth-url is given", () => {
-    const env = (n: string) =>
-      n === "CHATROOM_AUTH_URL" ? "http://e:2" : undefined;
-    assert.equal(parseCliArgs([], env).authUrl, "http://e:2");
-    assert.equal(
-      parseCliArgs(["--auth-url", "http://f:3"], env).authUrl,
-      "http://f:3",
-    );
-  });
+  await t.step(
+    "--auth-url wins over CHATROOM_AUTH_URL, which wins over AUTH_URL",
+    () => {
+      const vars: Record<string, string> = {
+        CHATROOM_AUTH_URL: "http://e:2",
+        AUTH_URL: "http://a:4",
+      };
+      const env = (n: string) => vars[n];
+      assert.equal(parseCliArgs([], env).authUrl, "http://e:2");
+      assert.equal(
+        parseCliArgs(["--auth-url", "http://f:3"], env).authUrl,
+        "http://f:3",
+      );
+      delete vars.CHATROOM_AUTH_URL;
+      assert.equal(parseCliArgs([], env).authUrl, "http://a:4");
+    },
+  );
   await t.step(
     "unknown flags, commands and bad URLs are usage errors (exit 2)",
     () => {
