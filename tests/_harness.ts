@@ -21,6 +21,7 @@ export interface StackOptions {
   historyKeep?: number;
   historyFlushMs?: number;
   allowedOrigins?: string[];
+  idleTimeoutSeconds?: number;
   sessionTtlSeconds?: number;
   now?: () => number;
   log?: (line: string) => void;
@@ -64,6 +65,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
       historyKeep: options.historyKeep,
       historyFlushMs: options.historyFlushMs,
       allowedOrigins: options.allowedOrigins,
+      idleTimeoutSeconds: options.idleTimeoutSeconds,
       log: options.log,
       now: options.now,
     });
@@ -364,3 +366,27 @@ export class LineWatcher {
 
 /** Root of the repository, for subprocesses. */
 export const REPO_ROOT = new URL("..", import.meta.url).pathname;
+
+/**
+ * Completes a WebSocket handshake over raw TCP and returns the connection
+ * without reading anything: a client that stops reading, or a dead peer.
+ */
+export async function openRawWebSocket(
+  port: number,
+  token: string,
+): Promise<Deno.Conn> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  const request = [
+    "GET /ws HTTP/1.1",
+    `Host: 127.0.0.1:${port}`,
+    "Upgrade: websocket",
+    "Connection: Upgrade",
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version: 13",
+    `Authorization: Bearer ${token}`,
+    "",
+    "",
+  ].join("\r\n");
+  await conn.write(new TextEncoder().encode(request));
+  return conn;
+}

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import {
   login,
+  openRawWebSocket,
   rawUpgrade,
   startStack,
   TestClient,
@@ -125,23 +126,7 @@ Deno.test("a client that stops reading is closed with 1013 while others keep rec
       await login(stack.auth.url, "bob"),
     );
     // A raw TCP client that completes the handshake and then never reads.
-    const slow = await Deno.connect({
-      hostname: "127.0.0.1",
-      port: stack.chat.port,
-    });
-    await slow.write(new TextEncoder().encode(
-      [
-        "GET /ws HTTP/1.1",
-        `Host: 127.0.0.1:${stack.chat.port}`,
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        `Authorization: Bearer ${slowToken}`,
-        "",
-        "",
-      ].join("\r\n"),
-    ));
+    const slow = await openRawWebSocket(stack.chat.port, slowToken);
     await bob.next((f) => f.type === "join" && f.user === "slow");
     // Batches that bob reads as they come, while the slow client's backlog grows.
     const text = "x".repeat(3900);
@@ -310,3 +295,29 @@ function findHeaderEnd(buf: Uint8Array): number {
   }
   return -1;
 }
+
+Deno.test("a peer that stops answering pings is dropped and its presence cleaned up", async () => {
+  const stack = await startStack({ idleTimeoutSeconds: 1 });
+  try {
+    const ghostToken = await login(stack.auth.url, "ghost");
+    const bob = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "bob"),
+    );
+    // Completes the handshake, then neither reads nor answers pings.
+    const ghost = await openRawWebSocket(stack.chat.port, ghostToken);
+    await bob.next((f) => f.type === "join" && f.user === "ghost");
+    const leave = await bob.next(
+      (f) => f.type === "leave" && f.user === "ghost",
+      10_000,
+    );
+    assert.equal(leave.room, "lobby");
+    assert.equal(stack.chat.connections, 1);
+    // Bob, who answers pings, is still there.
+    await bob.sync();
+    ghost.close();
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
