@@ -682,9 +682,9 @@ export class ConnectionManager {
       : conn.outbox.join("\n");
     conn.outbox = [];
     conn.outboxBytes = 0;
-    if (
-      conn.socket.bufferedAmount + data.length > this.#limits.maxBufferedBytes
-    ) {
+    // What the runtime still holds unsent decides; one large answer (a long
+    // history page) may pass, a reader that stopped cannot pile up more.
+    if (conn.socket.bufferedAmount > this.#limits.maxBufferedBytes) {
       this.#drop(conn, CloseCode.tryAgainLater, "too slow to keep up");
       return;
     }

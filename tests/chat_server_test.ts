@@ -543,3 +543,24 @@ Deno.test("several messages sent at once arrive coalesced in fewer frames", asyn
     await stack.close();
   }
 });
+
+Deno.test("a history page larger than the slow-reader limit is still delivered", async () => {
+  const stack = await startStack();
+  try {
+    const alice = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    const text = "y".repeat(3990);
+    for (let i = 0; i < 300; i++) {
+      alice.send({ type: "message", text: `${i} ${text}` });
+    }
+    await alice.next((f) => String(f.text).startsWith("299 "));
+    alice.send({ type: "history", limit: 500 });
+    const page = await alice.nextOfType("history");
+    assert.equal((page.messages as unknown[]).length, 300);
+    await alice.close();
+  } finally {
+    await stack.close();
+  }
+});
