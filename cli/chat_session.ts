@@ -460,6 +460,19 @@ export class ChatSession {
       ));
     }
     this.#showMessages(room, messages);
+    const last = this.#lastId.get(room);
+    if (messages.length >= MAX_HISTORY_LIMIT && last !== undefined) {
+      // A full page: more may be missing, so ask for the next one first.
+      this.#queueHistory(room, "after");
+      if (
+        this.#send({
+          type: "history",
+          room,
+          after: String(last),
+          limit: MAX_HISTORY_LIMIT,
+        })
+      ) return;
+    }
     this.#endSync(room);
   }
 

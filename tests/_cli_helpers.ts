@@ -37,6 +37,10 @@ export interface Servers {
 export interface ServersOptions {
   /** The auth server's clock (to expire sessions). */
   authNow?: () => number;
+  /** Messages the chat server keeps per room. */
+  historyKeep?: number;
+  /** The chat address `/login` hands out, instead of the real chat server's. */
+  chatUrl?: string;
 }
 
 /** Starts the auth and chat servers with the abuse limits off. */
@@ -51,7 +55,7 @@ export async function startServers(
       hostname: "127.0.0.1",
       port: 0,
       dataDir,
-      chatUrl: () => chatUrl,
+      chatUrl: () => options.chatUrl ?? chatUrl,
       rateLimits: false,
       ...(options.authNow !== undefined && { now: options.authNow }),
     });
@@ -63,6 +67,8 @@ export async function startServers(
         dataDir,
         authUrl,
         rateLimits: false,
+        ...(options.historyKeep !== undefined &&
+          { historyKeep: options.historyKeep }),
       });
     const servers: Servers = {
       authUrl,

@@ -145,7 +145,8 @@ Deno.test("a typed line reaches another client, and its messages and DMs show in
       servers.chat.url,
       await bobToken(servers.authUrl),
     );
-    const cli = await chatAs(servers.authUrl, "alice");
+    // NO_COLOR unset: colours stay off anyway, stdout being a pipe.
+    const cli = await chatAs(servers.authUrl, "alice", { NO_COLOR: "" });
 
     await cli.write("hi bob");
     const got = await bob.next((f) => f.type === "message");
@@ -173,6 +174,7 @@ Deno.test("a typed line reaches another client, and its messages and DMs show in
     assert.equal(await cli.exit(), 0, cli.stderr.text);
     await bob.close();
     assert.equal(cli.stdout.count("hi alice"), 1);
+    assert.ok(!cli.stdout.text.includes("\x1b"), "no escape codes in a pipe");
   } finally {
     await servers.close();
   }
@@ -250,8 +252,159 @@ Deno.test("an unknown command or a wrong argument gets a one-line hint and sends
   }
 });
 
+Deno.test("/rooms, /leave, /history and /help answer in the chat view", async () => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    const bob = await Peer.connect(
+      servers.chat.url,
+      await bobToken(servers.authUrl),
+    );
+    // The welcome carries the newest 50: old-6 to old-55.
+    for (let i = 1; i <= 55; i++) await bob.say(`old-${i}`);
+    const cli = await chatAs(servers.authUrl, "alice");
+    await cli.stdout.next("old-55");
+
+    await cli.write("/help");
+    for (
+      const command of [
+        "/join",
+        "/leave",
+        "/rooms",
+        "/who",
+        "/msg",
+        "/history",
+        "/quit",
+      ]
+    ) {
+      await cli.stdout.next(command);
+    }
+
+    await cli.write("/join dev");
+    await cli.stdout.next("now in #dev");
+    await cli.write("/rooms");
+    const rooms = await cli.stdout.next("rooms:");
+    assert.match(rooms, /#lobby \(2 users\)/);
+    assert.match(rooms, /#dev \(1 user\)/);
+
+    await cli.write("/leave dev");
+    await cli.stdout.next("you left #dev");
+    // Back in the lobby: plain lines go there again.
+    await cli.write("back");
+    const got = await bob.next((f) =>
+      f.type === "message" && f.from === "alice"
+    );
+    assert.equal(got.room, "lobby");
+    await cli.stdout.next("<alice> back");
+
+    // History goes back from the oldest message shown, page by page.
+    await cli.write("/history 3");
+    await cli.stdout.next("earlier in #lobby:");
+    assert.match(await cli.stdout.next("<bob>"), /<bob> old-3$/);
+    assert.match(await cli.stdout.next("<bob>"), /<bob> old-4$/);
+    assert.match(await cli.stdout.next("<bob>"), /<bob> old-5$/);
+    await cli.write("/history");
+    await cli.stdout.next("earlier in #lobby:");
+    assert.match(await cli.stdout.next("<bob>"), /<bob> old-1$/);
+    assert.match(await cli.stdout.next("<bob>"), /<bob> old-2$/);
+    await cli.write("/history");
+    await cli.stdout.next("no older messages in #lobby");
+
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    await bob.close();
+    assert.equal(cli.stdout.count((l) => l.endsWith("old-30")), 1);
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("the client sends the token in the Authorization header, never in the URL, and reads coalesced frames", async () => {
+  const seen: { url: string; authorization: string | null }[] = [];
+  const fake = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    (req) => {
+      seen.push({
+        url: req.url,
+        authorization: req.headers.get("authorization"),
+      });
+      const { socket, response } = Deno.upgradeWebSocket(req);
+      socket.onopen = () => {
+        const ts = new Date().toISOString();
+        // Two objects in one text frame, as the server may coalesce them.
+        socket.send([
+          JSON.stringify({
+            type: "welcome",
+            username: "alice",
+            room: "lobby",
+            rooms: ["lobby"],
+            users: ["alice"],
+            history: [],
+          }),
+          JSON.stringify({
+            type: "message",
+            id: "1",
+            room: "lobby",
+            from: "bob",
+            text: "first",
+            ts,
+          }),
+        ].join("\n"));
+      };
+      return response;
+    },
+  );
+  const servers = await startServers({
+    chatUrl: `ws://127.0.0.1:${fake.addr.port}/ws`,
+  });
+  try {
+    await register(servers.authUrl, "alice");
+    const cli = await chatAs(servers.authUrl, "alice");
+    await cli.stdout.next("<bob> first");
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    assert.equal(seen.length, 1);
+    const [request] = seen;
+    assert.equal(new URL(request!.url).search, "", "no token in the URL");
+    assert.match(request!.authorization ?? "", /^Bearer \S{20,}$/);
+  } finally {
+    await servers.close();
+    await fake.shutdown();
+  }
+});
+
+Deno.test("with the chat server down, login says so in one line and exits 1", async () => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    await servers.chat.shutdown();
+    const cli = new CliProcess([
+      "login",
+      "--auth-url",
+      servers.authUrl,
+      "--user",
+      "alice",
+      "--password-stdin",
+    ]);
+    await cli.write(PASSWORD);
+    assert.equal(await cli.exit(), 1);
+    assert.equal(cli.stderr.lines.length, 1, cli.stderr.text);
+    assert.match(
+      cli.stderr.lines[0]!,
+      /^chatroom: cannot reach the chat server at ws:\/\/127\.0\.0\.1:\d+\/ws \(.+\)$/,
+    );
+    assert.ok(!looksLikeStackTrace(cli.stderr.text));
+  } finally {
+    await servers.close();
+  }
+});
+
 /** Starts `chatroom login` as `username` and waits until it is in the lobby. */
-async function chatAs(authUrl: string, username: string): Promise<CliProcess> {
+async function chatAs(
+  authUrl: string,
+  username: string,
+  env: Record<string, string> = {},
+): Promise<CliProcess> {
   const cli = new CliProcess([
     "login",
     "--auth-url",
@@ -259,7 +412,7 @@ async function chatAs(authUrl: string, username: string): Promise<CliProcess> {
     "--user",
     username,
     "--password-stdin",
-  ]);
+  ], env);
   await cli.write(PASSWORD);
   await cli.stdout.next(`connected as ${username}`);
   return cli;

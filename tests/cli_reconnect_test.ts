@@ -36,15 +36,16 @@ Deno.test("after the chat server restarts, the client reconnects and shows each 
     // The server goes away; the client notices and retries.
     const port = servers.chat.port;
     await Promise.all([servers.chat.shutdown(), bob.closed()]);
-    assert.match(
-      await cli.stdout.next("connection lost"),
-      /^\* connection lost, reconnecting in \d+\.\ds\.\.\.$/,
-    );
+    // Backoff: 0.5 s with ±20 % jitter, then doubling.
+    const lost = await cli.stdout.next("connection lost");
+    assert.match(lost, /^\* connection lost, reconnecting in \d+\.\ds\.\.\.$/);
+    assert.ok(between(seconds(lost), 0.4, 0.6), lost);
     // A line typed while away is kept, shown as pending, sent on reconnect.
     await cli.write("typed while away");
     await cli.stdout.next(/typed while away \(pending\)$/);
     // Its first retry fails too; the next comes at least 0.8 s later.
-    await cli.stdout.next("still no connection");
+    const retry = await cli.stdout.next("still no connection");
+    assert.ok(between(seconds(retry), 0.8, 1.2), retry);
 
     const chat = await servers.restartChat();
     assert.equal(chat.port, port);
@@ -155,3 +156,54 @@ Deno.test("an expired session sends the client back to login instead of retrying
     await servers.close();
   }
 });
+
+Deno.test("when the server no longer keeps all that was missed, the client says so after reconnecting", async () => {
+  const servers = await startServers({ historyKeep: 3 });
+  try {
+    await register(servers.authUrl, "alice");
+    await register(servers.authUrl, "bob");
+    const bobLogin = await login(servers.authUrl, "bob");
+    let bob = await Peer.connect(servers.chat.url, bobLogin.token);
+    await bob.say("before");
+    const cli = new CliProcess([
+      "login",
+      "--auth-url",
+      servers.authUrl,
+      "--user",
+      "alice",
+      "--password-stdin",
+    ]);
+    await cli.write(PASSWORD);
+    await cli.stdout.next("<bob> before");
+
+    await Promise.all([servers.chat.shutdown(), bob.closed()]);
+    await cli.stdout.next("connection lost");
+    await cli.stdout.next("still no connection");
+    const chat = await servers.restartChat();
+    bob = await Peer.connect(chat.url, bobLogin.token);
+    for (let i = 1; i <= 6; i++) await bob.say(`away-${i}`);
+
+    await cli.stdout.next("reconnected");
+    await cli.stdout.next("no longer kept by the server");
+    for (const i of [4, 5, 6]) {
+      assert.match(await cli.stdout.next("<bob>"), new RegExp(`away-${i}$`));
+    }
+    await bob.say("live");
+    await cli.stdout.next("<bob> live");
+    assert.equal(cli.stdout.count((l) => l.endsWith("<bob> before")), 1);
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
+/** The delay in a status line such as `reconnecting in 0.5s...`. */
+function seconds(line: string): number {
+  return Number(/in (\d+\.\d)s/.exec(line)?.[1]);
+}
+
+function between(value: number, low: number, high: number): boolean {
+  return value >= low && value <= high;
+}
