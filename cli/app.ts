@@ -119,7 +119,9 @@ async function loginFlow(args: CliArgs, io: AppIo): Promise<SessionEnd> {
     username: login.username,
     lines: io.lines(),
     color: io.color,
-    checkSession: () => validateToken(args.authUrl, login.token),
+    // Short: the answer decides how soon the next reconnect is tried.
+    checkSession: () =>
+      validateToken(args.authUrl, login.token, { timeoutMs: 5_000 }),
   });
   return await session.run();
 }

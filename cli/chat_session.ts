@@ -310,6 +310,8 @@ export class ChatSession {
   }
 
   #describeConnectError(): string {
+    const status = /status code:? (\d{3})/i.exec(this.#lastError)?.[1];
+    if (status !== undefined) return `it answered HTTP ${status}`;
     const reason = describeNetworkError(this.#lastError);
     if (reason !== "network error") return reason;
     return /tcp connect/i.test(this.#lastError)
