@@ -13,6 +13,8 @@
  * deno task bench --only fanout,idle
  * deno task bench --load-procs 2  split the clients over two load processes
  * deno task bench --out FILE      write the JSON there instead
+ * deno task bench --cpu-prof DIR  servers write V8 CPU profiles into DIR
+ *                                 (summarise one with bench/profile_summary.ts)
  * ```
  *
  * @module
@@ -55,7 +57,7 @@ type ScenarioName = typeof SCENARIOS[number];
 
 const USAGE = `Usage: deno task bench [--quick] [--only ${
   SCENARIOS.join(",")
-}] [--load-procs N] [--out FILE]`;
+}] [--load-procs N] [--out FILE] [--cpu-prof DIR]`;
 
 async function main(): Promise<number> {
   let flags;
@@ -68,6 +70,7 @@ async function main(): Promise<number> {
         only: { type: "string" },
         "load-procs": { type: "string", default: "1" },
         out: { type: "string" },
+        "cpu-prof": { type: "string" },
         help: { type: "boolean", default: false },
       },
     }).values;
@@ -112,7 +115,16 @@ async function main(): Promise<number> {
   const t0 = performance.now();
   const loadBefore = Deno.loadavg();
   const log = (line: string) => console.error(line);
-  const ctx: ScenarioContext = { sizes, loadProcesses, log };
+  const profDir = flags["cpu-prof"];
+  const runtimeFlags: string[] = [];
+  if (profDir !== undefined) {
+    const absolute = profDir.startsWith("/")
+      ? profDir
+      : `${Deno.cwd()}/${profDir}`;
+    await Deno.mkdir(absolute, { recursive: true });
+    runtimeFlags.push("--cpu-prof", `--cpu-prof-dir=${absolute}`);
+  }
+  const ctx: ScenarioContext = { sizes, loadProcesses, runtimeFlags, log };
   const results: Record<string, ScenarioResult> = {};
   log(
     `chatroom bench (${quick ? "quick" : "full"}): ${
@@ -124,6 +136,7 @@ async function main(): Promise<number> {
     if (!haveChat) log("auth/main.ts or chat/main.ts missing: baseline only");
     for (const name of selected) {
       log(`== ${name}`);
+      const scenarioStart = performance.now();
       try {
         results[name] = await runScenario(name, {
           ctx,
@@ -136,6 +149,11 @@ async function main(): Promise<number> {
         log(`  failed: ${error}`);
         results[name] = { chat: { error }, baseline: { error }, ratio: {} };
       }
+      log(
+        `  (${name}: ${
+          ((performance.now() - scenarioStart) / 1000).toFixed(1)
+        } s)`,
+      );
     }
   } finally {
     killAllChildren();
@@ -201,7 +219,7 @@ async function runScenario(
   const withStartup = name === "fanout";
   const baseline = await onSide(
     ctx,
-    () => startBaselineSide(),
+    () => startBaselineSide(ctx.runtimeFlags),
     fn,
     withStartup,
   );
@@ -216,7 +234,12 @@ async function runScenario(
     );
     chat = await onSide(
       ctx,
-      async () => startChatSide(dir, await prepareDataDir(dir, sessions)),
+      async () =>
+        startChatSide(
+          dir,
+          await prepareDataDir(dir, sessions),
+          ctx.runtimeFlags,
+        ),
       fn,
       withStartup,
     );
@@ -254,7 +277,7 @@ async function bigData(run: RunContext): Promise<ScenarioResult> {
   );
   const chat = await onSide(
     ctx,
-    () => startChatSide(dir, users),
+    () => startChatSide(dir, users, ctx.runtimeFlags),
     fanout,
     true,
   );
