@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { DEFAULT_AUTH_URL, parseCliArgs } from "../cli/args.ts";
 import { describeNetworkError } from "../cli/api.ts";
+import { ChatSession } from "../cli/chat_session.ts";
 import { CliError } from "../cli/cli_error.ts";
 import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
 import {
@@ -261,6 +262,50 @@ Deno.test("on a terminal the reader edits the line in raw mode, hides passwords 
     assert.deepEqual(raw, [true, false]);
     reader.close();
   });
+});
+
+Deno.test("onMessage parses a coalesced frame and shows each message once", () => {
+  const out = sink();
+  const lines = new LineReader({ input: ReadableStream.from([]), output: out });
+  const session = new ChatSession({
+    chatUrl: "ws://127.0.0.1:1/ws",
+    token: "t",
+    username: "alice",
+    lines,
+    color: false,
+    checkSession: () => Promise.resolve("valid"),
+  });
+  const message = (id: string, text: string) =>
+    JSON.stringify({
+      type: "message",
+      id,
+      room: "lobby",
+      from: "bob",
+      text,
+      ts,
+    });
+  const welcome = JSON.stringify({
+    type: "welcome",
+    username: "alice",
+    room: "lobby",
+    rooms: ["lobby"],
+    users: ["alice", "bob"],
+    history: [JSON.parse(message("1", "one"))],
+  });
+  session.onMessage(
+    new MessageEvent("message", {
+      data: [welcome, message("2", "two"), "{broken", message("2", "two")]
+        .join("\n"),
+    }),
+  );
+  session.onError(new Event("error"));
+  assert.deepEqual(out.text().split("\n"), [
+    "* connected as alice; type /help for commands",
+    "[09:05] <bob> one",
+    "[09:05] <bob> two",
+    "",
+  ]);
+  lines.close();
 });
 
 function sink(): SyncWriter & { text(): string } {
