@@ -11,8 +11,11 @@ export const EXIT_OK = 0;
 export const EXIT_ERROR = 1;
 /** Exit code of a command-line mistake. */
 export const EXIT_USAGE = 2;
-/** Exit code after Ctrl+C, as shells report a SIGINT. */
-export const EXIT_INTERRUPTED = 130;
+/**
+ * Exit code after Ctrl+C: leaving a chat with Ctrl+C is a normal end, and the
+ * contract knows only 0, 1 and 2 (not the shells' 130).
+ */
+export const EXIT_INTERRUPTED = 0;
 
 /** A failure shown to the user as `chatroom: <message>`. */
 export class CliError extends Error {
