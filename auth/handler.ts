@@ -87,6 +87,9 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     concurrency: limits.hashConcurrency,
     maxWaiting: limits.maxHashWaiting,
   });
+  // Admitted checks queue again for a thread: memory and CPU stay bounded by hashThreads.
+  const threads = new HashLimiter({ concurrency: limits.hashThreads });
+  store.setCommitDelay(limits.maxCommitDelayMs, () => hashes.pending > 0);
   const loginThrottle = new LoginThrottle(limits, now);
   const registrationThrottle = new RegistrationThrottle(limits, now);
   let lastPrune = now();
@@ -125,7 +128,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
 
   async function hashJob<T>(job: () => Promise<T>): Promise<T> {
     try {
-      return await hashes.run(job);
+      return await hashes.run(() => threads.run(job));
     } catch (err) {
       if (!(err instanceof HashBusyError)) throw err;
       throw new HttpError(

@@ -53,6 +53,7 @@ const FILE_VERSION = 1;
 const TEMP_RE = /^\.(users|sessions)\.json\.tmp-[0-9a-f]+$/;
 const TOKEN_HASH_RE = /^[0-9a-f]{64}$/;
 const encoder = new TextEncoder();
+const COMMIT_POLL_MS = 5;
 
 /** Users and sessions, in memory and on disk. */
 export class AuthStore {
@@ -132,6 +133,15 @@ export class AuthStore {
   /** The data directory. */
   get dataDir(): string {
     return this.#dataDir;
+  }
+
+  /**
+   * Group commit under load: while `busy()` says more changes are on their
+   * way, a write waits for them, at most `maxDelayMs` after its first change.
+   */
+  setCommitDelay(maxDelayMs: number, busy: () => boolean): void {
+    this.#usersWriter.setDelay(maxDelayMs, busy);
+    this.#sessionsWriter.setDelay(maxDelayMs, busy);
   }
 
   /** Completed file writes since opening (both files), for the benchmark. */
@@ -294,6 +304,8 @@ class GroupWriter {
   #render: () => string;
   #next: Deferred | undefined;
   #running: Promise<void> | undefined;
+  #maxDelayMs = 0;
+  #busy: () => boolean = () => false;
   writes = 0;
 
   constructor(path: string, render: () => string) {
@@ -308,6 +320,11 @@ class GroupWriter {
     return batch.promise;
   }
 
+  setDelay(maxDelayMs: number, busy: () => boolean): void {
+    this.#maxDelayMs = maxDelayMs;
+    this.#busy = busy;
+  }
+
   /** Resolves when no write is running or pending. */
   async idle(): Promise<void> {
     while (this.#running !== undefined) await this.#running;
@@ -317,6 +334,11 @@ class GroupWriter {
     try {
       let batch;
       while ((batch = this.#next) !== undefined) {
+        while (
+          this.#busy() && performance.now() - batch.openedAt < this.#maxDelayMs
+        ) {
+          await new Promise((resolve) => setTimeout(resolve, COMMIT_POLL_MS));
+        }
         this.#next = undefined;
         try {
           // Rendered now: changes made from here on belong to the next batch.
@@ -334,6 +356,7 @@ class GroupWriter {
 }
 
 interface Deferred {
+  openedAt: number;
   promise: Promise<void>;
   resolve: () => void;
   reject: (err: unknown) => void;
@@ -343,7 +366,7 @@ function deferred(): Deferred {
   const { promise, resolve, reject } = Promise.withResolvers<void>();
   // A batch nobody awaits (a background prune) must not be an unhandled rejection.
   promise.catch(() => {});
-  return { promise, resolve, reject };
+  return { openedAt: performance.now(), promise, resolve, reject };
 }
 
 /**

@@ -24,10 +24,26 @@ export interface AuthLimits {
   registrationBurst: number;
   /** Then one registration per this interval. Default 6 s. */
   registrationIntervalMs: number;
-  /** Password hashes computed at once (each holds 19 MiB). Not lifted by `rateLimits: false`. Default 36. */
+  /**
+   * Password checks in flight at once; with `maxHashWaiting` this is how many
+   * simultaneous requests are served before 503 busy (36 + 64 = 100). Not
+   * lifted by `rateLimits: false`. Default 36.
+   */
   hashConcurrency: number;
-  /** Requests that may wait for a hash; the next gets 503 busy. Not lifted by `rateLimits: false`. Default 64. */
+  /**
+   * Of the checks in flight, how many compute Argon2id at the same moment.
+   * Each holds 19 MiB, and more than the cores brings no speed, only memory
+   * and CPU taken from `/validate_token`. Default 4.
+   */
+  hashThreads: number;
+  /** Requests that may wait beyond `hashConcurrency`; the next gets 503 busy. Not lifted by `rateLimits: false`. Default 64. */
   maxHashWaiting: number;
+  /**
+   * Group commit: while password checks are still in flight (more changes
+   * are coming), a file write waits for them up to this long, so a burst
+   * shares few writes. An idle server writes at once. Default 300 ms.
+   */
+  maxCommitDelayMs: number;
   /** Largest request body in bytes; larger gets 413. Default 65536. */
   maxBodyBytes: number;
   /** Most usernames or addresses each limiter tracks; the oldest are forgotten beyond it. Default 100,000. */
@@ -45,7 +61,9 @@ export const DEFAULT_AUTH_LIMITS: Readonly<AuthLimits> = Object.freeze({
   registrationBurst: 3,
   registrationIntervalMs: 6_000,
   hashConcurrency: 36,
+  hashThreads: 4,
   maxHashWaiting: 64,
+  maxCommitDelayMs: 300,
   maxBodyBytes: 64 * 1024,
   maxTrackedKeys: 100_000,
 });

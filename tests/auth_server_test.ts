@@ -1,0 +1,848 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import {
+  type AuthServer,
+  type AuthServerOptions,
+  createAuthServer,
+} from "../auth/server.ts";
+import { hashPassword } from "../auth/password.ts";
+
+const PASSWORD = "correct horse battery";
+
+interface Answer {
+  status: number;
+  headers: Headers;
+  body: unknown;
+}
+
+/** Runs `fn` against a fresh server on port 0 in a fresh temp dir. */
+async function withServer(
+  options: Partial<AuthServerOptions>,
+  fn: (server: AuthServer, dataDir: string) => Promise<void>,
+): Promise<void> {
+  const dataDir = options.dataDir ??
+    await Deno.makeTempDir({ prefix: "auth_server_" });
+  const server = await createAuthServer({
+    port: 0,
+    chatUrl: "ws://127.0.0.1:9/ws",
+    rateLimits: false,
+    ...options,
+    dataDir,
+  });
+  try {
+    await fn(server, dataDir);
+  } finally {
+    await server.shutdown();
+    if (options.dataDir === undefined) {
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  }
+}
+
+async function call(
+  url: string,
+  path: string,
+  body?: unknown,
+  init: RequestInit = {},
+): Promise<Answer> {
+  const res = await fetch(`${url}${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: body === undefined
+      ? undefined
+      : typeof body === "string"
+      ? body
+      : JSON.stringify(body),
+    ...init,
+  });
+  const text = await res.text();
+  return {
+    status: res.status,
+    headers: res.headers,
+    body: text === "" ? undefined : JSON.parse(text),
+  };
+}
+
+function field(answer: Answer, name: string): unknown {
+  const body = answer.body;
+  return typeof body === "object" && body !== null && name in body
+    ? Object.getOwnPropertyDescriptor(body, name)?.value
+    : undefined;
+}
+
+async function register(url: string, username: string, password = PASSWORD) {
+  return await call(url, "/register", { username, password });
+}
+
+async function loginToken(
+  url: string,
+  username: string,
+  password = PASSWORD,
+): Promise<string> {
+  const answer = await call(url, "/login", { username, password });
+  assert.equal(answer.status, 200, JSON.stringify(answer.body));
+  const token = field(answer, "token");
+  assert.equal(typeof token, "string");
+  return String(token);
+}
+
+async function readJson(path: string): Promise<Record<string, unknown>> {
+  const value: unknown = JSON.parse(await Deno.readTextFile(path));
+  assert.ok(typeof value === "object" && value !== null);
+  return { ...value };
+}
+
+async function storedUsers(dataDir: string): Promise<Record<string, unknown>> {
+  const file = await readJson(join(dataDir, "users.json"));
+  assert.equal(file.version, 1);
+  const users = file.users;
+  assert.ok(typeof users === "object" && users !== null);
+  return { ...users };
+}
+
+async function storedSessions(
+  dataDir: string,
+): Promise<Record<string, unknown>> {
+  const file = await readJson(join(dataDir, "sessions.json"));
+  assert.equal(file.version, 1);
+  const sessions = file.sessions;
+  assert.ok(typeof sessions === "object" && sessions !== null);
+  return { ...sessions };
+}
+
+function sha256Hex(text: string): Promise<string> {
+  return crypto.subtle.digest("SHA-256", new TextEncoder().encode(text)).then(
+    (d) =>
+      Array.from(new Uint8Array(d), (b) => b.toString(16).padStart(2, "0"))
+        .join(""),
+  );
+}
+
+Deno.test("register, login, validate and logout follow the contract", async () => {
+  await withServer({}, async ({ url }, dataDir) => {
+    const reg = await register(url, "Alice");
+    assert.equal(reg.status, 201);
+    assert.deepEqual(reg.body, { username: "Alice" });
+    assert.equal(reg.headers.get("content-type"), "application/json");
+
+    const taken = await register(url, "aLiCe");
+    assert.equal(taken.status, 409);
+    assert.equal(field(taken, "error"), "username_taken");
+    assert.equal(typeof field(taken, "message"), "string");
+
+    const login = await call(url, "/login", {
+      username: "ALICE",
+      password: PASSWORD,
+    });
+    assert.equal(login.status, 200);
+    assert.equal(field(login, "username"), "Alice", "as stored");
+    assert.equal(field(login, "chat_url"), "ws://127.0.0.1:9/ws");
+    const token = String(field(login, "token"));
+    assert.match(token, /^[A-Za-z0-9_-]{43}$/);
+    const expiresAt = String(field(login, "expires_at"));
+    assert.match(expiresAt, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+    const ttl = Date.parse(expiresAt) - Date.now();
+    assert.ok(ttl > 86_000_000 && ttl <= 86_400_000, `ttl ${ttl}`);
+
+    const byHeader = await call(url, "/validate_token", undefined, {
+      headers: { authorization: `Bearer ${token}` },
+    });
+    assert.equal(byHeader.status, 200);
+    assert.deepEqual(byHeader.body, {
+      valid: true,
+      username: "Alice",
+      expires_at: expiresAt,
+    });
+    const byBody = await call(url, "/validate_token", { token });
+    assert.deepEqual(byBody.body, byHeader.body);
+
+    // Only the SHA-256 of the token is stored, never the token.
+    const sessionsText = await Deno.readTextFile(
+      join(dataDir, "sessions.json"),
+    );
+    assert.ok(!sessionsText.includes(token));
+    const sessions = await storedSessions(dataDir);
+    assert.deepEqual(Object.keys(sessions), [await sha256Hex(token)]);
+    const usersText = await Deno.readTextFile(join(dataDir, "users.json"));
+    assert.ok(!usersText.includes(PASSWORD));
+    assert.match(
+      usersText,
+      /"password_hash": "\$argon2id\$v=19\$m=19456,t=2,p=1\$/,
+    );
+
+    const out = await call(url, "/logout", undefined, {
+      headers: { authorization: `Bearer ${token}` },
+    });
+    assert.equal(out.status, 204);
+    assert.equal(out.body, undefined);
+    const after = await call(url, "/validate_token", { token });
+    assert.equal(after.status, 401);
+    assert.deepEqual(Object.keys(after.body ?? {}).sort(), [
+      "error",
+      "message",
+      "valid",
+    ]);
+    assert.equal(field(after, "valid"), false);
+    assert.equal(field(after, "error"), "invalid_token");
+    const again = await call(url, "/logout", undefined, {
+      headers: { authorization: `Bearer ${token}` },
+    });
+    assert.equal(again.status, 401);
+    assert.equal(field(again, "error"), "invalid_token");
+    assert.deepEqual(await storedSessions(dataDir), {});
+  });
+});
+
+Deno.test("validation errors answer the contract codes in the contract order", async (t) => {
+  await withServer({}, async ({ url }) => {
+    await register(url, "carol");
+    const cases: [string, string, unknown, number, string][] = [
+      ["register", "not JSON", "{nope", 400, "invalid_json"],
+      ["register", "an array", "[1,2]", 400, "invalid_json"],
+      ["register", "null", "null", 400, "invalid_json"],
+      ["register", "an empty body", "", 400, "invalid_json"],
+      [
+        "register",
+        "no username",
+        { password: PASSWORD },
+        400,
+        "invalid_username",
+      ],
+      [
+        "register",
+        "a number username",
+        { username: 7, password: PASSWORD },
+        400,
+        "invalid_username",
+      ],
+      [
+        "register",
+        "a 2-character username",
+        { username: "ab", password: PASSWORD },
+        400,
+        "invalid_username",
+      ],
+      [
+        "register",
+        "a 33-character username",
+        { username: "a".repeat(33), password: PASSWORD },
+        400,
+        "invalid_username",
+      ],
+      [
+        "register",
+        "a username with a space",
+        { username: "a b c" },
+        400,
+        "invalid_username",
+      ],
+      [
+        "register",
+        "no password",
+        { username: "dave" },
+        400,
+        "invalid_password",
+      ],
+      [
+        "register",
+        "a 7-character password",
+        { username: "dave", password: "1234567" },
+        400,
+        "invalid_password",
+      ],
+      [
+        "register",
+        "a 1025-character password",
+        { username: "dave", password: "x".repeat(1025) },
+        400,
+        "invalid_password",
+      ],
+      [
+        "register",
+        "8 emoji (16 UTF-16 units, 8 code points)",
+        { username: "emoji8", password: "\u{1F600}".repeat(8) },
+        201,
+        "",
+      ],
+      [
+        "register",
+        "1024 emoji",
+        { username: "emoji1024", password: "\u{1F600}".repeat(1024) },
+        201,
+        "",
+      ],
+      [
+        "register",
+        "7 emoji",
+        { username: "emoji7", password: "\u{1F600}".repeat(7) },
+        400,
+        "invalid_password",
+      ],
+      ["login", "not JSON", "{nope", 400, "invalid_json"],
+      ["login", "no username", { password: PASSWORD }, 400, "invalid_username"],
+      ["login", "no username and no password", {}, 400, "invalid_username"],
+      [
+        "login",
+        "a rule-breaking username",
+        { username: "a b", password: PASSWORD },
+        401,
+        "invalid_credentials",
+      ],
+      ["login", "no password", { username: "carol" }, 400, "invalid_password"],
+      [
+        "login",
+        "a number password",
+        { username: "carol", password: 12345678 },
+        400,
+        "invalid_password",
+      ],
+      [
+        "login",
+        "a too short password",
+        { username: "carol", password: "short" },
+        401,
+        "invalid_credentials",
+      ],
+    ];
+    for (const [route, what, body, status, code] of cases) {
+      await t.step(
+        `/${route} with ${what} answers ${status} ${code}`,
+        async () => {
+          const answer = await call(url, `/${route}`, body);
+          assert.equal(answer.status, status, JSON.stringify(answer.body));
+          if (code !== "") {
+            assert.equal(field(answer, "error"), code);
+            assert.equal(typeof field(answer, "message"), "string");
+          }
+        },
+      );
+    }
+  });
+});
+
+Deno.test("an unknown user and a wrong password get the same status, body and cost", async () => {
+  await withServer({}, async ({ url }) => {
+    await register(url, "erin");
+    const timed = async (username: string) => {
+      const start = performance.now();
+      const answer = await call(url, "/login", {
+        username,
+        password: "wrong password",
+      });
+      return { answer, ms: performance.now() - start };
+    };
+    const known = [];
+    const unknown = [];
+    for (let i = 0; i < 3; i++) {
+      known.push(await timed("erin"));
+      unknown.push(await timed("nobody"));
+    }
+    for (const { answer } of [...known, ...unknown]) {
+      assert.equal(answer.status, 401);
+      assert.deepEqual(answer.body, known[0]?.answer.body);
+      assert.deepEqual(
+        [...answer.headers.keys()].filter((k) => k !== "date"),
+        [...(known[0]?.answer.headers.keys() ?? [])].filter((k) =>
+          k !== "date"
+        ),
+      );
+    }
+    assert.equal(field(known[0]!.answer, "error"), "invalid_credentials");
+    const median = (xs: { ms: number }[]) =>
+      xs.map((x) => x.ms).sort((a, b) => a - b)[1] ?? 0;
+    // Both pay one Argon2id hash (tens of ms); an unknown user is not answered early.
+    assert.ok(
+      median(unknown) > median(known) / 2,
+      `known ${median(known)} ms, unknown ${median(unknown)} ms`,
+    );
+  });
+});
+
+Deno.test("unknown paths answer 404 and wrong methods 405 with Allow", async () => {
+  await withServer({}, async ({ url }) => {
+    const missing = await call(url, "/nope", { a: 1 });
+    assert.equal(missing.status, 404);
+    assert.equal(field(missing, "error"), "not_found");
+    const wrong = await call(url, "/login", undefined, { method: "GET" });
+    assert.equal(wrong.status, 405);
+    assert.equal(wrong.headers.get("allow"), "POST");
+    assert.equal(field(wrong, "error"), "method_not_allowed");
+    const health = await call(url, "/health", { a: 1 });
+    assert.equal(health.status, 405);
+    assert.equal(health.headers.get("allow"), "GET");
+    const ok = await call(url, "/health", undefined, { method: "GET" });
+    assert.equal(ok.status, 200);
+    assert.deepEqual(ok.body, { status: "ok" });
+  });
+});
+
+/** Sends raw bytes and returns what the server answers before the connection ends. */
+async function rawExchange(
+  url: string,
+  head: string,
+  bodyParts: Uint8Array[],
+): Promise<string> {
+  const { hostname, port } = new URL(url);
+  const conn = await Deno.connect({ hostname, port: Number(port) });
+  try {
+    const writer = conn.writable.getWriter();
+    await writer.write(new TextEncoder().encode(head));
+    for (const part of bodyParts) await writer.write(part);
+    writer.releaseLock();
+    // The request is deliberately left unfinished: an answer proves the server did not wait for the rest.
+    const reader = conn.readable.getReader();
+    let text = "";
+    const decoder = new TextDecoder();
+    while (!text.includes("\r\n\r\n") || !text.includes("}")) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, { stream: true });
+    }
+    reader.releaseLock();
+    return text;
+  } finally {
+    conn.close();
+  }
+}
+
+Deno.test("a body declared over 64 KiB answers 413 without the server reading it", async () => {
+  await withServer({}, async ({ url }) => {
+    const answer = await rawExchange(
+      url,
+      "POST /register HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" +
+        "content-length: 104857600\r\n\r\n",
+      [new TextEncoder().encode('{"username":')],
+    );
+    assert.match(answer, /^HTTP\/1\.1 413 /);
+    assert.match(answer, /"error":"payload_too_large"/);
+  });
+});
+
+Deno.test("a chunked body without Content-Length is cut off at 64 KiB with 413", async () => {
+  await withServer({}, async ({ url }) => {
+    const chunk = new Uint8Array(16 * 1024).fill(0x20);
+    const framed = new Uint8Array([
+      ...new TextEncoder().encode(`${chunk.length.toString(16)}\r\n`),
+      ...chunk,
+      ...new TextEncoder().encode("\r\n"),
+    ]);
+    // Five 16 KiB chunks (80 KiB) and no final chunk: the stream never ends.
+    const answer = await rawExchange(
+      url,
+      "POST /login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" +
+        "transfer-encoding: chunked\r\n\r\n",
+      Array(5).fill(framed),
+    );
+    assert.match(answer, /^HTTP\/1\.1 413 /);
+    assert.match(answer, /"error":"payload_too_large"/);
+  });
+});
+
+Deno.test("a streamed fetch body over 64 KiB answers 413 before it is all sent", async () => {
+  await withServer({}, async ({ url }) => {
+    let sent = 0;
+    const body = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        if (sent >= 64 * 1024 * 1024) return controller.close();
+        sent += 64 * 1024;
+        controller.enqueue(new Uint8Array(64 * 1024).fill(0x20));
+      },
+    });
+    const res = await fetch(`${url}/register`, { method: "POST", body });
+    assert.equal(res.status, 413);
+    assert.equal((await res.json()).error, "payload_too_large");
+    assert.ok(sent < 64 * 1024 * 1024, `sent ${sent} bytes`);
+    await body.cancel().catch(() => {});
+  });
+});
+
+Deno.test("logout revokes only the session it names", async () => {
+  await withServer({}, async ({ url }) => {
+    await register(url, "frank");
+    const first = await loginToken(url, "frank");
+    const second = await loginToken(url, "frank");
+    assert.notEqual(first, second);
+    const out = await call(url, "/logout", undefined, {
+      headers: { authorization: `Bearer ${first}` },
+    });
+    assert.equal(out.status, 204);
+    assert.equal(
+      (await call(url, "/validate_token", { token: first })).status,
+      401,
+    );
+    assert.equal(
+      (await call(url, "/validate_token", { token: second })).status,
+      200,
+    );
+    const noHeader = await call(url, "/logout", { token: second });
+    assert.equal(noHeader.status, 401);
+    assert.equal(field(noHeader, "error"), "invalid_token");
+  });
+});
+
+Deno.test("a session expires after its TTL on the injected clock and is pruned from the file", async () => {
+  let now = Date.parse("2030-01-01T00:00:00.000Z");
+  await withServer(
+    { sessionTtlSeconds: 60, now: () => now },
+    async ({ url }, dataDir) => {
+      await register(url, "grace");
+      const login = await call(url, "/login", {
+        username: "grace",
+        password: PASSWORD,
+      });
+      assert.equal(field(login, "expires_at"), "2030-01-01T00:01:00.000Z");
+      const token = String(field(login, "token"));
+      now += 59_999;
+      assert.equal((await call(url, "/validate_token", { token })).status, 200);
+      now += 1;
+      const expired = await call(url, "/validate_token", { token });
+      assert.equal(expired.status, 401);
+      assert.equal(field(expired, "valid"), false);
+      // The next session write leaves the expired one out.
+      await loginToken(url, "grace");
+      const sessions = await storedSessions(dataDir);
+      assert.equal(Object.keys(sessions).length, 1);
+      assert.ok(!(await sha256Hex(token) in sessions));
+    },
+  );
+});
+
+Deno.test("expired sessions are dropped when the server starts", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+  try {
+    const live = "a".repeat(64);
+    const dead = "b".repeat(64);
+    await Deno.writeTextFile(
+      join(dataDir, "sessions.json"),
+      JSON.stringify({
+        version: 1,
+        sessions: {
+          [live]: {
+            username: "x",
+            created_at: "2020-01-01T00:00:00.000Z",
+            expires_at: "2999-01-01T00:00:00.000Z",
+          },
+          [dead]: {
+            username: "x",
+            created_at: "2020-01-01T00:00:00.000Z",
+            expires_at: "2020-01-02T00:00:00.000Z",
+          },
+        },
+      }),
+    );
+    await withServer({ dataDir }, async () => {
+      assert.deepEqual(Object.keys(await storedSessions(dataDir)), [live]);
+    });
+  } finally {
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("a login rehashes a stored hash of lower cost", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+  try {
+    const weak = await hashPassword(PASSWORD, {
+      memory: 4096,
+      passes: 1,
+      parallelism: 1,
+    });
+    await Deno.writeTextFile(
+      join(dataDir, "users.json"),
+      JSON.stringify({
+        version: 1,
+        users: {
+          heidi: {
+            username: "Heidi",
+            password_hash: weak,
+            created_at: "2020-01-01T00:00:00.000Z",
+          },
+        },
+      }),
+    );
+    await withServer({ dataDir }, async ({ url }) => {
+      await loginToken(url, "heidi");
+      const users = await storedUsers(dataDir);
+      const heidi = users.heidi;
+      assert.ok(typeof heidi === "object" && heidi !== null);
+      const hash = Object.getOwnPropertyDescriptor(heidi, "password_hash")
+        ?.value;
+      assert.match(String(hash), /^\$argon2id\$v=19\$m=19456,t=2,p=1\$/);
+      assert.notEqual(hash, weak);
+      // The new hash still accepts the password.
+      await loginToken(url, "Heidi");
+    });
+  } finally {
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("failed logins are throttled per username with Retry-After", async () => {
+  const lines: string[] = [];
+  await withServer(
+    { rateLimits: true, log: (line) => lines.push(line) },
+    async ({ url }) => {
+      await register(url, "ivan");
+      for (let i = 0; i < 5; i++) {
+        const answer = await call(url, "/login", {
+          username: "ivan",
+          password: "wrong password",
+        });
+        assert.equal(answer.status, 401);
+      }
+      const throttled = await call(url, "/login", {
+        username: "IVAN",
+        password: PASSWORD,
+      });
+      assert.equal(throttled.status, 429);
+      assert.equal(field(throttled, "error"), "rate_limited");
+      assert.match(throttled.headers.get("retry-after") ?? "", /^[1-9]\d*$/);
+      // An unknown username is throttled just the same: no enumeration through 429.
+      for (let i = 0; i < 5; i++) {
+        await call(url, "/login", {
+          username: "ghost",
+          password: "wrong pass",
+        });
+      }
+      const ghost = await call(url, "/login", {
+        username: "ghost",
+        password: "wrong pass",
+      });
+      assert.equal(ghost.status, 429);
+      // Another account from the same address is not locked.
+      await register(url, "judy");
+      await loginToken(url, "judy");
+    },
+  );
+  assert.ok(
+    lines.some((l) =>
+      / auth login throttled user=IVAN addr=127\.0\.0\.1 /.test(l)
+    ),
+  );
+  assert.ok(
+    lines.some((l) => / auth login fail user=ivan addr=127\.0\.0\.1 /.test(l)),
+  );
+  assert.ok(
+    lines.some((l) => / auth register ok user=ivan addr=127\.0\.0\.1/.test(l)),
+  );
+  assert.ok(
+    lines.some((l) => / auth login ok user=judy addr=127\.0\.0\.1/.test(l)),
+  );
+  for (const line of lines) {
+    assert.ok(
+      !line.includes(PASSWORD) && !line.includes("wrong password"),
+      line,
+    );
+  }
+});
+
+Deno.test("registrations are throttled per address with Retry-After", async () => {
+  await withServer({ rateLimits: true }, async ({ url }) => {
+    for (const name of ["kim1", "kim2", "kim3"]) {
+      assert.equal((await register(url, name)).status, 201);
+    }
+    const fourth = await register(url, "kim4");
+    assert.equal(fourth.status, 429);
+    assert.equal(field(fourth, "error"), "rate_limited");
+    assert.equal(fourth.headers.get("retry-after"), "6");
+  });
+});
+
+Deno.test("throttle limits are configurable", async () => {
+  await withServer(
+    {
+      rateLimits: true,
+      limits: { registrationBurst: 1, loginFreeFailures: 1 },
+    },
+    async ({ url }) => {
+      assert.equal((await register(url, "lena")).status, 201);
+      assert.equal((await register(url, "lena2")).status, 429);
+      assert.equal(
+        (await call(url, "/login", {
+          username: "lena",
+          password: "bad password",
+        }))
+          .status,
+        401,
+      );
+      assert.equal(
+        (await call(url, "/login", { username: "lena", password: PASSWORD }))
+          .status,
+        429,
+      );
+    },
+  );
+});
+
+Deno.test("logins wait for a bounded number of hash slots, the overflow gets 503 busy, and /validate_token does not wait", async () => {
+  await withServer(
+    { limits: { hashConcurrency: 1, maxHashWaiting: 2 } },
+    async ({ url }) => {
+      await register(url, "mona");
+      const token = await loginToken(url, "mona");
+      const logins = Array.from(
+        { length: 8 },
+        () => call(url, "/login", { username: "mona", password: PASSWORD }),
+      );
+      const start = performance.now();
+      const check = await call(url, "/validate_token", { token });
+      const validateMs = performance.now() - start;
+      assert.equal(check.status, 200);
+      const answers = await Promise.all(logins);
+      const statuses = answers.map((a) => a.status).sort();
+      assert.ok(statuses.filter((s) => s === 200).length >= 3, `${statuses}`);
+      const busy = answers.filter((a) => a.status === 503);
+      assert.ok(busy.length >= 1, `${statuses}`);
+      for (const b of busy) {
+        assert.equal(field(b, "error"), "busy");
+        assert.equal(b.headers.get("retry-after"), "1");
+      }
+      assert.ok(validateMs < 100, `validate took ${validateMs} ms`);
+    },
+  );
+});
+
+Deno.test("100 concurrent registrations are all kept after a restart, in few file writes", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+  try {
+    let writes = 0;
+    await withServer({ dataDir }, async ({ url, store }) => {
+      const answers = await Promise.all(
+        Array.from({ length: 100 }, (_, i) => register(url, `user${i}`)),
+      );
+      assert.deepEqual(answers.map((a) => a.status), Array(100).fill(201));
+      writes = store.fileWrites;
+    });
+    assert.ok(writes <= 20, `${writes} file writes`);
+    assert.equal(Object.keys(await storedUsers(dataDir)).length, 100);
+    await withServer({ dataDir }, async ({ url }) => {
+      await Promise.all(
+        [0, 42, 99].map((i) => loginToken(url, `USER${i}`)),
+      );
+      assert.equal((await register(url, "User7")).status, 409);
+    });
+  } finally {
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("data files are mode 0600 and no temporary file is left, even one a crash left", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+  try {
+    const stale = join(dataDir, ".users.json.tmp-0123abcd");
+    await Deno.writeTextFile(stale, "{half");
+    await withServer({ dataDir }, async ({ url }) => {
+      await Promise.all(
+        Array.from({ length: 10 }, (_, i) => register(url, `nina${i}`)),
+      );
+      await loginToken(url, "nina1");
+    });
+    const names = [];
+    for await (const entry of Deno.readDir(dataDir)) names.push(entry.name);
+    assert.deepEqual(names.sort(), [".lock", "sessions.json", "users.json"]);
+    for (const name of ["users.json", "sessions.json"]) {
+      const mode = (await Deno.stat(join(dataDir, name))).mode ?? 0;
+      assert.equal((mode & 0o777).toString(8), "600", name);
+    }
+    // Human-readable: pretty-printed.
+    assert.match(
+      await Deno.readTextFile(join(dataDir, "users.json")),
+      /\n {2}"users": \{\n/,
+    );
+  } finally {
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("a file that does not parse stops the server at start, named in the message and left unchanged", async (t) => {
+  const cases: [string, string][] = [
+    ["users.json", '{"version":1,"users":{"a":'],
+    ["users.json", '{"version":2,"users":{}}'],
+    ["users.json", '{"version":1,"users":{"a":{"username":"a"}}}'],
+    ["sessions.json", "not json"],
+    ["sessions.json", '{"version":1,"sessions":[]}'],
+    ["users.json", ""],
+  ];
+  for (const [name, content] of cases) {
+    await t.step(`${name} containing ${JSON.stringify(content)}`, async () => {
+      const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+      try {
+        const path = join(dataDir, name);
+        await Deno.writeTextFile(path, content);
+        const err = await createAuthServer({
+          port: 0,
+          dataDir,
+          chatUrl: "ws://x/ws",
+        }).then(
+          (server) => server.shutdown().then(() => undefined),
+          (e) => e,
+        );
+        assert.ok(err instanceof Error, "the server must not start");
+        assert.ok(err.message.includes(path), err.message);
+        assert.equal(await Deno.readTextFile(path), content);
+        // The lock was released: a fixed file lets a server start.
+        await Deno.remove(path);
+        await withServer({ dataDir }, () => Promise.resolve());
+      } finally {
+        await Deno.remove(dataDir, { recursive: true });
+      }
+    });
+  }
+});
+
+Deno.test("a second server on the same data directory refuses to start until the first stops", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+  try {
+    await withServer({ dataDir }, async () => {
+      await assert.rejects(
+        createAuthServer({ port: 0, dataDir, chatUrl: "ws://x/ws" }),
+        (err: unknown) =>
+          err instanceof Error && /lock/.test(err.message) &&
+          err.message.includes(dataDir),
+      );
+    });
+    await withServer({ dataDir }, () => Promise.resolve());
+  } finally {
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("shutdown finishes requests in flight and keeps their changes", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+  try {
+    const server = await createAuthServer({
+      port: 0,
+      dataDir,
+      chatUrl: "ws://x/ws",
+      rateLimits: false,
+    });
+    const pending = Promise.all(
+      Array.from({ length: 5 }, (_, i) => register(server.url, `oscar${i}`)),
+    );
+    // Let the requests reach the server before shutting down.
+    while (server.store.userCount === 0) {
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    const stopped = server.shutdown();
+    const answers = await pending;
+    await stopped;
+    await server.finished;
+    await server.shutdown();
+    assert.deepEqual(answers.map((a) => a.status), Array(5).fill(201));
+    assert.equal(Object.keys(await storedUsers(dataDir)).length, 5);
+  } finally {
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("a login hands out the chat URL the function gives at that moment", async () => {
+  let chatUrl = "ws://127.0.0.1:1/ws";
+  await withServer({ chatUrl: () => chatUrl }, async ({ url }) => {
+    await register(url, "pat");
+    chatUrl = "ws://127.0.0.1:4242/ws";
+    const answer = await call(url, "/login", {
+      username: "pat",
+      password: PASSWORD,
+    });
+    assert.equal(field(answer, "chat_url"), "ws://127.0.0.1:4242/ws");
+  });
+});

@@ -1,0 +1,296 @@
+import assert from "node:assert/strict";
+import {
+  DUMMY_HASH,
+  formatPasswordHash,
+  hashPassword,
+  needsRehash,
+  parsePasswordHash,
+  verifyPassword,
+} from "../auth/password.ts";
+import { HashBusyError, HashLimiter } from "../auth/hash_limiter.ts";
+import {
+  DEFAULT_AUTH_LIMITS,
+  LoginThrottle,
+  RegistrationThrottle,
+} from "../auth/rate_limit.ts";
+import { readJsonObject } from "../auth/read_json_object.ts";
+import { HttpError } from "../auth/http_error.ts";
+import { AuthStore } from "../auth/json_store.ts";
+import { createAuthHandler } from "../auth/handler.ts";
+
+Deno.test("a password hash is an Argon2id PHC string with the current cost that verifies only its password", async () => {
+  const stored = await hashPassword("correct horse");
+  assert.match(
+    stored,
+    /^\$argon2id\$v=19\$m=19456,t=2,p=1\$[A-Za-z0-9+/]{22}\$[A-Za-z0-9+/]{43}$/,
+  );
+  assert.equal(await verifyPassword("correct horse", stored), true);
+  assert.equal(await verifyPassword("correct horsf", stored), false);
+  assert.equal(needsRehash(stored), false);
+});
+
+Deno.test("passwords are NFC-normalised before hashing", async () => {
+  const composed = "caf\u00e9 au lait";
+  const decomposed = "cafe\u0301 au lait";
+  const stored = await hashPassword(decomposed);
+  assert.equal(await verifyPassword(composed, stored), true);
+});
+
+Deno.test("a hash with a lower cost than the current one needs a rehash", async () => {
+  const weak = await hashPassword("correct horse", {
+    memory: 1024,
+    passes: 1,
+    parallelism: 1,
+  });
+  assert.match(weak, /\$m=1024,t=1,p=1\$/);
+  assert.equal(await verifyPassword("correct horse", weak), true);
+  assert.equal(needsRehash(weak), true);
+});
+
+Deno.test("the dummy hash parses, has the current cost and matches no password", async () => {
+  const parsed = parsePasswordHash(DUMMY_HASH);
+  assert.ok(parsed);
+  assert.deepEqual(parsed.params, {
+    memory: 19456,
+    passes: 2,
+    parallelism: 1,
+  });
+  assert.equal(await verifyPassword("anything at all", DUMMY_HASH), false);
+  assert.equal(formatPasswordHash(parsed), DUMMY_HASH);
+});
+
+Deno.test("a stored hash that does not parse never verifies", async () => {
+  assert.equal(parsePasswordHash("$2b$10$abc"), undefined);
+  assert.equal(await verifyPassword("password", "not a hash"), false);
+});
+
+Deno.test("the hash limiter runs a bounded number of jobs and refuses once the waiting line is full", async () => {
+  const limiter = new HashLimiter({ concurrency: 2, maxWaiting: 1 });
+  const gates = [Promise.withResolvers<void>(), Promise.withResolvers<void>()];
+  let maxRunning = 0;
+  const job = (gate: Promise<void>) => async () => {
+    maxRunning = Math.max(maxRunning, limiter.running);
+    await gate;
+    return "done";
+  };
+  const first = limiter.run(job(gates[0]!.promise));
+  const second = limiter.run(job(gates[1]!.promise));
+  const third = limiter.run(job(Promise.resolve()));
+  assert.equal(limiter.running, 2);
+  assert.equal(limiter.waiting, 1);
+  await assert.rejects(limiter.run(job(Promise.resolve())), HashBusyError);
+  gates[0]!.resolve();
+  gates[1]!.resolve();
+  assert.deepEqual(await Promise.all([first, second, third]), [
+    "done",
+    "done",
+    "done",
+  ]);
+  assert.equal(maxRunning, 2);
+  assert.equal(limiter.running, 0);
+});
+
+Deno.test("a username gets a few free failures, then a doubling wait capped at the maximum", () => {
+  let now = 1_000_000;
+  const limits = {
+    ...DEFAULT_AUTH_LIMITS,
+    loginBackoffBaseMs: 1000,
+    loginBackoffMaxMs: 4000,
+  };
+  const throttle = new LoginThrottle(limits, () => now);
+  for (let i = 0; i < 5; i++) {
+    assert.equal(throttle.admit("alice", `10.0.0.${i}`).ok, true);
+  }
+  const denied = throttle.admit("alice", "10.0.0.9");
+  assert.deepEqual(denied, { ok: false, retryAfterMs: 1000 });
+  const waits: number[] = [];
+  for (let i = 0; i < 4; i++) {
+    const admission = throttle.admit("alice", "10.0.0.9");
+    assert.equal(admission.ok, false);
+    if (!admission.ok) {
+      waits.push(admission.retryAfterMs);
+      now += admission.retryAfterMs;
+    }
+    assert.equal(throttle.admit("alice", "10.0.0.9").ok, true);
+  }
+  assert.deepEqual(waits, [1000, 2000, 4000, 4000]);
+  // Another username is not affected.
+  assert.equal(throttle.admit("bob", "10.0.0.9").ok, true);
+});
+
+Deno.test("an address that logged in before is not locked out by a stranger's failures", () => {
+  let now = 1_000_000;
+  const throttle = new LoginThrottle(DEFAULT_AUTH_LIMITS, () => now);
+  const own = throttle.admit("alice", "10.0.0.1");
+  assert.ok(own.ok);
+  throttle.succeeded(own.ticket);
+  for (let i = 0; i < 5; i++) throttle.admit("alice", "192.0.2.66");
+  assert.equal(throttle.admit("alice", "192.0.2.66").ok, false);
+  const again = throttle.admit("alice", "10.0.0.1");
+  assert.ok(again.ok, "the owner's address still gets in");
+  throttle.succeeded(again.ticket);
+  assert.equal(
+    throttle.admit("alice", "192.0.2.66").ok,
+    false,
+    "the owner's login does not reset the stranger's lock",
+  );
+  // The trusted address loses its exemption once it fails too often itself.
+  now += 1;
+  let last;
+  for (let i = 0; i < 6; i++) last = throttle.admit("alice", "10.0.0.1");
+  assert.equal(last?.ok, false);
+});
+
+Deno.test("an address may fail at most its hourly budget of logins", () => {
+  let now = 0;
+  const limits = { ...DEFAULT_AUTH_LIMITS, loginFailuresPerAddressHour: 10 };
+  const throttle = new LoginThrottle(limits, () => now);
+  for (let i = 0; i < 10; i++) {
+    assert.equal(throttle.admit(`user${i}`, "10.0.0.1").ok, true);
+  }
+  const denied = throttle.admit("other", "10.0.0.1");
+  assert.deepEqual(denied, { ok: false, retryAfterMs: 360_000 });
+  now += 360_000;
+  assert.equal(throttle.admit("other", "10.0.0.1").ok, true);
+});
+
+Deno.test("failed-login state is forgotten after its window so the maps stay bounded", () => {
+  let now = 0;
+  const throttle = new LoginThrottle(DEFAULT_AUTH_LIMITS, () => now);
+  for (let i = 0; i < 1000; i++) {
+    throttle.admit(`user${i}`, `10.0.${i >> 8}.${i & 255}`);
+  }
+  assert.ok(throttle.size >= 1000);
+  now += 2 * 3_600_000;
+  throttle.admit("late", "10.9.9.9");
+  assert.ok(throttle.size <= 2, `size ${throttle.size}`);
+});
+
+Deno.test("tracked keys never exceed the configured maximum", () => {
+  const throttle = new LoginThrottle(
+    { ...DEFAULT_AUTH_LIMITS, maxTrackedKeys: 50 },
+    () => 0,
+  );
+  for (let i = 0; i < 500; i++) throttle.admit(`user${i}`, `10.0.0.${i & 7}`);
+  assert.ok(throttle.size <= 100, `size ${throttle.size}`);
+  const registrations = new RegistrationThrottle(
+    { ...DEFAULT_AUTH_LIMITS, maxTrackedKeys: 50 },
+    () => 0,
+  );
+  for (let i = 0; i < 500; i++) registrations.take(`10.0.${i >> 8}.${i & 255}`);
+  assert.ok(registrations.size <= 50);
+});
+
+Deno.test("registrations per address are a burst of 3, then one per 6 s", () => {
+  let now = 0;
+  const throttle = new RegistrationThrottle(DEFAULT_AUTH_LIMITS, () => now);
+  assert.deepEqual([1, 2, 3].map(() => throttle.take("10.0.0.1")), [0, 0, 0]);
+  assert.equal(throttle.take("10.0.0.1"), 6000);
+  assert.equal(throttle.take("10.0.0.2"), 0);
+  now += 6000;
+  assert.equal(throttle.take("10.0.0.1"), 0);
+  assert.equal(throttle.take("10.0.0.1"), 6000);
+});
+
+function post(body: BodyInit | null, headers: Record<string, string> = {}) {
+  return new Request("http://localhost/x", { method: "POST", body, headers });
+}
+
+Deno.test("the body reader takes JSON objects and refuses everything else as invalid_json", async (t) => {
+  assert.deepEqual(await readJsonObject(post('{"a":1}'), 100), { a: 1 });
+  for (const body of ["", "[1]", "null", "42", '"s"', "{", "\xff"]) {
+    await t.step(`refuses ${JSON.stringify(body)}`, async () => {
+      const err = await readJsonObject(post(body), 100).catch((e) => e);
+      assert.ok(err instanceof HttpError);
+      assert.equal(err.status, 400);
+      assert.equal(err.code, "invalid_json");
+    });
+  }
+  const bad = new Uint8Array([0x7b, 0xff, 0x7d]);
+  const err = await readJsonObject(post(bad), 100).catch((e) => e);
+  assert.equal(err.code, "invalid_json");
+});
+
+Deno.test("the body reader refuses a declared oversized body without reading it", async () => {
+  let pulled = 0;
+  const body = new ReadableStream<Uint8Array>({
+    pull(controller) {
+      pulled++;
+      controller.enqueue(new Uint8Array(10));
+    },
+  });
+  const req = new Request("http://localhost/x", {
+    method: "POST",
+    body,
+    headers: { "content-length": "1000" },
+  });
+  const err = await readJsonObject(req, 100).catch((e) => e);
+  assert.ok(err instanceof HttpError);
+  assert.equal(err.status, 413);
+  assert.equal(err.code, "payload_too_large");
+  assert.ok(pulled <= 1, `pulled ${pulled}`);
+});
+
+Deno.test("the body reader stops reading a streamed body at the limit", async () => {
+  let pulled = 0;
+  const body = new ReadableStream<Uint8Array>({
+    pull(controller) {
+      pulled++;
+      controller.enqueue(new Uint8Array(1024));
+    },
+  });
+  const err = await readJsonObject(post(body), 64 * 1024).catch((e) => e);
+  assert.ok(err instanceof HttpError);
+  assert.equal(err.code, "payload_too_large");
+  assert.ok(pulled <= 66, `pulled ${pulled} chunks of 1 KiB`);
+});
+
+const info: Deno.ServeHandlerInfo = {
+  remoteAddr: { transport: "tcp", hostname: "192.0.2.1", port: 40000 },
+  completed: Promise.resolve(),
+};
+
+Deno.test("the handler answers requests built with new Request", async (t) => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_unit_" });
+  const store = await AuthStore.open(dataDir);
+  const handle = createAuthHandler({ store, chatUrl: "ws://chat/ws" });
+  try {
+    await t.step("GET /health answers ok", async () => {
+      const res = await handle(new Request("http://a/health"), info);
+      assert.equal(res.status, 200);
+      assert.deepEqual(await res.json(), { status: "ok" });
+    });
+    await t.step("an unknown path answers 404 not_found", async () => {
+      const res = await handle(new Request("http://a/nope"), info);
+      assert.equal(res.status, 404);
+      assert.equal((await res.json()).error, "not_found");
+    });
+    await t.step("a wrong method answers 405 with Allow", async () => {
+      const res = await handle(new Request("http://a/register"), info);
+      assert.equal(res.status, 405);
+      assert.equal(res.headers.get("allow"), "POST");
+      assert.equal((await res.json()).error, "method_not_allowed");
+    });
+    await t.step("register then login hands out the chat URL", async () => {
+      const body = JSON.stringify({ username: "Zed", password: "password1" });
+      const reg = await handle(
+        new Request("http://a/register", { method: "POST", body }),
+        info,
+      );
+      assert.equal(reg.status, 201);
+      assert.deepEqual(await reg.json(), { username: "Zed" });
+      const res = await handle(
+        new Request("http://a/login", { method: "POST", body }),
+        info,
+      );
+      assert.equal(res.status, 200);
+      const session = await res.json();
+      assert.equal(session.chat_url, "ws://chat/ws");
+      assert.equal(session.username, "Zed");
+      assert.match(session.token, /^[A-Za-z0-9_-]{43}$/);
+    });
+  } finally {
+    await store.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
