@@ -40,7 +40,7 @@ export class ServerProcess {
   readonly startupMs: number;
   #child: Deno.ChildProcess;
   #output: string[];
-  #exited: Promise<Deno.CommandStatus>;
+  #exited: Promise<unknown>;
 
   private constructor(
     name: string,
@@ -48,7 +48,7 @@ export class ServerProcess {
     address: string,
     startupMs: number,
     output: string[],
-    exited: Promise<Deno.CommandStatus>,
+    exited: Promise<unknown>,
   ) {
     this.name = name;
     this.pid = child.pid;
@@ -84,8 +84,10 @@ export class ServerProcess {
       const match = line.match(READY_RE);
       if (match?.[1] !== undefined) onReady(match[1]);
     };
-    drainLines(child.stdout, output, watch);
-    drainLines(child.stderr, output, watch);
+    const drained = Promise.all([
+      drainLines(child.stdout, output, watch),
+      drainLines(child.stderr, output, watch),
+    ]);
     let timer: ReturnType<typeof setTimeout> | undefined;
     const outcome = await Promise.race([
       ready,
@@ -97,6 +99,7 @@ export class ServerProcess {
     clearTimeout(timer);
     if (typeof outcome !== "string" || outcome === "timeout") {
       killChild(child);
+      await Promise.all([exited, drained]);
       const why = outcome === "timeout"
         ? `no ready line within ${readyTimeoutMs} ms`
         : `it exited with code ${outcome.exitedWith}`;
@@ -105,7 +108,9 @@ export class ServerProcess {
       );
     }
     const startupMs = performance.now() - started;
-    return new ServerProcess(name, child, outcome, startupMs, output, exited);
+    // "Exited" includes the end of its output, so nothing is left reading.
+    const done = Promise.all([exited, drained]);
+    return new ServerProcess(name, child, outcome, startupMs, output, done);
   }
 
   /** The last lines the process printed (for error messages). */
@@ -120,7 +125,10 @@ export class ServerProcess {
 
   /** SIGTERM, then SIGKILL if it has not exited within `graceMs`. */
   async close(graceMs = 5000): Promise<void> {
-    if (!running.has(this.#child)) return;
+    if (!running.has(this.#child)) {
+      await this.#exited;
+      return;
+    }
     try {
       this.#child.kill("SIGTERM");
     } catch (err) {
@@ -150,7 +158,7 @@ export class LoadProcess {
   #lines: string[] = [];
   #ended = false;
   #stderr: string[] = [];
-  #exited: Promise<Deno.CommandStatus>;
+  #exited: Promise<unknown>;
 
   constructor() {
     this.#child = new Deno.Command(Deno.execPath(), {
@@ -163,11 +171,11 @@ export class LoadProcess {
     }).spawn();
     this.pid = this.#child.pid;
     running.add(this.#child);
-    this.#exited = this.#child.status.finally(() =>
+    const status = this.#child.status.finally(() =>
       running.delete(this.#child)
     );
     this.#writer = this.#child.stdin.getWriter();
-    drainLines(this.#child.stdout, [], (line) => {
+    const stdout = drainLines(this.#child.stdout, [], (line) => {
       const next = this.#waiting.shift();
       if (next) next(line);
       else this.#lines.push(line);
@@ -175,7 +183,8 @@ export class LoadProcess {
       this.#ended = true;
       for (const next of this.#waiting.splice(0)) next(null);
     });
-    drainLines(this.#child.stderr, this.#stderr, () => {});
+    const stderr = drainLines(this.#child.stderr, this.#stderr, () => {});
+    this.#exited = Promise.all([status, stdout, stderr]);
   }
 
   /** Sends one command and waits (at most `timeoutMs`) for its reply. */

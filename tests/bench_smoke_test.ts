@@ -1,0 +1,106 @@
+/**
+ * The benchmark's own parts, checked cheaply (no timings judged): the
+ * latency histogram, the /proc parsers, the fixtures the auth server reads,
+ * and one tiny broadcast through a real load process and the baseline server.
+ */
+import { Histogram } from "../bench/histogram.ts";
+import { parseCpuTicks, parseStatusKb } from "../bench/proc_stats.ts";
+import { benchUsername, writeAuthFixtures } from "../bench/fixtures.ts";
+import { LoadGroup } from "../bench/load_group.ts";
+import { ServerProcess } from "../bench/processes.ts";
+
+function assertEquals(actual: unknown, expected: unknown, what = ""): void {
+  const a = JSON.stringify(actual);
+  const e = JSON.stringify(expected);
+  if (a !== e) throw new Error(`${what} expected ${e}, got ${a}`);
+}
+
+Deno.test("histogram percentiles survive a trip over the wire and a merge", () => {
+  const a = new Histogram();
+  const b = new Histogram();
+  for (let i = 1; i <= 99; i++) a.record(i);
+  b.record(5000);
+  b.record(-3); // clock skew counts as 0
+  const merged = new Histogram();
+  merged.merge(a.toData());
+  merged.merge(b.toData());
+  assertEquals(merged.count, 101, "count");
+  assertEquals(merged.maxMs, 5000, "max");
+  assertEquals(merged.quantile(0.5), 50.05, "p50"); // 51st of 0, 1..99, 5000
+  assertEquals(merged.quantile(1), 5000, "p100");
+  assertEquals(new Histogram().quantile(0.99), 0, "empty");
+});
+
+Deno.test("proc stat parsing counts fields after a command name with spaces", () => {
+  const stat =
+    "42 (deno (main) x) S 1 42 42 0 -1 4194560 100 0 0 0 250 31 0 0 20 0 9 0 1 2 3";
+  assertEquals(parseCpuTicks(stat), 281);
+  const status = "Name:\tdeno\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\n";
+  assertEquals(parseStatusKb(status, "VmRSS"), 102400);
+  assertEquals(parseStatusKb(status, "VmHWM"), 204800);
+});
+
+Deno.test("fixtures write the auth server's files with mode 0600 and valid sessions", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const users = await writeAuthFixtures(dir, { users: 5, sessions: 2 });
+    assertEquals(users.map((u) => u.username), [
+      benchUsername(0),
+      benchUsername(1),
+    ]);
+    const token = users[0]!.token;
+    assertEquals(/^[A-Za-z0-9_-]{43}$/.test(token), true, "token shape");
+    const usersDoc: unknown = JSON.parse(
+      await Deno.readTextFile(`${dir}/users.json`),
+    );
+    const hash = typeof usersDoc === "object" && usersDoc !== null &&
+        "users" in usersDoc && typeof usersDoc.users === "object" &&
+        usersDoc.users !== null && "user000001" in usersDoc.users
+      ? JSON.stringify(usersDoc.users.user000001)
+      : "";
+    assertEquals(
+      /\$argon2id\$v=19\$m=19456,t=2,p=1\$[A-Za-z0-9+/]{22}\$[A-Za-z0-9+/]{43}"/
+        .test(hash),
+      true,
+      "PHC string",
+    );
+    const mode = (await Deno.stat(`${dir}/sessions.json`)).mode;
+    assertEquals((mode ?? 0) & 0o777, 0o600, "mode");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a load process counts every delivery of the baseline server", async () => {
+  const server = await ServerProcess.start("baseline", [
+    "run",
+    "--allow-net=127.0.0.1",
+    "bench/baseline_server.ts",
+    "--port",
+    "0",
+    "--exit-on-eof",
+  ], { pipeStdin: true });
+  const group = new LoadGroup(1);
+  try {
+    const url = server.address.replace(/^http/, "ws");
+    const connected = await group.connect(url, 10, {
+      tokens: [],
+      concurrency: 10,
+      expectWelcome: false,
+    });
+    assertEquals(connected.ok, 10, "connected");
+    const run = await group.run({
+      senders: 2,
+      ratePerSender: 20,
+      durationMs: 300,
+      drainMs: 2000,
+    });
+    assertEquals(run.sent, 12, "sent");
+    assertEquals(run.received, 120, "received");
+    assertEquals(run.expected, 120, "expected");
+    assertEquals(run.hist.count, 120, "latencies");
+  } finally {
+    await group.close();
+    await server.close();
+  }
+});
