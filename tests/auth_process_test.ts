@@ -169,7 +169,6 @@ Deno.test("kill -9 in the middle of a burst of registrations loses no registrati
     const url = proc.url;
     assert.ok(url);
     const acknowledged: string[] = [];
-    let killed = false;
     const { promise: enough, resolve: killNow } = Promise.withResolvers<void>();
     const burst = Array.from({ length: 100 }, async (_, i) => {
       const username = `burst${i}`;
@@ -179,7 +178,7 @@ Deno.test("kill -9 in the middle of a burst of registrations loses no registrati
           password: PASSWORD,
         });
         if (answer.status === 201) {
-          assert.ok(!killed, "no answer after the kill");
+          // A 201 read after the kill was still sent before it: it counts.
           acknowledged.push(username);
           if (acknowledged.length === 30) killNow();
         }
@@ -189,7 +188,6 @@ Deno.test("kill -9 in the middle of a burst of registrations loses no registrati
     });
     await Promise.race([enough, Promise.all(burst)]);
     proc.child.kill("SIGKILL");
-    killed = true;
     await Promise.all(burst);
     const { signal } = await proc.ended;
     assert.equal(signal, "SIGKILL");

@@ -193,6 +193,31 @@ Deno.test("register, login, validate and logout follow the contract", async () =
   });
 });
 
+Deno.test("/validate_token answers 401 with valid false for a missing, malformed or unknown token", async (t) => {
+  await withServer({}, async ({ url }) => {
+    const cases: [string, unknown, Record<string, string>][] = [
+      ["no body and no header", undefined, {}],
+      ["an empty object", {}, {}],
+      ["a number token", { token: 42 }, {}],
+      ["an unknown token", { token: "x".repeat(43) }, {}],
+      ["an unknown bearer token", undefined, { authorization: "Bearer nope" }],
+      ["a Basic header", undefined, { authorization: "Basic dXNlcjpwYXNz" }],
+    ];
+    for (const [what, body, headers] of cases) {
+      await t.step(what, async () => {
+        const answer = await call(url, "/validate_token", body, { headers });
+        assert.equal(answer.status, 401);
+        assert.equal(field(answer, "valid"), false);
+        assert.equal(field(answer, "error"), "invalid_token");
+        assert.equal(typeof field(answer, "message"), "string");
+      });
+    }
+    const malformed = await call(url, "/validate_token", "{nope");
+    assert.equal(malformed.status, 400);
+    assert.equal(field(malformed, "error"), "invalid_json");
+  });
+});
+
 Deno.test("validation errors answer the contract codes in the contract order", async (t) => {
   await withServer({}, async ({ url }) => {
     await register(url, "carol");
