@@ -323,8 +323,11 @@ async function onSide(
 
 function summary(metrics: Metrics): string {
   return Object.entries(metrics)
-    .filter(([, v]) => typeof v === "number")
-    .map(([k, v]) => `${k}=${v}`)
+    .filter(([, v]) =>
+      typeof v === "number" ||
+      (Array.isArray(v) && v.every((n) => typeof n === "number"))
+    )
+    .map(([k, v]) => `${k}=${Array.isArray(v) ? v.join("..") : v}`)
     .join(" ");
 }
 

@@ -9,6 +9,10 @@
 export interface ProcSample {
   /** User plus system CPU time of all its threads so far, in microseconds. */
   cpuUs: number;
+  /** The user-mode part of {@linkcode cpuUs}. */
+  userUs: number;
+  /** The kernel part of {@linkcode cpuUs} (system calls: socket writes, ...). */
+  sysUs: number;
   /** Resident set size now, in KiB (`VmRSS`). */
   rssKb: number;
   /** Peak resident set size over the process's life, in KiB (`VmHWM`). */
@@ -55,8 +59,11 @@ export async function readProcStats(pid: number): Promise<ProcSample> {
   const newline = text.indexOf("\n");
   const stat = text.slice(0, newline);
   const status = text.slice(newline + 1);
+  const { user, system } = parseCpuSplit(stat);
   return {
-    cpuUs: parseCpuTicks(stat) * 1_000_000 / ticks,
+    cpuUs: (user + system) * 1_000_000 / ticks,
+    userUs: user * 1_000_000 / ticks,
+    sysUs: system * 1_000_000 / ticks,
     rssKb: parseStatusKb(status, "VmRSS"),
     peakRssKb: parseStatusKb(status, "VmHWM"),
   };
@@ -85,14 +92,20 @@ export async function readProcFiles(paths: string[]): Promise<string> {
  * counted from its closing parenthesis.
  */
 export function parseCpuTicks(stat: string): number {
+  const { user, system } = parseCpuSplit(stat);
+  return user + system;
+}
+
+/** utime and stime, in clock ticks, from the text of `/proc/PID/stat`. */
+export function parseCpuSplit(stat: string): { user: number; system: number } {
   const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
   // rest[0] is field 3 (state); utime is field 14 and stime field 15.
-  const utime = Number(rest[11]);
-  const stime = Number(rest[12]);
-  if (!Number.isFinite(utime) || !Number.isFinite(stime)) {
+  const user = Number(rest[11]);
+  const system = Number(rest[12]);
+  if (!Number.isFinite(user) || !Number.isFinite(system)) {
     throw new Error(`Cannot read CPU time: unexpected /proc stat "${stat}"`);
   }
-  return utime + stime;
+  return { user, system };
 }
 
 /** A `Name:   1234 kB` line of `/proc/PID/status`, in KiB. */

@@ -38,6 +38,8 @@ export class ServerProcess {
   readonly address: string;
   /** From spawn to the ready line. */
   readonly startupMs: number;
+  /** `performance.now()` of the orchestrator when the process was spawned. */
+  readonly spawnedAt: number;
   #child: Deno.ChildProcess;
   #output: string[];
   #exited: Promise<unknown>;
@@ -54,6 +56,7 @@ export class ServerProcess {
     this.pid = child.pid;
     this.address = address;
     this.startupMs = startupMs;
+    this.spawnedAt = performance.now() - startupMs;
     this.#child = child;
     this.#output = output;
     this.#exited = exited;

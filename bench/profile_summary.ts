@@ -4,7 +4,10 @@
  * `deno task bench --cpu-prof DIR`): where the process spent its sampled
  * time, by function (self time) and by script.
  *
- * Usage: `deno run --allow-read bench/profile_summary.ts FILE.cpuprofile [TOP]`
+ * Usage: `deno run --allow-read bench/profile_summary.ts FILE.cpuprofile [TOP] [--window FROM_S TO_S]`
+ *
+ * `--window` keeps the samples taken from FROM_S to TO_S seconds after the
+ * profile began; the bench prints each run's `window_s_after_spawn`.
  *
  * @module
  */
@@ -30,8 +33,15 @@ interface Node {
   script: string;
 }
 
-/** Summarises a parsed `.cpuprofile` document. */
-export function summarizeProfile(profile: unknown): ProfileSummary {
+/**
+ * Summarises a parsed `.cpuprofile` document; with `window` (seconds since
+ * the profile started, which is within a few tens of ms of the process
+ * spawn), only the samples taken in it.
+ */
+export function summarizeProfile(
+  profile: unknown,
+  window?: [number, number],
+): ProfileSummary {
   const doc = asRecord(profile);
   const nodes = new Map<number, Node>();
   for (const item of asArray(doc.nodes)) {
@@ -56,8 +66,15 @@ export function summarizeProfile(profile: unknown): ProfileSummary {
   const byScript = new Map<string, number>();
   let totalUs = 0;
   let idleUs = 0;
+  let elapsedUs = 0;
   for (let i = 0; i < samples.length; i++) {
     const id = samples[i];
+    const delta = deltas[i];
+    elapsedUs += typeof delta === "number" ? delta : 0;
+    if (
+      window !== undefined &&
+      (elapsedUs < window[0] * 1e6 || elapsedUs > window[1] * 1e6)
+    ) continue;
     // timeDeltas[i + 1] is the time until the next sample: this sample's share.
     const next = deltas[i + 1];
     const us = typeof next === "number" ? next : 0;
@@ -100,15 +117,25 @@ function asArray(value: unknown): unknown[] {
 }
 
 if (import.meta.main) {
-  const [file, topText = "25"] = Deno.args;
-  if (file === undefined) {
+  const args = [...Deno.args];
+  let window: [number, number] | undefined;
+  const at = args.indexOf("--window");
+  if (at !== -1) {
+    window = [Number(args[at + 1]), Number(args[at + 2])];
+    args.splice(at, 3);
+  }
+  const [file, topText = "25"] = args;
+  if (file === undefined || (window && !window.every(Number.isFinite))) {
     console.error(
-      "Usage: deno run --allow-read bench/profile_summary.ts FILE.cpuprofile [TOP]",
+      "Usage: deno run --allow-read bench/profile_summary.ts FILE.cpuprofile [TOP] [--window FROM_S TO_S]",
     );
     Deno.exit(2);
   }
   const top = Number(topText);
-  const summary = summarizeProfile(JSON.parse(await Deno.readTextFile(file)));
+  const summary = summarizeProfile(
+    JSON.parse(await Deno.readTextFile(file)),
+    window,
+  );
   console.log(
     `sampled ${summary.totalMs} ms busy (${summary.idleMs} ms idle not shown)`,
   );

@@ -30,6 +30,7 @@ const ROWS: Record<string, string[]> = {
     "p99_ms",
     "max_ms",
     "cpu_us_per_delivery",
+    "cpu_sys_us_per_delivery",
     "peak_rss_mb",
     "server_cpu_pct",
     "load_cpu_pct",

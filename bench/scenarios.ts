@@ -552,6 +552,8 @@ interface RunMetrics {
   p99_ms: number;
   max_ms: number;
   cpu_us_per_delivery: number | null;
+  /** The kernel's share of cpu_us_per_delivery. */
+  cpu_sys_us_per_delivery: number | null;
   auth_cpu_us_per_delivery?: number | null;
   server_cpu_pct: number;
   load_cpu_pct: number;
@@ -576,10 +578,12 @@ async function measureRun(
   const before = await Promise.all(pids.map(readProcStats));
   const t0 = performance.now();
   const run: RunSummary = await group.run(options);
-  const wallUs = (performance.now() - t0) * 1000;
+  const t1 = performance.now();
+  const wallUs = (t1 - t0) * 1000;
   const after = await Promise.all(pids.map(readProcStats));
   const cpu = pids.map((_, i) => after[i]!.cpuUs - before[i]!.cpuUs);
   const serverCpu = cpu[0]!;
+  const serverSys = after[0]!.sysUs - before[0]!.sysUs;
   const loadCpu = cpu.slice(1, 1 + group.processes.length)
     .reduce((a, b) => a + b, 0);
   const offered = options.senders * options.ratePerSender * group.openClients;
@@ -595,11 +599,19 @@ async function measureRun(
     cpu_us_per_delivery: run.received === 0
       ? null
       : round(serverCpu / run.received, 2),
+    cpu_sys_us_per_delivery: run.received === 0
+      ? null
+      : round(serverSys / run.received, 2),
     server_cpu_pct: round(100 * serverCpu / wallUs, 0),
     load_cpu_pct: round(100 * loadCpu / wallUs, 0),
     send_lag_max_ms: round(run.maxSendLagMs, 1),
     error_frames: run.errors,
     closed_clients: run.closed,
+    // For reading a --cpu-prof profile of just this run (profile_summary --window).
+    window_s_after_spawn: [
+      round((t0 - side.server.spawnedAt) / 1000, 1),
+      round((t1 - side.server.spawnedAt) / 1000, 1),
+    ],
   };
   if (side.auth) {
     const authCpu = cpu[cpu.length - 1]!;
