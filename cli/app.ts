@@ -11,7 +11,6 @@ import { type CliArgs, parseCliArgs, USAGE } from "./args.ts";
 import { ChatSession, type SessionEnd } from "./chat_session.ts";
 import {
   CliError,
-  EXIT_ERROR,
   EXIT_INTERRUPTED,
   EXIT_OK,
   EXIT_USAGE,
@@ -69,16 +68,18 @@ export async function runApp(args: string[], io: AppIo): Promise<number> {
 }
 
 /**
- * The interactive menu. A failure is shown and the menu comes back; at end
- * of input the exit code is 1 when the last thing tried failed, else 0.
+ * The interactive menu. A failure is shown as one line and the menu comes
+ * back. End of input, at the menu or at a username or password prompt it
+ * led to, is the user being done: exit 0, whatever was tried before (the
+ * contract's rule; scripts that need the outcome as an exit code use the
+ * `login` and `register` subcommands).
  */
 async function menuFlow(args: CliArgs, io: AppIo): Promise<number> {
-  let lastFailed = false;
   for (;;) {
     io.out("1) login");
     io.out("2) register");
     const choice = await io.lines().readLine({ prompt: "Choose 1 or 2: " });
-    if (choice === null) return lastFailed ? EXIT_ERROR : EXIT_OK;
+    if (choice === null) return EXIT_OK;
     const picked = choice.trim().toLowerCase();
     try {
       if (picked === "1" || picked === "login") {
@@ -86,19 +87,15 @@ async function menuFlow(args: CliArgs, io: AppIo): Promise<number> {
         if (end === "quit") return EXIT_OK;
         if (end === "interrupted") return EXIT_INTERRUPTED;
         io.err(`chatroom: ${SESSION_EXPIRED}`);
-        lastFailed = true;
       } else if (picked === "2" || picked === "register") {
         await registerFlow(args, io);
-        lastFailed = false;
-      } else if (picked === "") {
-        continue;
-      } else {
+      } else if (picked !== "") {
         io.err(`chatroom: unknown choice "${choice.trim()}": type 1 or 2`);
       }
     } catch (err) {
-      if (!(err instanceof CliError) || err instanceof EndOfInput) throw err;
+      if (err instanceof EndOfInput) return EXIT_OK;
+      if (!(err instanceof CliError)) throw err;
       io.err(`chatroom: ${err.message}`);
-      lastFailed = true;
     }
   }
 }

@@ -52,7 +52,7 @@ Deno.test("an unknown flag prints the usage on stderr and exits 2", async (t) =>
   }
 });
 
-Deno.test("with the auth server down, login says so in one line and exits 1", async (t) => {
+Deno.test("with the auth server down, login and register say so in one line and exit 1", async (t) => {
   const authUrl = `http://127.0.0.1:${closedPort()}`;
   const expected =
     `chatroom: cannot reach the auth server at ${authUrl} (connection refused)`;
@@ -81,18 +81,23 @@ Deno.test("with the auth server down, login says so in one line and exits 1", as
       await cli.write("secretpw1");
       assert.equal(await cli.exit(), 1);
       assert.deepEqual(cli.stderr.lines, [expected]);
+      assert.ok(!looksLikeStackTrace(cli.stderr.text));
     },
   );
+});
 
-  await t.step("the interactive menu driven by a pipe", async () => {
-    const cli = new CliProcess(["--auth-url", authUrl]);
-    await cli.write("1", "alice", "secretpw1");
-    await cli.closeStdin();
-    assert.equal(await cli.exit(), 1);
-    assert.deepEqual(cli.stderr.lines, [expected]);
-    assert.ok(cli.stdout.text.includes("1) login"));
-    assert.ok(cli.stdout.text.includes("2) register"));
-  });
+Deno.test("with the auth server down, the menu shows one line, comes back, and exits 0 at end of input", async () => {
+  const authUrl = `http://127.0.0.1:${closedPort()}`;
+  const cli = new CliProcess(["--auth-url", authUrl]);
+  await cli.write("1", "alice", "secretpw1");
+  await cli.closeStdin();
+  assert.equal(await cli.exit(), 0);
+  assert.deepEqual(cli.stderr.lines, [
+    `chatroom: cannot reach the auth server at ${authUrl} (connection refused)`,
+  ]);
+  assert.ok(!looksLikeStackTrace(cli.stderr.text));
+  assert.equal(cli.stdout.count((l) => l === "1) login"), 2, cli.stdout.text);
+  assert.equal(cli.stdout.count((l) => l === "2) register"), 2);
 });
 
 Deno.test("end of input at the menu exits 0", async () => {
@@ -104,4 +109,43 @@ Deno.test("end of input at the menu exits 0", async () => {
   assert.equal(await cli.exit(), 0);
   assert.ok(cli.stdout.text.includes("1) login"));
   assert.equal(cli.stderr.text, "");
+});
+
+Deno.test("end of input at a prompt reached from the menu exits 0; in a subcommand it is a failure", async (t) => {
+  const authUrl = `http://127.0.0.1:${closedPort()}`;
+  const cases = [
+    { name: "at the username prompt", input: ["1"] },
+    { name: "at the password prompt", input: ["2", "alice"] },
+  ];
+  for (const { name, input } of cases) {
+    await t.step(`menu, ${name}`, async () => {
+      const cli = new CliProcess(["--auth-url", authUrl]);
+      await cli.write(...input);
+      await cli.closeStdin();
+      assert.equal(await cli.exit(), 0);
+      assert.equal(cli.stderr.text, "");
+    });
+  }
+  await t.step("chatroom login, at the password prompt", async () => {
+    const cli = new CliProcess([
+      "login",
+      "--auth-url",
+      authUrl,
+      "--user",
+      "al",
+    ]);
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 1);
+    assert.deepEqual(cli.stderr.lines, [
+      "chatroom: no password given: the input ended",
+    ]);
+  });
+  await t.step("chatroom register, at the username prompt", async () => {
+    const cli = new CliProcess(["register", "--auth-url", authUrl]);
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 1);
+    assert.deepEqual(cli.stderr.lines, [
+      "chatroom: no username given: the input ended",
+    ]);
+  });
 });
