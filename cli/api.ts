@@ -181,18 +181,27 @@ function answerError(
     isObject(body) && typeof body.error === "string" &&
     typeof body.message === "string"
   ) {
-    const wait = retryAfter !== null && /^\d+$/.test(retryAfter)
+    const why = serverReason(body.message);
+    const wait = retryAfter !== null && /^\d+$/.test(retryAfter) &&
+        !/\b(retry|try again)\b/i.test(why)
       ? `, try again in ${retryAfter}s`
       : "";
-    return new CliError(
-      `${what}: ${
-        lowerFirst(stripPeriod(body.message))
-      } (${body.error}${wait})`,
-    );
+    return new CliError(`${what}: ${why} (${body.error}${wait})`);
   }
   return new CliError(
     `${what}: the auth server at ${authUrl} answered HTTP ${status} without a readable error`,
   );
+}
+
+/**
+ * The reason in a server's error message. The auth server words its messages
+ * like ours, `Cannot register "bob": username is taken`, so the part before
+ * the first colon repeats what the client already says it could not do.
+ */
+function serverReason(message: string): string {
+  const text = stripPeriod(message.trim());
+  const reason = /^cannot\b[^:]*:\s*(\S.*)$/is.exec(text)?.[1] ?? text;
+  return lowerFirst(reason);
 }
 
 function stripPeriod(text: string): string {

@@ -17,14 +17,21 @@ export const EXIT_USAGE = 2;
  */
 export const EXIT_INTERRUPTED = 0;
 
-/** A failure shown to the user as `chatroom: <message>`. */
+// deno-lint-ignore no-control-regex
+const LINE_BREAKING = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]+/g;
+
+/**
+ * A failure shown to the user as `chatroom: <message>`. The message is kept
+ * to one line: it may quote a server's answer or a name from the command
+ * line, and neither may break the line or send terminal control sequences.
+ */
 export class CliError extends Error {
   override name = "CliError";
   /** The process exit code this failure ends with. */
   readonly exitCode: number;
   /** Builds a failure with its exit code (1 unless told). */
   constructor(message: string, exitCode: number = EXIT_ERROR) {
-    super(message);
+    super(message.replace(LINE_BREAKING, " ").trim());
     this.exitCode = exitCode;
   }
 }

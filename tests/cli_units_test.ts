@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { DEFAULT_AUTH_URL, parseCliArgs } from "../cli/args.ts";
-import { describeNetworkError } from "../cli/api.ts";
+import { describeNetworkError, loginUser, registerUser } from "../cli/api.ts";
 import { ChatSession } from "../cli/chat_session.ts";
 import { CliError } from "../cli/cli_error.ts";
 import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
@@ -197,6 +197,108 @@ Deno.test("the failure of fetch is described in a few words", () => {
   assert.equal(
     describeNetworkError(new TypeError("dns error: failed to lookup address")),
     "host not found",
+  );
+});
+
+Deno.test("an auth server's refusal is one line that says what failed once, then why", async (t) => {
+  const alice = { username: "alice", password: "secretpw1" };
+  /** A fetch that answers every request with `status` and `body`. */
+  function answering(
+    status: number,
+    body: string,
+    headers: Record<string, string> = {},
+  ): typeof fetch {
+    return () => Promise.resolve(new Response(body, { status, headers }));
+  }
+  async function failure(call: Promise<unknown>): Promise<CliError> {
+    const err = await call.then(() => undefined, (e: unknown) => e);
+    assert.ok(err instanceof CliError, String(err));
+    assert.equal(err.exitCode, 1);
+    assert.ok(!err.message.includes("\n"), err.message);
+    return err;
+  }
+  const json = (error: string, message: string) =>
+    JSON.stringify({ error, message });
+
+  await t.step("a taken name", async () => {
+    const err = await failure(registerUser("http://a", alice, {
+      fetch: answering(
+        409,
+        json("username_taken", 'Cannot register "alice": username is taken'),
+      ),
+    }));
+    assert.equal(
+      err.message,
+      'cannot register "alice": username is taken (username_taken)',
+    );
+  });
+  await t.step("a wrong password", async () => {
+    const err = await failure(loginUser("http://a", alice, {
+      fetch: answering(
+        401,
+        json(
+          "invalid_credentials",
+          "Cannot log in: wrong username or password",
+        ),
+      ),
+    }));
+    assert.equal(
+      err.message,
+      'cannot log in as "alice": wrong username or password (invalid_credentials)',
+    );
+  });
+  await t.step("a throttle names its wait once", async (t) => {
+    await t.step("when the message already says it", async () => {
+      const err = await failure(loginUser("http://a", alice, {
+        fetch: answering(
+          429,
+          json(
+            "rate_limited",
+            "Cannot log in now: too many attempts, retry in 7 s",
+          ),
+          { "retry-after": "7" },
+        ),
+      }));
+      assert.equal(
+        err.message,
+        'cannot log in as "alice": too many attempts, retry in 7 s (rate_limited)',
+      );
+    });
+    await t.step("when only Retry-After says it", async () => {
+      const err = await failure(loginUser("http://a", alice, {
+        fetch: answering(429, json("rate_limited", "Too many attempts."), {
+          "retry-after": "7",
+        }),
+      }));
+      assert.equal(
+        err.message,
+        'cannot log in as "alice": too many attempts (rate_limited, try again in 7s)',
+      );
+    });
+  });
+  await t.step("an answer without a readable error", async () => {
+    const err = await failure(registerUser("http://a", alice, {
+      fetch: answering(502, "<html>Bad Gateway</html>"),
+    }));
+    assert.equal(
+      err.message,
+      'cannot register "alice": the auth server at http://a answered HTTP 502 without a readable error',
+    );
+  });
+  await t.step(
+    "line breaks and control characters cannot get through",
+    async () => {
+      const err = await failure(registerUser("http://a", {
+        username: "al\nice",
+        password: "secretpw1",
+      }, {
+        fetch: answering(400, json("invalid_username", "Bad\r\nname\u001b[2J")),
+      }));
+      assert.equal(
+        err.message,
+        'cannot register "al ice": bad name [2J (invalid_username)',
+      );
+    },
   );
 });
 
