@@ -101,6 +101,8 @@ export interface SessionInfo {
 interface User {
   name: string;
   conns: Set<Conn>;
+  /** Upgraded connections not open yet: they count against the cap too. */
+  pending: number;
   bucket: TokenBucket;
   /** client_id → the echo line of the message it sent, with when it was sent. */
   sent: Map<string, { line: string; at: number }>;
@@ -211,7 +213,8 @@ export class ConnectionManager {
   userAtCapacity(username: string): boolean {
     if (!this.#rateLimits) return false;
     const user = this.#users.get(username.toLowerCase());
-    return (user?.conns.size ?? 0) >= this.#limits.maxConnectionsPerUser;
+    if (user === undefined) return false;
+    return user.conns.size + user.pending >= this.#limits.maxConnectionsPerUser;
   }
 
   /** Takes over an upgraded socket; its address reservation moves with it. */
@@ -244,8 +247,10 @@ export class ConnectionManager {
       markClosed,
     };
     let settled = false;
+    user.pending++;
     socket.binaryType = "arraybuffer";
     socket.onopen = () => {
+      user.pending--;
       if (this.#closing) {
         settled = true;
         this.releaseAddress(conn.address);
@@ -260,6 +265,7 @@ export class ConnectionManager {
       conn.markClosed();
       if (!settled) {
         settled = true;
+        user.pending--;
         this.releaseAddress(conn.address);
         return;
       }
@@ -297,6 +303,7 @@ export class ConnectionManager {
       user = {
         name: username,
         conns: new Set(),
+        pending: 0,
         bucket: new TokenBucket(
           this.#limits.messageBurst,
           this.#limits.messagesPerSecond,
@@ -342,9 +349,10 @@ export class ConnectionManager {
   #drop(conn: Conn, code?: number, reason?: string): void {
     if (!conn.open) return;
     conn.open = false;
+    const pending = conn.outbox;
+    conn.outbox = [];
     this.#conns.delete(conn);
     this.#dirty.delete(conn);
-    conn.outbox = [];
     conn.user.conns.delete(conn);
     conn.user.lastSeen = this.#now();
     const entry = this.#tokens.get(conn.token);
@@ -357,11 +365,25 @@ export class ConnectionManager {
     }
     conn.rooms.clear();
     if (code !== undefined) {
+      const socket = conn.socket;
       try {
-        conn.socket.close(code, reason);
+        // What was queued goes first (the warnings before a flood close),
+        // unless the peer's backlog is the reason for closing.
+        if (pending.length > 0 && code !== CloseCode.tryAgainLater) {
+          socket.send(pending.join("\n"));
+        }
       } catch {
         // Already closing.
       }
+      // Closing from inside onmessage while more of the peer's frames wait
+      // to be read loses the close frame in this runtime: close on the next turn.
+      setTimeout(() => {
+        try {
+          socket.close(code, reason);
+        } catch {
+          // Already closing.
+        }
+      }, 0);
     }
     this.#log(
       `chat: disconnect user=${conn.user.name} conn=${conn.id}${
@@ -715,7 +737,7 @@ export class ConnectionManager {
       const now = this.#now();
       for (const [key, user] of this.#users) {
         if (
-          user.conns.size === 0 &&
+          user.conns.size === 0 && user.pending === 0 &&
           now - user.lastSeen > this.#limits.dedupWindowMs
         ) {
           this.#users.delete(key);

@@ -267,6 +267,7 @@ export interface RawResponse {
 /**
  * Sends a WebSocket upgrade request over a raw TCP connection and reads the
  * answer's status and body (a 101 leaves the body empty), then closes.
+ * `headers` add to or replace the handshake's; an empty value leaves one out.
  */
 export async function rawUpgrade(
   port: number,
@@ -275,14 +276,19 @@ export async function rawUpgrade(
 ): Promise<RawResponse> {
   const conn = await Deno.connect({ hostname: "127.0.0.1", port });
   try {
+    const all: Record<string, string> = {
+      host: `127.0.0.1:${port}`,
+      upgrade: "websocket",
+      connection: "Upgrade",
+      "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+      "sec-websocket-version": "13",
+    };
+    for (const [k, v] of Object.entries(headers)) all[k.toLowerCase()] = v;
     const lines = [
       `GET ${path} HTTP/1.1`,
-      `Host: 127.0.0.1:${port}`,
-      "Upgrade: websocket",
-      "Connection: Upgrade",
-      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-      "Sec-WebSocket-Version: 13",
-      ...Object.entries(headers).map(([k, v]) => `${k}: ${v}`),
+      ...Object.entries(all).filter(([, v]) => v !== "").map(([k, v]) =>
+        `${k}: ${v}`
+      ),
       "",
       "",
     ];
@@ -389,4 +395,91 @@ export async function openRawWebSocket(
   ].join("\r\n");
   await conn.write(new TextEncoder().encode(request));
   return conn;
+}
+
+/** A masked client WebSocket frame, as a browser would put it on the wire. */
+export function clientWireFrame(
+  opcode: number,
+  payload: Uint8Array | string,
+): Uint8Array {
+  const body = typeof payload === "string"
+    ? new TextEncoder().encode(payload)
+    : payload;
+  const extra = body.length < 126 ? 0 : body.length < 65536 ? 2 : 8;
+  const out = new Uint8Array(2 + extra + 4 + body.length);
+  const view = new DataView(out.buffer);
+  out[0] = 0x80 | opcode;
+  if (extra === 0) out[1] = 0x80 | body.length;
+  else if (extra === 2) {
+    out[1] = 0x80 | 126;
+    view.setUint16(2, body.length);
+  } else {
+    out[1] = 0x80 | 127;
+    view.setBigUint64(2, BigInt(body.length));
+  }
+  const mask = crypto.getRandomValues(new Uint8Array(4));
+  out.set(mask, 2 + extra);
+  for (let i = 0; i < body.length; i++) {
+    out[2 + extra + 4 + i] = body[i]! ^ mask[i & 3]!;
+  }
+  return out;
+}
+
+/** What a raw client read before the server's close frame (or the end). */
+export interface RawReading {
+  /** The text frames' payloads, in order. */
+  texts: string[];
+  /** The close frame's code, or undefined if the stream ended without one. */
+  closeCode?: number;
+}
+
+/**
+ * Reads server frames from a raw connection opened with
+ * {@linkcode openRawWebSocket} (skipping the handshake answer) until the
+ * server's close frame or the end of the stream.
+ */
+export async function readRawFrames(conn: Deno.Conn): Promise<RawReading> {
+  const texts: string[] = [];
+  const decoder = new TextDecoder();
+  let data = new Uint8Array(0);
+  let pos = -1;
+  const buf = new Uint8Array(64 * 1024);
+  while (true) {
+    const n = await conn.read(buf).catch(() => null);
+    if (n === null) return { texts };
+    const next = new Uint8Array(data.length + n);
+    next.set(data);
+    next.set(buf.subarray(0, n), data.length);
+    data = next;
+    if (pos < 0) {
+      const end = decoder.decode(data).indexOf("\r\n\r\n");
+      if (end < 0) continue;
+      pos = end + 4;
+    }
+    const view = new DataView(data.buffer);
+    while (pos + 2 <= data.length) {
+      const opcode = data[pos]! & 0x0f;
+      let length = data[pos + 1]! & 0x7f;
+      let head = 2;
+      if (length === 126) {
+        if (pos + 4 > data.length) break;
+        length = view.getUint16(pos + 2);
+        head = 4;
+      } else if (length === 127) {
+        if (pos + 10 > data.length) break;
+        length = Number(view.getBigUint64(pos + 2));
+        head = 10;
+      }
+      if (pos + head + length > data.length) break;
+      const payload = data.subarray(pos + head, pos + head + length);
+      pos += head + length;
+      if (opcode === 1) texts.push(decoder.decode(payload));
+      if (opcode === 8) {
+        return {
+          texts,
+          closeCode: length >= 2 ? view.getUint16(pos - length) : 1005,
+        };
+      }
+    }
+  }
 }

@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
 import {
+  clientWireFrame,
   login,
   openRawWebSocket,
   rawUpgrade,
+  readRawFrames,
   startStack,
   TestClient,
   waitFor,
@@ -68,6 +70,63 @@ Deno.test("sustained flooding closes the connection with 1008", async () => {
   }
 });
 
+Deno.test("a flood that arrives in one write is answered, then closed with 1008 or 1009", async (t) => {
+  const stack = await startStack({ rateLimits: true });
+  try {
+    const token = await login(stack.auth.url, "alice");
+    const concat = (frames: Uint8Array[]) => {
+      const all = new Uint8Array(frames.reduce((n, f) => n + f.length, 0));
+      let at = 0;
+      for (const f of frames) {
+        all.set(f, at);
+        at += f.length;
+      }
+      return all;
+    };
+    await t.step(
+      "200 pings at once: rate_limited warnings, then 1008",
+      async () => {
+        const conn = await openRawWebSocket(stack.chat.port, token);
+        try {
+          const ping = clientWireFrame(1, '{"type":"ping"}');
+          await conn.write(concat(Array.from({ length: 200 }, () => ping)));
+          const reading = await readRawFrames(conn);
+          assert.equal(reading.closeCode, 1008);
+          const frames = reading.texts.flatMap((t) => t.split("\n"))
+            .map((l) => JSON.parse(l));
+          assert.equal(frames[0].type, "welcome");
+          assert.ok(frames.some((f) => f.type === "pong"));
+          assert.ok(frames.some((f) => f.error === "rate_limited"));
+        } finally {
+          conn.close();
+        }
+      },
+    );
+    await t.step(
+      "a ping then a 70 KiB frame at once: pong, then 1009",
+      async () => {
+        const conn = await openRawWebSocket(stack.chat.port, token);
+        try {
+          await conn.write(concat([
+            clientWireFrame(1, '{"type":"ping"}'),
+            clientWireFrame(1, "x".repeat(70 * 1024)),
+            clientWireFrame(1, '{"type":"ping"}'),
+          ]));
+          const reading = await readRawFrames(conn);
+          assert.equal(reading.closeCode, 1009);
+          const types = reading.texts.flatMap((t) => t.split("\n"))
+            .map((l) => JSON.parse(l).type);
+          assert.deepEqual(types, ["welcome", "pong"]);
+        } finally {
+          conn.close();
+        }
+      },
+    );
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("connections over the per-user or per-address cap get 429 before any upgrade", async (t) => {
   const stack = await startStack({
     rateLimits: true,
@@ -109,6 +168,37 @@ Deno.test("connections over the per-user or per-address cap get 429 before any u
     await a2.close();
     await bob.close();
   } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("simultaneous upgrades of one user cannot pass the per-user cap together", async () => {
+  const stack = await startStack({
+    rateLimits: true,
+    chatLimits: { maxConnectionsPerUser: 3 },
+  });
+  const conns: Deno.Conn[] = [];
+  try {
+    const token = await login(stack.auth.url, "alice");
+    conns.push(
+      ...await Promise.all(
+        Array.from(
+          { length: 12 },
+          () => openRawWebSocket(stack.chat.port, token),
+        ),
+      ),
+    );
+    const statuses = await Promise.all(conns.map(async (conn) => {
+      const buf = new Uint8Array(64);
+      const n = await conn.read(buf);
+      return Number(
+        new TextDecoder().decode(buf.subarray(0, n ?? 0)).split(" ")[1],
+      );
+    }));
+    assert.equal(statuses.filter((s) => s === 101).length, 3, `${statuses}`);
+    assert.equal(statuses.filter((s) => s === 429).length, 9, `${statuses}`);
+  } finally {
+    for (const conn of conns) conn.close();
     await stack.close();
   }
 });
