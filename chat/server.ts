@@ -235,9 +235,22 @@ export function createChatHandler(
           `Too many connections for ${check.username}`,
         );
       }
-      const { socket, response } = Deno.upgradeWebSocket(req, {
-        idleTimeout: idleTimeoutSeconds,
-      });
+      let upgrade;
+      try {
+        upgrade = Deno.upgradeWebSocket(req, {
+          idleTimeout: idleTimeoutSeconds,
+        });
+      } catch (err) {
+        // A malformed handshake (no Sec-WebSocket-Key, a wrong version...).
+        return jsonError(
+          400,
+          "invalid_request",
+          `Not a valid WebSocket handshake: ${
+            err instanceof Error ? err.message : err
+          }`,
+        );
+      }
+      const { socket, response } = upgrade;
       manager.accept(socket, {
         username: check.username,
         token,

@@ -63,6 +63,31 @@ Deno.test("non-upgrade requests get 426, other paths 404, /health 200", async ()
   }
 });
 
+Deno.test("a malformed WebSocket handshake gets 400 JSON, not a server error", async () => {
+  const stack = await startStack();
+  try {
+    const token = await login(stack.auth.url, "alice");
+    const broken: Record<string, string>[] = [
+      { "sec-websocket-key": "" },
+      { connection: "" },
+    ];
+    for (const headers of broken) {
+      const res = await rawUpgrade(stack.chat.port, "/ws", {
+        ...headers,
+        authorization: `Bearer ${token}`,
+      });
+      assert.equal(res.status, 400, JSON.stringify(headers));
+      assert.equal(JSON.parse(res.body).error, "invalid_request");
+    }
+    assert.equal(stack.chat.connections, 0);
+    // The refused attempts gave their address reservations back.
+    const alice = await TestClient.connect(stack.chat.url, token);
+    await alice.close();
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("an unreachable or slow auth server gives 503 auth_unavailable, not 401 and not a hang", async () => {
   const { createChatServer } = await import("../chat/server.ts");
   const dataDir = await Deno.makeTempDir();
