@@ -38,7 +38,7 @@ export const SERVER_USAGE =
   --auth-port PORT   with 'start': the auth server's port
   --chat-port PORT   with 'start': the chat server's port
   --data-dir DIR     data directory (DATA_DIR, default ./data)
-  --auth-url URL     where the chat server reaches the auth server (AUTH_URL)
+  --auth-url URL     with 'chat': where it reaches the auth server (AUTH_URL)
   --chat-url URL     chat address handed out by /login (CHAT_PUBLIC_URL)
   --session-ttl S    session lifetime in seconds (SESSION_TTL, default 86400)
   --help             show this help`;
@@ -86,7 +86,15 @@ export function parseServerConfig(
       "Cannot use --port with start: use --auth-port and --chat-port",
     );
   }
-  const authUrl = parsed["auth-url"] ?? env("AUTH_URL");
+  if (role === "start" && parsed["auth-url"] !== undefined) {
+    throw new ConfigError(
+      "Cannot use --auth-url with start: its chat server uses the auth server it starts",
+    );
+  }
+  // With start, AUTH_URL (often set for the client) does not redirect the chat server.
+  const authUrl = role === "start"
+    ? undefined
+    : parsed["auth-url"] ?? env("AUTH_URL");
   const chatPublicUrl = parsed["chat-url"] ?? env("CHAT_PUBLIC_URL");
   if (authUrl !== undefined) checkUrl("auth URL", authUrl, ["http:", "https:"]);
   if (chatPublicUrl !== undefined) {

@@ -4,8 +4,9 @@
  * one process, until SIGINT or SIGTERM.
  *
  * The chat server starts first so that, with port 0, `/login` hands out its
- * real address; the chat server reaches the auth server at `AUTH_URL`, or at
- * the auth server's real address when that is not set.
+ * real address; it checks tokens with the auth server started here, at that
+ * server's real address (`AUTH_URL` is for `deno task chat` and the client,
+ * which find the auth server elsewhere).
  *
  * @module
  */
@@ -39,15 +40,15 @@ for (const signal of ["SIGINT", "SIGTERM"] as const) {
 }
 
 const log = (line: string) => console.error(line);
-let authUrl = config.authUrl;
 let chat;
-let auth;
+let auth: Awaited<ReturnType<typeof createAuthServer>> | undefined;
 try {
   chat = await createChatServer({
     hostname: config.chatHost,
     port: config.chatPort,
     dataDir: config.dataDir,
-    authUrl: () => authUrl ?? "http://127.0.0.1:8000",
+    // Until the auth server listens, port 0 refuses: 503 auth_unavailable.
+    authUrl: () => auth?.url ?? "http://127.0.0.1:0",
     allowedOrigins: config.allowedOrigins,
     rateLimits: config.rateLimits,
     log,
@@ -68,7 +69,6 @@ try {
     await chat.shutdown();
     throw err;
   }
-  authUrl ??= auth.url;
 } catch (err) {
   console.error(
     `start: cannot start: ${err instanceof Error ? err.message : err}`,

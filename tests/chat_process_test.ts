@@ -1,11 +1,15 @@
 import assert from "node:assert/strict";
 import { LineWatcher, login, REPO_ROOT, TestClient } from "./_harness.ts";
 
-function startProcess(args: string[], dataDir: string) {
+function startProcess(
+  args: string[],
+  dataDir: string,
+  env: Record<string, string> = {},
+) {
   const child = new Deno.Command(Deno.execPath(), {
     args,
     cwd: REPO_ROOT,
-    env: { RATE_LIMITS: "off", DATA_DIR: dataDir, NO_COLOR: "1" },
+    env: { RATE_LIMITS: "off", DATA_DIR: dataDir, NO_COLOR: "1", ...env },
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -22,6 +26,8 @@ Deno.test("deno task start runs both servers on port 0, hands out the real chat 
   const { child, stdout, stderr } = startProcess(
     ["task", "start", "--auth-port", "0", "--chat-port", "0"],
     dataDir,
+    // Set for the client in the same shell: the chat server must not follow it.
+    { AUTH_URL: "http://127.0.0.1:9" },
   );
   try {
     const authLine = await stdout.waitFor(
