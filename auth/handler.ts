@@ -84,11 +84,10 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   } = options;
   const limits: AuthLimits = { ...DEFAULT_AUTH_LIMITS, ...options.limits };
   const hashes = new HashLimiter({
-    concurrency: limits.hashConcurrency,
+    concurrency: limits.hashThreads,
     maxWaiting: limits.maxHashWaiting,
   });
-  // Admitted checks queue again for a thread: memory and CPU stay bounded by hashThreads.
-  const threads = new HashLimiter({ concurrency: limits.hashThreads });
+  // A hash running or waiting is a change on its way: writes wait for it to group.
   store.setCommitDelay(limits.maxCommitDelayMs, () => hashes.pending > 0);
   const loginThrottle = new LoginThrottle(limits, now);
   const registrationThrottle = new RegistrationThrottle(limits, now);
@@ -128,7 +127,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
 
   async function hashJob<T>(job: () => Promise<T>): Promise<T> {
     try {
-      return await hashes.run(() => threads.run(job));
+      return await hashes.run(job);
     } catch (err) {
       if (!(err instanceof HashBusyError)) throw err;
       throw new HttpError(

@@ -9,8 +9,8 @@
 export interface HashLimiterOptions {
   /** Jobs running at once. */
   concurrency: number;
-  /** Jobs waiting for a turn; one more is refused with {@linkcode HashBusyError}. Default: no bound. */
-  maxWaiting?: number;
+  /** Jobs waiting for a turn; one more is refused with {@linkcode HashBusyError}. */
+  maxWaiting: number;
 }
 
 /** Thrown by {@linkcode HashLimiter.run} when the waiting line is full. */
@@ -27,16 +27,13 @@ export class HashLimiter {
 
   /** Builds a limiter; both bounds must be whole numbers (concurrency at least 1). */
   constructor(options: HashLimiterOptions) {
-    const { concurrency, maxWaiting = Infinity } = options;
+    const { concurrency, maxWaiting } = options;
     if (!Number.isInteger(concurrency) || concurrency < 1) {
       throw new RangeError(
         `Cannot use hash concurrency ${concurrency}: expected a whole number above 0`,
       );
     }
-    if (
-      maxWaiting !== Infinity &&
-      (!Number.isInteger(maxWaiting) || maxWaiting < 0)
-    ) {
+    if (!Number.isInteger(maxWaiting) || maxWaiting < 0) {
       throw new RangeError(
         `Cannot use ${maxWaiting} waiting hashes: expected a whole number`,
       );

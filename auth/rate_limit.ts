@@ -25,22 +25,21 @@ export interface AuthLimits {
   /** Then one registration per this interval. Default 6 s. */
   registrationIntervalMs: number;
   /**
-   * Password checks in flight at once; with `maxHashWaiting` this is how many
-   * simultaneous requests are served before 503 busy (36 + 64 = 100). Not
-   * lifted by `rateLimits: false`. Default 36.
-   */
-  hashConcurrency: number;
-  /**
-   * Of the checks in flight, how many compute Argon2id at the same moment.
-   * Each holds 19 MiB, and more than the cores brings no speed, only memory
-   * and CPU taken from `/validate_token`. Default 4.
+   * Password hashes (Argon2id) computed at the same moment. Each holds
+   * 19 MiB, and more than the cores brings no speed, only memory and CPU
+   * taken from `/validate_token`. Not lifted by `rateLimits: false`. Default 4.
    */
   hashThreads: number;
-  /** Requests that may wait beyond `hashConcurrency`; the next gets 503 busy. Not lifted by `rateLimits: false`. Default 64. */
+  /**
+   * Requests that may wait for a hash while `hashThreads` compute; the next
+   * gets 503 busy, so at most `hashThreads + maxHashWaiting` (4 + 64 = 68)
+   * requests needing a hash are served at once. Not lifted by
+   * `rateLimits: false`. Default 64.
+   */
   maxHashWaiting: number;
   /**
-   * Group commit: while password checks are still in flight (more changes
-   * are coming), a file write waits for them up to this long, so a burst
+   * Group commit: while password checks are running or waiting (more
+   * changes are coming), a file write waits for them up to this long, so a burst
    * shares few writes. An idle server writes at once. Default 300 ms.
    */
   maxCommitDelayMs: number;
@@ -60,7 +59,6 @@ export const DEFAULT_AUTH_LIMITS: Readonly<AuthLimits> = Object.freeze({
   loginFailuresPerAddressHour: 100,
   registrationBurst: 3,
   registrationIntervalMs: 6_000,
-  hashConcurrency: 36,
   hashThreads: 4,
   maxHashWaiting: 64,
   maxCommitDelayMs: 300,

@@ -210,15 +210,17 @@ Deno.test("kill -9 in the middle of a burst of registrations loses no registrati
       rateLimits: false,
     });
     try {
-      const logins = await Promise.all(
-        acknowledged.map((username) =>
-          post(server.url, "/login", { username, password: PASSWORD })
-        ),
-      );
-      assert.deepEqual(
-        logins.map((l) => l.status),
-        acknowledged.map(() => 200),
-      );
+      // In batches: more than 68 logins at once would meet the hashing bound.
+      const statuses: number[] = [];
+      for (let i = 0; i < acknowledged.length; i += 32) {
+        const logins = await Promise.all(
+          acknowledged.slice(i, i + 32).map((username) =>
+            post(server.url, "/login", { username, password: PASSWORD })
+          ),
+        );
+        statuses.push(...logins.map((l) => l.status));
+      }
+      assert.deepEqual(statuses, acknowledged.map(() => 200));
     } finally {
       await server.shutdown();
     }
@@ -275,7 +277,7 @@ Deno.test("a second entry point on the same data directory refuses to start, and
   }
 });
 
-Deno.test("100 parallel logins keep memory bounded while /validate_token stays responsive", async () => {
+Deno.test("100 parallel logins keep memory bounded while /validate_token stays responsive; at least 68 are served, the rest get 503 busy", async () => {
   const dataDir = await Deno.makeTempDir({ prefix: "auth_proc_" });
   try {
     const proc = await spawnAuth(["--port", "0", "--data-dir", dataDir]);
@@ -313,10 +315,15 @@ Deno.test("100 parallel logins keep memory bounded while /validate_token stays r
     const { code } = await proc.ended;
     assert.equal(code, 0);
 
-    const statuses = new Set(answers.map((a) => a.status));
+    const statuses = answers.map((a) => a.status);
     assert.ok(
-      [...statuses].every((s) => s === 200 || s === 503),
-      [...statuses].join(),
+      statuses.every((s) => s === 200 || s === 503),
+      statuses.join(),
+    );
+    // Logins arrive over time and early ones may finish first: at least 68 are served.
+    assert.ok(
+      statuses.filter((s) => s === 200).length >= 68,
+      statuses.join(),
     );
     const slowest = Math.max(...latencies);
     const mib = (n: number) => Math.round(n / 1048576);

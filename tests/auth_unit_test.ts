@@ -294,3 +294,70 @@ Deno.test("the handler answers requests built with new Request", async (t) => {
     await Deno.remove(dataDir, { recursive: true });
   }
 });
+
+function jsonPost(path: string, body: unknown): Request {
+  return new Request(`http://a${path}`, {
+    method: "POST",
+    body: JSON.stringify(body),
+  });
+}
+
+Deno.test("with the default limits, 68 requests needing a hash at once are all served and the 69th gets 503 busy", async (t) => {
+  const { hashThreads, maxHashWaiting } = DEFAULT_AUTH_LIMITS;
+  assert.equal(hashThreads, 4);
+  assert.equal(maxHashWaiting, 64, "the contract's bound");
+  const bound = hashThreads + maxHashWaiting;
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_unit_" });
+  const store = await AuthStore.open(dataDir);
+  // The throttles are off, as with RATE_LIMITS=off: the hash bound stays.
+  const handle = createAuthHandler({
+    store,
+    chatUrl: "ws://chat/ws",
+    rateLimits: false,
+  });
+  const password = "password1";
+  try {
+    // Every call below reaches the hash limiter before the first hash (tens of ms) ends.
+    await t.step(`${bound} registrations at once are all served`, async () => {
+      const answers = await Promise.all(
+        Array.from(
+          { length: bound },
+          (_, i) =>
+            handle(
+              jsonPost("/register", { username: `user${i}`, password }),
+              info,
+            ),
+        ),
+      );
+      for (const res of answers) await res.body?.cancel();
+      assert.deepEqual(answers.map((r) => r.status), Array(bound).fill(201));
+    });
+    await t.step(
+      `${
+        bound + 1
+      } logins at once: ${bound} are served, the last gets 503 busy with Retry-After`,
+      async () => {
+        const answers = await Promise.all(
+          Array.from(
+            { length: bound + 1 },
+            (_, i) =>
+              handle(
+                jsonPost("/login", { username: `user${i % bound}`, password }),
+                info,
+              ),
+          ),
+        );
+        const busy = answers.filter((r) => r.status === 503);
+        const served = answers.filter((r) => r.status !== 503);
+        for (const res of served) await res.body?.cancel();
+        assert.deepEqual(served.map((r) => r.status), Array(bound).fill(200));
+        assert.equal(busy.length, 1);
+        assert.equal(busy[0]?.headers.get("retry-after"), "1");
+        assert.equal((await busy[0]?.json()).error, "busy");
+      },
+    );
+  } finally {
+    await store.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
