@@ -117,8 +117,14 @@ interface Conn {
   address: string;
   /** Rooms in join order; the last is the current room. */
   rooms: Set<string>;
+  /** Lines waiting for the next flush (the array is reused). */
   outbox: string[];
   outboxBytes: number;
+  /**
+   * An upper bound of the bytes the runtime holds unsent: its
+   * `bufferedAmount` when last read, plus what was handed to it since.
+   */
+  backlogBound: number;
   open: boolean;
   frames: TokenBucket;
   strikes: TokenBucket;
@@ -151,7 +157,8 @@ export class ConnectionManager {
   #tokens = new Map<string, TokenEntry>();
   #addresses = new Map<string, number>();
   #conns = new Set<Conn>();
-  #dirty = new Set<Conn>();
+  /** Connections whose outbox became non-empty since the last flush. */
+  #dirty: Conn[] = [];
   #flushTimer: ReturnType<typeof setTimeout> | undefined;
   #recheckTimer: ReturnType<typeof setInterval>;
   #rechecking = false;
@@ -232,6 +239,7 @@ export class ConnectionManager {
       rooms: new Set(),
       outbox: [],
       outboxBytes: 0,
+      backlogBound: 0,
       open: false,
       frames: new TokenBucket(
         this.#limits.frameBurst,
@@ -352,7 +360,6 @@ export class ConnectionManager {
     const pending = conn.outbox;
     conn.outbox = [];
     this.#conns.delete(conn);
-    this.#dirty.delete(conn);
     conn.user.conns.delete(conn);
     conn.user.lastSeen = this.#now();
     const entry = this.#tokens.get(conn.token);
@@ -518,11 +525,11 @@ export class ConnectionManager {
       if (wait > 0) return this.#limited(conn, wait, now);
     }
     const room = this.#rooms.get(roomName)!;
-    const message = this.#history.append(roomName, user.name, frame.text);
-    const line = JSON.stringify(message);
+    const { line } = this.#history.append(roomName, user.name, frame.text);
     let own = line;
     if (clientId !== undefined) {
-      own = JSON.stringify({ ...message, client_id: clientId });
+      // The line is a JSON object: the sender's echo adds its client_id.
+      own = `${line.slice(0, -1)},"client_id":${JSON.stringify(clientId)}}`;
       this.#remember(user, clientId, own, now);
     }
     for (const c of room.conns) this.#send(c, c.user === user ? own : line);
@@ -683,33 +690,37 @@ export class ConnectionManager {
   /** Queues one serialised frame for a connection; written at the next flush. */
   #send(conn: Conn, line: string): void {
     if (!conn.open) return;
-    conn.outbox.push(line);
+    const outbox = conn.outbox;
+    outbox.push(line);
     conn.outboxBytes += line.length;
-    if (conn.outboxBytes >= WRITE_NOW_BYTES) {
-      // A burst: write now rather than hold a large queue of our own.
-      this.#write(conn);
-      return;
+    if (outbox.length === 1) {
+      this.#dirty.push(conn);
+      this.#flushTimer ??= setTimeout(this.#flush, this.#limits.coalesceMs);
     }
-    this.#dirty.add(conn);
-    if (this.#flushTimer === undefined) {
-      this.#flushTimer = setTimeout(this.#flush, this.#limits.coalesceMs);
-    }
+    // A burst: write now rather than hold a large queue of our own.
+    if (conn.outboxBytes >= WRITE_NOW_BYTES) this.#write(conn);
   }
 
   /** Writes a connection's queue as one frame, or drops it if it is not keeping up. */
   #write(conn: Conn): void {
-    if (!conn.open || conn.outbox.length === 0) return;
-    const data = conn.outbox.length === 1
-      ? conn.outbox[0]!
-      : conn.outbox.join("\n");
-    conn.outbox = [];
+    const outbox = conn.outbox;
+    if (!conn.open || outbox.length === 0) return;
+    const data = outbox.length === 1 ? outbox[0]! : outbox.join("\n");
+    outbox.length = 0;
     conn.outboxBytes = 0;
     // What the runtime still holds unsent decides; one large answer (a long
     // history page) may pass, a reader that stopped cannot pile up more.
-    if (conn.socket.bufferedAmount > this.#limits.maxBufferedBytes) {
-      this.#drop(conn, CloseCode.tryAgainLater, "too slow to keep up");
-      return;
+    // Reading it is a call into the runtime: only when the bound says the
+    // limit could have been passed (a UTF-16 unit is at most 3 UTF-8 bytes).
+    if (conn.backlogBound > this.#limits.maxBufferedBytes) {
+      const buffered = conn.socket.bufferedAmount;
+      if (buffered > this.#limits.maxBufferedBytes) {
+        this.#drop(conn, CloseCode.tryAgainLater, "too slow to keep up");
+        return;
+      }
+      conn.backlogBound = buffered;
     }
+    conn.backlogBound += data.length * 3;
     try {
       conn.socket.send(data);
     } catch {
@@ -718,15 +729,13 @@ export class ConnectionManager {
   }
 
   #flush = (): void => {
-    if (this.#flushTimer !== undefined) {
-      clearTimeout(this.#flushTimer);
-      this.#flushTimer = undefined;
-    }
-    // Drops below may queue presence frames: those land in this same pass.
-    for (const conn of this.#dirty) {
-      this.#dirty.delete(conn);
-      this.#write(conn);
-    }
+    // Writes (and drops) below may queue more frames, presence for instance:
+    // those land in this same pass, as the loop reads the growing array.
+    const dirty = this.#dirty;
+    for (let i = 0; i < dirty.length; i++) this.#write(dirty[i]!);
+    dirty.length = 0;
+    clearTimeout(this.#flushTimer);
+    this.#flushTimer = undefined;
   };
 
   /** Closes connections whose session ended; one auth call per distinct token. */

@@ -102,8 +102,15 @@ export class HistoryStore {
     return this.#rooms.keys();
   }
 
-  /** Stores a new message and returns it with its id and timestamp. */
-  append(room: string, from: string, text: string): RoomMessage {
+  /**
+   * Stores a new message; returns it with its id and timestamp, and its JSON
+   * (serialised once: the same line goes to the file and to every recipient).
+   */
+  append(
+    room: string,
+    from: string,
+    text: string,
+  ): { message: RoomMessage; line: string } {
     let r = this.#rooms.get(room);
     if (r === undefined) {
       r = newRoom(room);
@@ -122,10 +129,11 @@ export class HistoryStore {
     if (r.messages.length >= this.#keep * 2) {
       r.messages.splice(0, r.messages.length - this.#keep);
     }
-    r.pending.push(JSON.stringify(message));
+    const line = JSON.stringify(message);
+    r.pending.push(line);
     this.#dirty.add(r);
     this.#schedule();
-    return message;
+    return { message, line };
   }
 
   /** The newest `limit` messages of a room, oldest first. */

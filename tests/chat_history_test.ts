@@ -20,7 +20,7 @@ Deno.test("history keeps the tail of each room across reopen and continues ids",
       "11",
       "12",
     ]);
-    assert.equal(again.append("dev", "bob", "next").id, "13");
+    assert.equal(again.append("dev", "bob", "next").message.id, "13");
     await again.close();
   } finally {
     await Deno.remove(dir, { recursive: true });
