@@ -167,10 +167,30 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
         `Cannot register "${username}": a password is ${MIN_PASSWORD_CHARS} to ${MAX_PASSWORD_CHARS} characters`,
       );
     }
+    // Malformed requests (400, 413) were refused above and cost nothing.
     if (rateLimits) {
       const wait = registrationThrottle.take(address);
       if (wait > 0) throw throttled("register", username, address, wait);
     }
+    try {
+      await addUser(username, normalized, address);
+    } catch (err) {
+      // A 409 keeps its cost: /register tells whether a name exists, so the
+      // throttle is what keeps it from listing users fast. A busy or failing
+      // server is not the client's fault.
+      const taken = err instanceof HttpError && err.code === "username_taken";
+      if (rateLimits && !taken) registrationThrottle.refund(address);
+      throw err;
+    }
+    event("register", "ok", username, address);
+    return jsonResponse(201, { username });
+  }
+
+  async function addUser(
+    username: string,
+    password: string,
+    address: string,
+  ): Promise<void> {
     const taken = () => {
       event("register", "fail", username, address, "reason=username_taken");
       return new HttpError(
@@ -180,15 +200,13 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
       );
     };
     if (store.getUser(username) !== undefined) throw taken();
-    const passwordHash = await hashJob(() => hashPassword(normalized));
+    const passwordHash = await hashJob(() => hashPassword(password));
     const added = await store.addUser({
       username,
       password_hash: passwordHash,
       created_at: new Date(now()).toISOString(),
     });
     if (!added) throw taken();
-    event("register", "ok", username, address);
-    return jsonResponse(201, { username });
   }
 
   async function login(req: Request, address: string): Promise<Response> {

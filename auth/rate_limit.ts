@@ -236,7 +236,10 @@ export class LoginThrottle {
   }
 }
 
-/** Registration throttle: a token bucket per client address. */
+/**
+ * Registration throttle: a token bucket per client address. Only requests
+ * that pass validation take a token (see the handler's `register`).
+ */
 export class RegistrationThrottle {
   #buckets: TokenBuckets;
   #now: () => number;
@@ -266,6 +269,11 @@ export class RegistrationThrottle {
       this.#buckets.sweep(now);
     }
     return this.#buckets.take(address, now);
+  }
+
+  /** Gives back a registration that did not happen through no fault of the client (busy server, server error). */
+  refund(address: string): void {
+    this.#buckets.refund(address, this.#now());
   }
 }
 

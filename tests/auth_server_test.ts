@@ -672,6 +672,37 @@ Deno.test("registrations are throttled per address with Retry-After", async () =
   });
 });
 
+Deno.test("refused registrations (400, 413) do not use the registration budget; a 409 does", async () => {
+  await withServer({ rateLimits: true }, async ({ url }) => {
+    const refused: [unknown, number, string][] = [
+      ["not json", 400, "invalid_json"],
+      [{ username: "x!", password: PASSWORD }, 400, "invalid_username"],
+      [{ password: PASSWORD }, 400, "invalid_username"],
+      [{ username: "olga", password: "short" }, 400, "invalid_password"],
+      [{ username: "olga" }, 400, "invalid_password"],
+      [
+        { username: "olga", password: "x".repeat(70 * 1024) },
+        413,
+        "payload_too_large",
+      ],
+    ];
+    // Twice over: 12 refusals, four times the burst of 3.
+    for (const [body, status, code] of [...refused, ...refused]) {
+      const answer = await call(url, "/register", body);
+      assert.equal(answer.status, status, code);
+      assert.equal(field(answer, "error"), code);
+    }
+    assert.equal((await register(url, "olga")).status, 201);
+    // A taken name costs a registration: /register must not list users fast.
+    assert.equal((await register(url, "OLGA")).status, 409);
+    assert.equal((await register(url, "olga2")).status, 201);
+    const fourth = await register(url, "olga3");
+    assert.equal(fourth.status, 429);
+    assert.equal(field(fourth, "error"), "rate_limited");
+    assert.equal(fourth.headers.get("retry-after"), "6");
+  });
+});
+
 Deno.test("throttle limits are configurable", async () => {
   await withServer(
     {

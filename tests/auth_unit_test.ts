@@ -190,6 +190,9 @@ Deno.test("registrations per address are a burst of 3, then one per 6 s", () => 
   now += 6000;
   assert.equal(throttle.take("10.0.0.1"), 0);
   assert.equal(throttle.take("10.0.0.1"), 6000);
+  throttle.refund("10.0.0.1");
+  assert.equal(throttle.take("10.0.0.1"), 0, "a refund gives one back");
+  assert.equal(throttle.take("10.0.0.1"), 6000);
 });
 
 function post(body: BodyInit | null, headers: Record<string, string> = {}) {
@@ -356,6 +359,35 @@ Deno.test("with the default limits, 68 requests needing a hash at once are all s
         assert.equal((await busy[0]?.json()).error, "busy");
       },
     );
+  } finally {
+    await store.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("a registration refused 503 busy does not use the registration budget", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_unit_" });
+  const store = await AuthStore.open(dataDir);
+  const handle = createAuthHandler({
+    store,
+    chatUrl: "ws://chat/ws",
+    limits: { hashThreads: 1, maxHashWaiting: 0, registrationBurst: 2 },
+  });
+  const password = "password1";
+  const register = (username: string) =>
+    handle(jsonPost("/register", { username, password }), info);
+  try {
+    // Both reach the hash limiter before the first hash ends: one runs, one is refused.
+    const pair = await Promise.all([register("ada"), register("bea")]);
+    const bodies = await Promise.all(pair.map((r) => r.json()));
+    assert.deepEqual(pair.map((r) => r.status).sort(), [201, 503]);
+    assert.ok(bodies.some((b) => b.error === "busy"));
+    const third = await register("cid");
+    await third.body?.cancel();
+    assert.equal(third.status, 201, "the busy one was refunded");
+    const fourth = await register("dot");
+    assert.equal(fourth.status, 429);
+    assert.equal((await fourth.json()).error, "rate_limited");
   } finally {
     await store.close();
     await Deno.remove(dataDir, { recursive: true });
