@@ -15,7 +15,7 @@ export interface ReadJsonObjectOptions {
 
 /**
  * The body of `req` as a JSON object. Throws {@linkcode HttpError} 413
- * `payload_too_large` above `maxBytes`, 400 `invalid_json` when the body is
+ * `payload_too_large` (with `Connection: close`) above `maxBytes`, 400 `invalid_json` when the body is
  * not a JSON object (empty, not UTF-8, not JSON, an array, `null`...).
  */
 export async function readJsonObject(
@@ -91,5 +91,7 @@ function tooLarge(maxBytes: number): HttpError {
     413,
     "payload_too_large",
     `Cannot read the request: the body is larger than ${maxBytes} bytes`,
+    // The rest of the body is never read, so the connection cannot carry another request.
+    { headers: { connection: "close" } },
   );
 }

@@ -430,7 +430,7 @@ async function rawExchange(
   }
 }
 
-Deno.test("a body declared over 64 KiB answers 413 without the server reading it", async () => {
+Deno.test("a body declared over 64 KiB answers 413 with Connection: close without the server reading it", async () => {
   await withServer({}, async ({ url }) => {
     const answer = await rawExchange(
       url,
@@ -439,11 +439,12 @@ Deno.test("a body declared over 64 KiB answers 413 without the server reading it
       [new TextEncoder().encode('{"username":')],
     );
     assert.match(answer, /^HTTP\/1\.1 413 /);
+    assert.match(answer, /\r\nconnection: close\r\n/i);
     assert.match(answer, /"error":"payload_too_large"/);
   });
 });
 
-Deno.test("a chunked body without Content-Length is cut off at 64 KiB with 413", async () => {
+Deno.test("a chunked body without Content-Length is cut off at 64 KiB with 413 and Connection: close", async () => {
   await withServer({}, async ({ url }) => {
     const chunk = new Uint8Array(16 * 1024).fill(0x20);
     const framed = new Uint8Array([
@@ -459,11 +460,12 @@ Deno.test("a chunked body without Content-Length is cut off at 64 KiB with 413",
       Array(5).fill(framed),
     );
     assert.match(answer, /^HTTP\/1\.1 413 /);
+    assert.match(answer, /\r\nconnection: close\r\n/i);
     assert.match(answer, /"error":"payload_too_large"/);
   });
 });
 
-Deno.test("a streamed fetch body over 64 KiB answers 413 before it is all sent", async () => {
+Deno.test("a streamed fetch body over 64 KiB answers 413 with Connection: close before it is all sent", async () => {
   await withServer({}, async ({ url }) => {
     let sent = 0;
     const body = new ReadableStream<Uint8Array>({
@@ -475,6 +477,7 @@ Deno.test("a streamed fetch body over 64 KiB answers 413 before it is all sent",
     });
     const res = await fetch(`${url}/register`, { method: "POST", body });
     assert.equal(res.status, 413);
+    assert.match(res.headers.get("connection") ?? "", /\bclose\b/i);
     assert.equal((await res.json()).error, "payload_too_large");
     assert.ok(sent < 64 * 1024 * 1024, `sent ${sent} bytes`);
     await body.cancel().catch(() => {});

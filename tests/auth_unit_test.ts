@@ -231,6 +231,7 @@ Deno.test("the body reader refuses a declared oversized body without reading it"
   assert.ok(err instanceof HttpError);
   assert.equal(err.status, 413);
   assert.equal(err.code, "payload_too_large");
+  assert.equal(err.headers.connection, "close", "the rest is never read");
   assert.ok(pulled <= 1, `pulled ${pulled}`);
 });
 
@@ -245,6 +246,7 @@ Deno.test("the body reader stops reading a streamed body at the limit", async ()
   const err = await readJsonObject(post(body), 64 * 1024).catch((e) => e);
   assert.ok(err instanceof HttpError);
   assert.equal(err.code, "payload_too_large");
+  assert.equal(err.headers.connection, "close");
   assert.ok(pulled <= 66, `pulled ${pulled} chunks of 1 KiB`);
 });
 
