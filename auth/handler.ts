@@ -68,7 +68,8 @@ const TOKEN_BYTES = 32;
 const SESSION_PRUNE_INTERVAL_MS = 60_000;
 
 interface Route {
-  method: string;
+  /** Methods answered, in the order `Allow` lists them. */
+  methods: string[];
   handle: (req: Request, address: string) => Promise<Response>;
 }
 
@@ -366,11 +367,11 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   }
 
   const routes = new Map<string, Route>([
-    ["/register", { method: "POST", handle: register }],
-    ["/login", { method: "POST", handle: login }],
-    ["/validate_token", { method: "POST", handle: validateToken }],
-    ["/logout", { method: "POST", handle: logout }],
-    ["/health", { method: "GET", handle: health }],
+    ["/register", { methods: ["POST"], handle: register }],
+    ["/login", { methods: ["POST"], handle: login }],
+    ["/validate_token", { methods: ["POST"], handle: validateToken }],
+    ["/logout", { methods: ["POST"], handle: logout }],
+    ["/health", { methods: ["GET", "HEAD"], handle: health }],
   ]);
 
   return async function handleAuthRequest(req, info) {
@@ -385,13 +386,13 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
         await discardBody(req);
         throw new HttpError(404, "not_found", `Cannot find ${path}`);
       }
-      if (req.method !== route.method) {
+      if (!route.methods.includes(req.method)) {
         await discardBody(req);
         throw new HttpError(
           405,
           "method_not_allowed",
-          `Cannot ${req.method} ${path}: use ${route.method}`,
-          { headers: { allow: route.method } },
+          `Cannot ${req.method} ${path}: use ${route.methods.join(" or ")}`,
+          { headers: { allow: route.methods.join(", ") } },
         );
       }
       const time = now();
@@ -405,7 +406,8 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
           )
         );
       }
-      return await route.handle(req, address);
+      const res = await route.handle(req, address);
+      return req.method === "HEAD" ? await withoutBody(res) : res;
     } catch (err) {
       if (err instanceof HttpError) return errorResponse(err);
       log(
@@ -436,6 +438,14 @@ function newToken(): string {
     /=+$/,
     "",
   );
+}
+
+/** The answer to HEAD: the GET answer's status and headers, its length, no body. */
+async function withoutBody(res: Response): Promise<Response> {
+  const length = (await res.arrayBuffer()).byteLength;
+  const headers = new Headers(res.headers);
+  headers.set("content-length", String(length));
+  return new Response(null, { status: res.status, headers });
 }
 
 function bearerToken(req: Request): string | undefined {

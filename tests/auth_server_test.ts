@@ -392,12 +392,54 @@ Deno.test("unknown paths answer 404 and wrong methods 405 with Allow", async () 
     assert.equal(wrong.status, 405);
     assert.equal(wrong.headers.get("allow"), "POST");
     assert.equal(field(wrong, "error"), "method_not_allowed");
+    const headLogin = await call(url, "/login", undefined, { method: "HEAD" });
+    assert.equal(headLogin.status, 405);
+    assert.equal(headLogin.headers.get("allow"), "POST");
     const health = await call(url, "/health", { a: 1 });
     assert.equal(health.status, 405);
-    assert.equal(health.headers.get("allow"), "GET");
+    assert.equal(health.headers.get("allow"), "GET, HEAD");
     const ok = await call(url, "/health", undefined, { method: "GET" });
     assert.equal(ok.status, 200);
     assert.deepEqual(ok.body, { status: "ok" });
+  });
+});
+
+Deno.test("HEAD /health answers 200 with the GET headers and no body", async () => {
+  await withServer({}, async ({ url }) => {
+    const res = await fetch(`${url}/health`, { method: "HEAD" });
+    assert.equal(res.status, 200);
+    assert.equal(res.headers.get("content-type"), "application/json");
+    assert.equal(
+      res.headers.get("content-length"),
+      String(JSON.stringify({ status: "ok" }).length),
+    );
+    assert.equal(await res.text(), "");
+    // On the wire: the head only, and the connection serves the next request.
+    const { hostname, port } = new URL(url);
+    const conn = await Deno.connect({ hostname, port: Number(port) });
+    try {
+      await conn.write(
+        new TextEncoder().encode(
+          "HEAD /health HTTP/1.1\r\nhost: x\r\n\r\n" +
+            "GET /health HTTP/1.1\r\nhost: x\r\n\r\n",
+        ),
+      );
+      const reader = conn.readable.getReader();
+      let text = "";
+      const decoder = new TextDecoder();
+      while (!text.endsWith('{"status":"ok"}')) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        text += decoder.decode(value, { stream: true });
+      }
+      reader.releaseLock();
+      const answers = text.split(/(?=HTTP\/1\.1 )/);
+      assert.equal(answers.length, 2, text);
+      assert.match(answers[0] ?? "", /^HTTP\/1\.1 200 [^]*\r\n\r\n$/);
+      assert.match(answers[1] ?? "", /^HTTP\/1\.1 200 [^]*\{"status":"ok"\}$/);
+    } finally {
+      conn.close();
+    }
   });
 });
 

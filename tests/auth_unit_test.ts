@@ -265,6 +265,25 @@ Deno.test("the handler answers requests built with new Request", async (t) => {
       assert.equal(res.status, 200);
       assert.deepEqual(await res.json(), { status: "ok" });
     });
+    await t.step("HEAD /health answers 200 with no body", async () => {
+      const res = await handle(
+        new Request("http://a/health", { method: "HEAD" }),
+        info,
+      );
+      assert.equal(res.status, 200);
+      assert.equal(res.body, null);
+      assert.equal(res.headers.get("content-type"), "application/json");
+      assert.equal(res.headers.get("content-length"), "15");
+    });
+    await t.step("POST /health answers 405 allowing GET and HEAD", async () => {
+      const res = await handle(
+        new Request("http://a/health", { method: "POST", body: "{}" }),
+        info,
+      );
+      assert.equal(res.status, 405);
+      assert.equal(res.headers.get("allow"), "GET, HEAD");
+      assert.equal((await res.json()).error, "method_not_allowed");
+    });
     await t.step("an unknown path answers 404 not_found", async () => {
       const res = await handle(new Request("http://a/nope"), info);
       assert.equal(res.status, 404);
