@@ -15,7 +15,6 @@ import type { HistoryStore } from "./history.ts";
 import {
   type ClientFrame,
   CloseCode,
-  DEFAULT_HISTORY_LIMIT,
   type ErrorCode,
   FrameError,
   LOBBY,
@@ -137,6 +136,8 @@ interface Room {
   conns: Set<Conn>;
   /** Connections each user has in the room: presence changes at 0 ↔ 1. */
   members: Map<User, number>;
+  /** JSON of the sorted user names; dropped when a user arrives or leaves. */
+  usersJson: string | undefined;
 }
 
 interface TokenEntry {
@@ -336,14 +337,16 @@ export class ConnectionManager {
     }
     entry.conns.add(conn);
     const lobby = this.#enter(conn, LOBBY);
-    this.#sendFrame(conn, {
-      type: "welcome",
-      username: conn.user.name,
-      room: LOBBY,
-      rooms: [LOBBY],
-      users: usersOf(lobby),
-      history: this.#history.recent(LOBBY, DEFAULT_HISTORY_LIMIT),
-    });
+    // A welcome per connection: the users and history parts are serialised
+    // once per change of the room, not once per connection.
+    this.#send(
+      conn,
+      `{"type":"welcome","username":${
+        JSON.stringify(conn.user.name)
+      },"room":"${LOBBY}","rooms":["${LOBBY}"],"users":${
+        usersJson(lobby)
+      },"history":${this.#history.recentJson(LOBBY)}}`,
+    );
     this.#announce(lobby, conn, "join");
     this.#log(
       `chat: connect user=${conn.user.name} addr=${conn.address} conn=${conn.id}`,
@@ -460,11 +463,12 @@ export class ConnectionManager {
         return this.#leave(conn, frame.room);
       case "who": {
         const room = this.#existingRoom(conn, frame.room);
-        this.#sendFrame(conn, {
-          type: "who",
-          room,
-          users: usersOf(this.#rooms.get(room)),
-        });
+        this.#send(
+          conn,
+          `{"type":"who","room":${JSON.stringify(room)},"users":${
+            usersJson(this.#rooms.get(room))
+          }}`,
+        );
         return;
       }
       case "rooms":
@@ -586,12 +590,12 @@ export class ConnectionManager {
     }
     const fresh = !conn.rooms.has(name);
     const room = fresh ? this.#enter(conn, name) : this.#rooms.get(name)!;
-    this.#sendFrame(conn, {
-      type: "joined",
-      room: name,
-      users: usersOf(room),
-      history: this.#history.recent(name, DEFAULT_HISTORY_LIMIT),
-    });
+    this.#send(
+      conn,
+      `{"type":"joined","room":${JSON.stringify(name)},"users":${
+        usersJson(room)
+      },"history":${this.#history.recentJson(name)}}`,
+    );
     if (fresh) this.#announce(room, conn, "join");
   }
 
@@ -605,12 +609,14 @@ export class ConnectionManager {
   #enter(conn: Conn, name: string): Room {
     let room = this.#rooms.get(name);
     if (room === undefined) {
-      room = { name, conns: new Set(), members: new Map() };
+      room = { name, conns: new Set(), members: new Map(), usersJson: "[]" };
       this.#rooms.set(name, room);
     }
     conn.rooms.add(name);
     room.conns.add(conn);
-    room.members.set(conn.user, (room.members.get(conn.user) ?? 0) + 1);
+    const count = room.members.get(conn.user) ?? 0;
+    room.members.set(conn.user, count + 1);
+    if (count === 0) room.usersJson = undefined;
     return room;
   }
 
@@ -637,6 +643,7 @@ export class ConnectionManager {
       return;
     }
     room.members.delete(conn.user);
+    room.usersJson = undefined;
     if (room.conns.size === 0) {
       if (room.name !== LOBBY) this.#rooms.delete(room.name);
       return;
@@ -800,9 +807,12 @@ function current(conn: Conn): string | undefined {
   return last;
 }
 
-function usersOf(room: Room | undefined): string[] {
-  if (room === undefined) return [];
-  return [...room.members.keys()].map((u) => u.name).sort();
+/** JSON of a room's sorted user names, computed once per change. */
+function usersJson(room: Room | undefined): string {
+  if (room === undefined) return "[]";
+  return room.usersJson ??= JSON.stringify(
+    [...room.members.keys()].map((u) => u.name).sort(),
+  );
 }
 
 /** UTF-8 length of a string, computed only when it could matter. */

@@ -10,7 +10,7 @@
  *
  * @module
  */
-import type { RoomMessage } from "./protocol.ts";
+import { DEFAULT_HISTORY_LIMIT, type RoomMessage } from "./protocol.ts";
 
 /** Options of {@linkcode HistoryStore.open}. */
 export interface HistoryOptions {
@@ -41,6 +41,8 @@ interface Room {
   /** Lines in the file beyond the kept tail; compaction rewrites the file. */
   needsRewrite: boolean;
   linesOnDisk: number;
+  /** JSON of the newest messages a `welcome` or `joined` carries; dropped on append. */
+  recentJson: string | undefined;
 }
 
 const FILE_SUFFIX = ".jsonl";
@@ -131,6 +133,7 @@ export class HistoryStore {
     }
     const line = JSON.stringify(message);
     r.pending.push(line);
+    r.recentJson = undefined;
     this.#dirty.add(r);
     this.#schedule();
     return { message, line };
@@ -140,6 +143,19 @@ export class HistoryStore {
   recent(room: string, limit: number): RoomMessage[] {
     const messages = this.#kept(room);
     return messages.slice(Math.max(0, messages.length - limit));
+  }
+
+  /**
+   * JSON of the newest {@linkcode DEFAULT_HISTORY_LIMIT} messages, as every
+   * `welcome` and `joined` carries: serialised once per change of the room,
+   * not once per connection.
+   */
+  recentJson(room: string): string {
+    const r = this.#rooms.get(room);
+    if (r === undefined) return "[]";
+    return r.recentJson ??= JSON.stringify(
+      this.recent(room, DEFAULT_HISTORY_LIMIT),
+    );
   }
 
   /** The newest `limit` messages with an id below `before`, oldest first. */
@@ -270,6 +286,7 @@ function newRoom(name: string): Room {
     pending: [],
     needsRewrite: false,
     linesOnDisk: 0,
+    recentJson: undefined,
   };
 }
 

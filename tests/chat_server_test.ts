@@ -336,6 +336,13 @@ Deno.test("rooms: join, current room, who, rooms, leave and presence", async () 
       room: "dev",
       users: ["alice", "bob"],
     });
+    // Re-joining answers with the room's history, now holding the message.
+    alice.send({ type: "join", room: "dev" });
+    const rejoined = await alice.nextOfType("joined");
+    assert.deepEqual(
+      (rejoined.history as { text: string }[]).map((m) => m.text),
+      ["in dev"],
+    );
     alice.send({ type: "rooms" });
     const rooms = await alice.nextOfType("rooms");
     assert.deepEqual(rooms.rooms, [{ name: "dev", users: 2 }, {
@@ -349,6 +356,8 @@ Deno.test("rooms: join, current room, who, rooms, leave and presence", async () 
     });
     const gone = await bob.next((f) => f.type === "leave" && f.room === "dev");
     assert.equal(gone.user, "alice");
+    bob.send({ type: "who", room: "dev" });
+    assert.deepEqual((await bob.nextOfType("who")).users, ["bob"]);
     // Back in lobby as current; lobby can be left, then nothing is current.
     alice.send({ type: "message", text: "lobby again" });
     assert.equal((await alice.nextOfType("message")).room, "lobby");
