@@ -55,6 +55,12 @@ export interface ChatLimits {
   recheckIntervalMs: number;
   /** How long outgoing frames wait to be coalesced. */
   coalesceMs: number;
+  /**
+   * How long presence frames alone may wait (anything else sent to the
+   * connection takes them along, in order): a storm of arrivals costs one
+   * write per member per this period, not one per `coalesceMs`.
+   */
+  presenceCoalesceMs: number;
   /** How long a `client_id` is remembered for exactly-once sending. */
   dedupWindowMs: number;
 }
@@ -74,6 +80,7 @@ export const DEFAULT_CHAT_LIMITS: ChatLimits = {
   maxBufferedBytes: 1024 * 1024,
   recheckIntervalMs: 30_000,
   coalesceMs: 2,
+  presenceCoalesceMs: 50,
   dedupWindowMs: 10 * 60_000,
 };
 
@@ -119,6 +126,8 @@ interface Conn {
   /** Lines waiting for the next flush (the array is reused). */
   outbox: string[];
   outboxBytes: number;
+  /** Which flush list holds it: none, the presence one, or the prompt one. */
+  queued: "none" | "presence" | "prompt";
   /**
    * An upper bound of the bytes the runtime holds unsent: its
    * `bufferedAmount` when last read, plus what was handed to it since.
@@ -136,7 +145,9 @@ interface Room {
   conns: Set<Conn>;
   /** Connections each user has in the room: presence changes at 0 ↔ 1. */
   members: Map<User, number>;
-  /** JSON of the sorted user names; dropped when a user arrives or leaves. */
+  /** The members' names, kept sorted as users arrive and leave. */
+  names: string[];
+  /** JSON of `names`; dropped when a user arrives or leaves. */
   usersJson: string | undefined;
 }
 
@@ -158,8 +169,14 @@ export class ConnectionManager {
   #tokens = new Map<string, TokenEntry>();
   #addresses = new Map<string, number>();
   #conns = new Set<Conn>();
-  /** Connections whose outbox became non-empty since the last flush. */
+  /** Connections with frames to write at the next flush. */
   #dirty: Conn[] = [];
+  /** Connections holding only presence frames, for the next presence flush. */
+  #lazy: Conn[] = [];
+  #lazyTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The lines and frame of the last multi-line write (see {@linkcode #joined}). */
+  #lastLines: string[] = [];
+  #lastJoined = "";
   #flushTimer: ReturnType<typeof setTimeout> | undefined;
   #recheckTimer: ReturnType<typeof setInterval>;
   #rechecking = false;
@@ -240,6 +257,7 @@ export class ConnectionManager {
       rooms: new Set(),
       outbox: [],
       outboxBytes: 0,
+      queued: "none",
       backlogBound: 0,
       open: false,
       frames: new TokenBucket(
@@ -291,6 +309,7 @@ export class ConnectionManager {
     if (this.#closing) return;
     this.#closing = true;
     clearInterval(this.#recheckTimer);
+    this.#flushPresence();
     this.#flush();
     const conns = [...this.#conns];
     const closed = Promise.all(conns.map((c) => c.closed));
@@ -609,14 +628,24 @@ export class ConnectionManager {
   #enter(conn: Conn, name: string): Room {
     let room = this.#rooms.get(name);
     if (room === undefined) {
-      room = { name, conns: new Set(), members: new Map(), usersJson: "[]" };
+      room = {
+        name,
+        conns: new Set(),
+        members: new Map(),
+        names: [],
+        usersJson: "[]",
+      };
       this.#rooms.set(name, room);
     }
     conn.rooms.add(name);
     room.conns.add(conn);
     const count = room.members.get(conn.user) ?? 0;
     room.members.set(conn.user, count + 1);
-    if (count === 0) room.usersJson = undefined;
+    if (count === 0) {
+      const name = conn.user.name;
+      room.names.splice(sortedIndex(room.names, name), 0, name);
+      room.usersJson = undefined;
+    }
     return room;
   }
 
@@ -631,7 +660,7 @@ export class ConnectionManager {
         ts: new Date(this.#now()).toISOString(),
       } satisfies ServerFrame,
     );
-    for (const c of room.conns) if (c !== conn) this.#send(c, line);
+    for (const c of room.conns) if (c !== conn) this.#send(c, line, true);
   }
 
   /** Removes the connection from a room; announces the user's last leave. */
@@ -643,6 +672,7 @@ export class ConnectionManager {
       return;
     }
     room.members.delete(conn.user);
+    room.names.splice(sortedIndex(room.names, conn.user.name), 1);
     room.usersJson = undefined;
     if (room.conns.size === 0) {
       if (room.name !== LOBBY) this.#rooms.delete(room.name);
@@ -658,7 +688,7 @@ export class ConnectionManager {
         ts: new Date(this.#now()).toISOString(),
       } satisfies ServerFrame,
     );
-    for (const c of room.conns) this.#send(c, line);
+    for (const c of room.conns) this.#send(c, line, true);
   }
 
   /** The named room (or the current one) if it exists; else `unknown_room`. */
@@ -694,15 +724,28 @@ export class ConnectionManager {
     this.#send(conn, JSON.stringify(frame));
   }
 
-  /** Queues one serialised frame for a connection; written at the next flush. */
-  #send(conn: Conn, line: string): void {
+  /**
+   * Queues one serialised frame for a connection; written at the next flush,
+   * or, for a `lazy` frame (presence), at the next presence flush unless
+   * something else is written to the connection first.
+   */
+  #send(conn: Conn, line: string, lazy = false): void {
     if (!conn.open) return;
-    const outbox = conn.outbox;
-    outbox.push(line);
+    conn.outbox.push(line);
     conn.outboxBytes += line.length;
-    if (outbox.length === 1) {
-      this.#dirty.push(conn);
-      this.#flushTimer ??= setTimeout(this.#flush, this.#limits.coalesceMs);
+    if (!lazy) {
+      if (conn.queued !== "prompt") {
+        conn.queued = "prompt";
+        this.#dirty.push(conn);
+        this.#flushTimer ??= setTimeout(this.#flush, this.#limits.coalesceMs);
+      }
+    } else if (conn.queued === "none") {
+      conn.queued = "presence";
+      this.#lazy.push(conn);
+      this.#lazyTimer ??= setTimeout(
+        this.#flushPresence,
+        this.#limits.presenceCoalesceMs,
+      );
     }
     // A burst: write now rather than hold a large queue of our own.
     if (conn.outboxBytes >= WRITE_NOW_BYTES) this.#write(conn);
@@ -712,8 +755,9 @@ export class ConnectionManager {
   #write(conn: Conn): void {
     const outbox = conn.outbox;
     if (!conn.open || outbox.length === 0) return;
-    const data = outbox.length === 1 ? outbox[0]! : outbox.join("\n");
+    const data = outbox.length === 1 ? outbox[0]! : this.#joined(outbox);
     outbox.length = 0;
+    conn.queued = "none";
     conn.outboxBytes = 0;
     // What the runtime still holds unsent decides; one large answer (a long
     // history page) may pass, a reader that stopped cannot pile up more.
@@ -735,15 +779,45 @@ export class ConnectionManager {
     }
   }
 
+  /**
+   * The queued lines as one frame. The members of a room mostly hold the
+   * same lines in the same order: the last joined frame is reused when the
+   * lines are the very same strings, so a burst costs one join per room.
+   */
+  #joined(lines: string[]): string {
+    const last = this.#lastLines;
+    if (last.length === lines.length) {
+      let same = true;
+      for (let i = 0; i < lines.length && same; i++) {
+        same = lines[i] === last[i];
+      }
+      if (same) return this.#lastJoined;
+    }
+    this.#lastLines = lines.slice();
+    return this.#lastJoined = lines.join("\n");
+  }
+
   #flush = (): void => {
-    // Writes (and drops) below may queue more frames, presence for instance:
-    // those land in this same pass, as the loop reads the growing array.
-    const dirty = this.#dirty;
-    for (let i = 0; i < dirty.length; i++) this.#write(dirty[i]!);
-    dirty.length = 0;
+    this.#writeAll(this.#dirty);
     clearTimeout(this.#flushTimer);
     this.#flushTimer = undefined;
   };
+
+  #flushPresence = (): void => {
+    this.#writeAll(this.#lazy);
+    clearTimeout(this.#lazyTimer);
+    this.#lazyTimer = undefined;
+  };
+
+  /** Writes every listed connection's queue (one already written is skipped). */
+  #writeAll(conns: Conn[]): void {
+    // Writes (and drops) below may queue more frames, presence for instance:
+    // those land in this same pass, as the loop reads the growing array.
+    for (let i = 0; i < conns.length; i++) this.#write(conns[i]!);
+    conns.length = 0;
+    this.#lastLines = [];
+    this.#lastJoined = "";
+  }
 
   /** Closes connections whose session ended; one auth call per distinct token. */
   async #recheck(): Promise<void> {
@@ -810,9 +884,19 @@ function current(conn: Conn): string | undefined {
 /** JSON of a room's sorted user names, computed once per change. */
 function usersJson(room: Room | undefined): string {
   if (room === undefined) return "[]";
-  return room.usersJson ??= JSON.stringify(
-    [...room.members.keys()].map((u) => u.name).sort(),
-  );
+  return room.usersJson ??= JSON.stringify(room.names);
+}
+
+/** Where `name` is or would go in the sorted `names` (binary search). */
+function sortedIndex(names: string[], name: string): number {
+  let lo = 0;
+  let hi = names.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (names[mid]! < name) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 /** UTF-8 length of a string, computed only when it could matter. */

@@ -372,6 +372,31 @@ Deno.test("rooms: join, current room, who, rooms, leave and presence", async () 
   }
 });
 
+Deno.test("presence waits to be batched, but is never overtaken by what follows it", async () => {
+  const stack = await startStack();
+  try {
+    const alice = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "alice"),
+    );
+    const bob = await TestClient.connect(
+      stack.chat.url,
+      await login(stack.auth.url, "bob"),
+    );
+    bob.send({ type: "message", text: "hi" });
+    bob.send({ type: "leave", room: "lobby" });
+    await alice.next((f) => f.type === "leave");
+    const seen = alice.frames.filter((f) => f.type !== "welcome").map((f) =>
+      `${f.type}:${f.user ?? f.from}`
+    );
+    assert.deepEqual(seen, ["join:bob", "message:bob", "leave:bob"]);
+    await alice.close();
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("presence is announced on a user's first connection in a room and last one out", async () => {
   const stack = await startStack();
   try {
