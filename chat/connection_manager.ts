@@ -53,7 +53,11 @@ export interface ChatLimits {
   maxBufferedBytes: number;
   /** How often open sessions are re-checked with the auth server. */
   recheckIntervalMs: number;
-  /** How long outgoing frames wait to be coalesced. */
+  /**
+   * How long outgoing frames wait to be coalesced. 0 (the default) writes at
+   * the end of the event-loop turn: what arrived together leaves together,
+   * with no delay added, and batches grow by themselves under load.
+   */
   coalesceMs: number;
   /**
    * How long presence frames alone may wait (anything else sent to the
@@ -79,7 +83,7 @@ export const DEFAULT_CHAT_LIMITS: ChatLimits = {
   maxRoomsPerConnection: 64,
   maxBufferedBytes: 1024 * 1024,
   recheckIntervalMs: 30_000,
-  coalesceMs: 2,
+  coalesceMs: 0,
   presenceCoalesceMs: 50,
   dedupWindowMs: 10 * 60_000,
 };
