@@ -135,8 +135,21 @@ export interface Side {
   tokens: string[];
 }
 
+/**
+ * The runtime settings `deno task chat` and `deno task start` run the chat
+ * server with (deno.json): the whole young generation of V8's heap capped
+ * at 2 MiB semispaces, and large WebSocket frames written with writev rather
+ * than copied into a per-connection buffer that keeps their size. The
+ * baseline runs with the same settings, so that the comparison is of code.
+ */
+export const RUNTIME_FLAGS = [
+  "--v8-flags=--max-semi-space-size=2,--optimize-for-size",
+];
+/** See {@linkcode RUNTIME_FLAGS}. */
+export const RUNTIME_ENV = { DENO_USE_WRITEV: "1" };
+
 /** Environment of the real servers: abuse limits off, as CONTRACT section 1 allows. */
-const SERVER_ENV = { RATE_LIMITS: "off" };
+const SERVER_ENV = { RATE_LIMITS: "off", ...RUNTIME_ENV };
 
 /** Whether the real servers exist yet. */
 export async function chatServersExist(root: string): Promise<boolean> {
@@ -176,6 +189,7 @@ export async function startChatSide(
   try {
     const chat = await ServerProcess.start("chat", [
       "run",
+      ...RUNTIME_FLAGS,
       ...runtimeFlags,
       "--allow-net",
       "--allow-read",
@@ -209,13 +223,14 @@ export async function startBaselineSide(
 ): Promise<Side> {
   const server = await ServerProcess.start("baseline", [
     "run",
+    ...RUNTIME_FLAGS,
     ...runtimeFlags,
     "--allow-net=127.0.0.1",
     "bench/baseline_server.ts",
     "--port",
     "0",
     "--exit-on-eof",
-  ], { pipeStdin: true });
+  ], { pipeStdin: true, env: RUNTIME_ENV });
   return {
     kind: "baseline",
     wsUrl: server.address.replace(/^http/, "ws"),

@@ -8,12 +8,33 @@ import { parseCpuTicks, parseStatusKb } from "../bench/proc_stats.ts";
 import { benchUsername, writeAuthFixtures } from "../bench/fixtures.ts";
 import { LoadGroup } from "../bench/load_group.ts";
 import { ServerProcess } from "../bench/processes.ts";
+import { RUNTIME_ENV, RUNTIME_FLAGS } from "../bench/scenarios.ts";
 
 function assertEquals(actual: unknown, expected: unknown, what = ""): void {
   const a = JSON.stringify(actual);
   const e = JSON.stringify(expected);
   if (a !== e) throw new Error(`${what} expected ${e}, got ${a}`);
 }
+
+Deno.test("the benchmark runs the chat server with the runtime settings of deno task chat and start", async () => {
+  const config = JSON.parse(
+    await Deno.readTextFile(new URL("../deno.json", import.meta.url)),
+  );
+  for (const task of ["chat", "start"]) {
+    const command: string = config.tasks[task];
+    const words = command.split(" ");
+    for (const [name, value] of Object.entries(RUNTIME_ENV)) {
+      if (!words.includes(`${name}=${value}`)) {
+        throw new Error(`deno task ${task} does not set ${name}=${value}`);
+      }
+    }
+    for (const flag of RUNTIME_FLAGS) {
+      if (!words.includes(flag)) {
+        throw new Error(`deno task ${task} does not pass ${flag}`);
+      }
+    }
+  }
+});
 
 Deno.test("histogram percentiles survive a trip over the wire and a merge", () => {
   const a = new Histogram();
