@@ -181,8 +181,10 @@ async function run(cmd: RunCommand): Promise<LoadReply> {
   let maxSendLagMs = 0;
   const sendAll = (ws: WebSocket, globalIndex: number) =>
     new Promise<void>((resolve) => {
-      // Senders are spread evenly over one period, not in lockstep.
-      const first = start + periodMs * globalIndex / cmd.totalSenders;
+      // Spread evenly over one period unless asked to start in lockstep.
+      const first = cmd.lockstep
+        ? start
+        : start + periodMs * globalIndex / cmd.totalSenders;
       let i = 0;
       const tick = () => {
         const now = performance.now();

@@ -53,6 +53,8 @@ export interface RunOptions {
   ratePerSender: number;
   durationMs: number;
   drainMs: number;
+  /** Senders start together rather than spread over one period. Default false. */
+  lockstep?: boolean;
 }
 
 let nextRunId = 1;
@@ -143,6 +145,7 @@ export class LoadGroup {
           senders: k === 0 ? senders : 0,
           senderBase: 0,
           totalSenders: senders,
+          lockstep: options.lockstep ?? false,
           ratePerSender,
           messagesPerSender,
           drainMs,

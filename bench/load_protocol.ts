@@ -29,6 +29,11 @@ export interface RunCommand {
   /** Global number of this process's first sender, for phase offsets. */
   senderBase: number;
   totalSenders: number;
+  /**
+   * Every sender starts at the same instant (two clients each on its own
+   * 50 ms clock) instead of being spread evenly over one period.
+   */
+  lockstep: boolean;
   ratePerSender: number;
   messagesPerSender: number;
   /** Time to wait after the last send for stragglers, at most. */
@@ -124,6 +129,7 @@ export function parseLoadCommand(value: unknown): LoadCommand {
         senders: num(obj, "senders"),
         senderBase: num(obj, "senderBase"),
         totalSenders: num(obj, "totalSenders"),
+        lockstep: bool(obj, "lockstep"),
         ratePerSender: num(obj, "ratePerSender"),
         messagesPerSender: num(obj, "messagesPerSender"),
         drainMs: num(obj, "drainMs"),

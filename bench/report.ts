@@ -36,6 +36,10 @@ const ROWS: Record<string, string[]> = {
     "load_cpu_pct",
     "low_rate_p50_ms",
     "low_rate_p99_ms",
+    "lockstep_deliveries_per_s",
+    "lockstep_p50_ms",
+    "lockstep_p99_ms",
+    "lockstep_cpu_us_per_delivery",
     "startup_ms",
   ],
   fanout_big_data: [
@@ -187,6 +191,24 @@ export function evaluateTargets(
   check(
     "5 fan-out p99: chat <= baseline",
     [get("fanout", "chat", "p99_ms"), get("fanout", "baseline", "p99_ms")],
+    ([c, b]) => `${c} vs ${b} ms`,
+    ([c, b]) => c! <= b!,
+  );
+  check(
+    "5 fan-out, senders in lockstep: CPU per delivery chat/baseline <= 1.0",
+    [
+      get("fanout", "chat", "lockstep_cpu_us_per_delivery"),
+      get("fanout", "baseline", "lockstep_cpu_us_per_delivery"),
+    ],
+    ([c, b]) => `${c} vs ${b} us (ratio ${fmt(c! / b!)})`,
+    ([c, b]) => c! <= b!,
+  );
+  check(
+    "5 fan-out, senders in lockstep: p99 chat <= baseline",
+    [
+      get("fanout", "chat", "lockstep_p99_ms"),
+      get("fanout", "baseline", "lockstep_p99_ms"),
+    ],
     ([c, b]) => `${c} vs ${b} ms`,
     ([c, b]) => c! <= b!,
   );

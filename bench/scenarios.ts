@@ -7,7 +7,7 @@
  */
 import { type BenchUser, writeAuthFixtures } from "./fixtures.ts";
 import { Histogram, type HistogramData } from "./histogram.ts";
-import { LoadGroup, type RunSummary } from "./load_group.ts";
+import { LoadGroup, type RunOptions, type RunSummary } from "./load_group.ts";
 import { readProcStats } from "./proc_stats.ts";
 import { ServerProcess } from "./processes.ts";
 
@@ -290,6 +290,16 @@ export async function fanout(
       durationMs: sizes.fanoutMs,
       drainMs: 3000,
     });
+    // The same load with both senders on one clock: their messages meet in
+    // one event-loop turn, which the chat server may write as one frame.
+    await delay(sizes.settleMs / 2);
+    const lockstep = await measureRun(side, group, {
+      senders: sizes.senders,
+      ratePerSender: sizes.ratePerSender,
+      durationMs: sizes.fanoutMs,
+      drainMs: 3000,
+      lockstep: true,
+    });
     const stats = await readProcStats(side.server.pid);
     const low = await group.run({
       senders: sizes.senders,
@@ -300,6 +310,11 @@ export async function fanout(
     return {
       clients: group.openClients,
       ...measured,
+      lockstep_deliveries_per_s: lockstep.deliveries_per_s,
+      lockstep_delivered_pct: lockstep.delivered_pct,
+      lockstep_p50_ms: lockstep.p50_ms,
+      lockstep_p99_ms: lockstep.p99_ms,
+      lockstep_cpu_us_per_delivery: lockstep.cpu_us_per_delivery,
       peak_rss_mb: round(stats.peakRssKb / 1024, 1),
       low_rate_p50_ms: round(low.hist.quantile(0.5), 2),
       low_rate_p99_ms: round(low.hist.quantile(0.99), 2),
@@ -581,12 +596,7 @@ interface RunMetrics {
 async function measureRun(
   side: Side,
   group: LoadGroup,
-  options: {
-    senders: number;
-    ratePerSender: number;
-    durationMs: number;
-    drainMs: number;
-  },
+  options: RunOptions,
 ): Promise<RunMetrics> {
   const pids = [side.server.pid, ...group.processes.map((p) => p.pid)];
   if (side.auth) pids.push(side.auth.pid);
