@@ -58,6 +58,8 @@ async function registrationWrites(): Promise<
       dataDir,
       chatUrl: "ws://127.0.0.1:1/ws",
       rateLimits: false,
+      // 100 at once is past the default hashing line (4 + 64): let them all wait.
+      limits: { maxHashWaiting: 96 },
     });
     try {
       const before = server.store.fileWrites;
