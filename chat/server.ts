@@ -159,12 +159,15 @@ export function createChatHandler(
   return async function handleChat(req, info) {
     const url = new URL(req.url);
     if (url.pathname === "/health") {
-      if (req.method !== "GET") {
+      if (req.method !== "GET" && req.method !== "HEAD") {
         return jsonError(405, "method_not_allowed", "Use GET", {
-          allow: "GET",
+          allow: "GET, HEAD",
         });
       }
-      return Response.json({ status: "ok", connections: manager.size });
+      const health = Response.json({ status: "ok", connections: manager.size });
+      return req.method === "HEAD"
+        ? new Response(null, { headers: health.headers })
+        : health;
     }
     if (url.pathname !== "/ws") {
       return jsonError(404, "not_found", `Nothing at ${url.pathname}`);

@@ -58,6 +58,17 @@ Deno.test("non-upgrade requests get 426, other paths 404, /health 200", async ()
     assert.equal((await nf.json()).error, "not_found");
     const health = await fetch(`${stack.chat.httpUrl}/health`);
     assert.equal((await health.json()).status, "ok");
+    const head = await fetch(`${stack.chat.httpUrl}/health`, {
+      method: "HEAD",
+    });
+    assert.equal(head.status, 200);
+    assert.equal(await head.text(), "");
+    const post = await fetch(`${stack.chat.httpUrl}/health`, {
+      method: "POST",
+    });
+    assert.equal(post.status, 405);
+    assert.equal(post.headers.get("allow"), "GET, HEAD");
+    await post.body?.cancel();
   } finally {
     await stack.close();
   }
