@@ -158,7 +158,12 @@ interface Room {
 interface TokenEntry {
   conns: Set<Conn>;
   expiresAt: number;
+  /** When the auth server last said the session is valid (or could not say). */
+  checkedAt: number;
 }
+
+/** Re-check ticks per `recheckIntervalMs`: the auth calls are spread over them. */
+const RECHECK_TICKS = 30;
 
 /** Live connections, rooms and presence. Call {@linkcode close} to shut down. */
 export class ConnectionManager {
@@ -184,6 +189,7 @@ export class ConnectionManager {
   #flushTimer: ReturnType<typeof setTimeout> | undefined;
   #recheckTimer: ReturnType<typeof setInterval>;
   #rechecking = false;
+  #prunedAt = 0;
   #nextConnId = 1;
   #dmSeq = 0;
   #dmPrefix = Date.now().toString(36);
@@ -199,7 +205,7 @@ export class ConnectionManager {
     this.#now = options.now ?? Date.now;
     this.#recheckTimer = setInterval(
       () => void this.#recheck(),
-      this.#limits.recheckIntervalMs,
+      Math.max(10, this.#limits.recheckIntervalMs / RECHECK_TICKS),
     );
   }
 
@@ -355,7 +361,8 @@ export class ConnectionManager {
     conn.user.conns.add(conn);
     let entry = this.#tokens.get(conn.token);
     if (entry === undefined) {
-      entry = { conns: new Set(), expiresAt };
+      // The token was validated just before the upgrade.
+      entry = { conns: new Set(), expiresAt, checkedAt: this.#now() };
       this.#tokens.set(conn.token, entry);
     }
     entry.conns.add(conn);
@@ -823,56 +830,74 @@ export class ConnectionManager {
     this.#lastJoined = "";
   }
 
-  /** Closes connections whose session ended; one auth call per distinct token. */
+  /**
+   * One tick of the session re-checks: sessions past their expiry close at
+   * once; every session not confirmed for `recheckIntervalMs` is asked about
+   * again, one auth call per distinct token, spread over the ticks (a crowd
+   * that connected together is not re-checked in one burst), so a revoked
+   * session closes within about 1.7 intervals.
+   */
   async #recheck(): Promise<void> {
     if (this.#rechecking || this.#closing) return;
     this.#rechecking = true;
     try {
       const now = this.#now();
-      for (const [key, user] of this.#users) {
-        if (
-          user.conns.size === 0 && user.pending === 0 &&
-          now - user.lastSeen > this.#limits.dedupWindowMs
-        ) {
-          this.#users.delete(key);
+      const interval = this.#limits.recheckIntervalMs;
+      if (now - this.#prunedAt >= interval) {
+        this.#prunedAt = now;
+        this.#forgetIdleUsers(now);
+      }
+      // Oldest confirmation first (a confirmed token moves to the end); at
+      // most a share of the tokens per tick, enough to catch up within
+      // 2/3 of an interval.
+      const share = Math.ceil(this.#tokens.size * 1.5 / RECHECK_TICKS);
+      const due: string[] = [];
+      for (const [token, entry] of this.#tokens) {
+        if (entry.expiresAt <= now) {
+          this.#endSession(entry, "session expired");
+        } else if (due.length < share && now - entry.checkedAt >= interval) {
+          due.push(token);
         }
       }
-      const tokens = [...this.#tokens.keys()];
-      const workers = Array.from(
-        { length: Math.min(8, tokens.length) },
-        async () => {
-          for (
-            let token = tokens.pop();
-            token !== undefined;
-            token = tokens.pop()
-          ) {
-            await this.#recheckToken(token);
-          }
-        },
-      );
-      await Promise.all(workers);
+      await Promise.all(due.map((token) => this.#recheckToken(token)));
     } finally {
       this.#rechecking = false;
     }
   }
 
-  async #recheckToken(token: string): Promise<void> {
-    const entry = this.#tokens.get(token);
-    if (entry === undefined) return;
-    let reason: string | undefined;
-    if (entry.expiresAt <= this.#now()) {
-      reason = "session expired";
-    } else {
-      try {
-        const check = await this.#validateToken(token);
-        if (!check.valid) reason = "session ended";
-        else entry.expiresAt = check.expiresAt;
-      } catch (err) {
-        // Auth down: keep existing connections rather than dropping everyone.
-        if (!(err instanceof AuthUnavailableError)) throw err;
+  #forgetIdleUsers(now: number): void {
+    for (const [key, user] of this.#users) {
+      if (
+        user.conns.size === 0 && user.pending === 0 &&
+        now - user.lastSeen > this.#limits.dedupWindowMs
+      ) {
+        this.#users.delete(key);
       }
     }
-    if (reason === undefined || this.#closing) return;
+  }
+
+  async #recheckToken(token: string): Promise<void> {
+    let check: TokenCheck | undefined;
+    try {
+      check = await this.#validateToken(token);
+    } catch (err) {
+      // Auth down: keep existing connections rather than dropping everyone.
+      if (!(err instanceof AuthUnavailableError)) throw err;
+    }
+    const entry = this.#tokens.get(token);
+    if (entry === undefined || this.#closing) return;
+    if (check !== undefined && !check.valid) {
+      this.#endSession(entry, "session ended");
+      return;
+    }
+    if (check !== undefined) entry.expiresAt = check.expiresAt;
+    entry.checkedAt = this.#now();
+    this.#tokens.delete(token);
+    this.#tokens.set(token, entry);
+  }
+
+  /** Closes every connection of a session with 1008. */
+  #endSession(entry: TokenEntry, reason: string): void {
     for (const conn of [...entry.conns]) {
       this.#drop(conn, CloseCode.policy, reason);
     }

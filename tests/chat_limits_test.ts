@@ -271,21 +271,37 @@ Deno.test("a connection whose session is revoked or expires is closed with 1008"
       await stack.close();
     }
   });
-  await t.step("expired", async () => {
-    const stack = await startStack({
-      sessionTtlSeconds: 1,
-      chatLimits: { recheckIntervalMs: 100 },
-    });
-    try {
-      const alice = await TestClient.connect(
-        stack.chat.url,
-        await login(stack.auth.url, "alice"),
-      );
-      assert.equal((await alice.closed).code, 1008);
-    } finally {
-      await stack.close();
-    }
-  });
+  await t.step(
+    "expired: at its expires_at, not at the next re-check",
+    async () => {
+      // Re-checks every 30 s (a tick a second): expiry must not wait for one.
+      const stack = await startStack({
+        sessionTtlSeconds: 1,
+        chatLimits: { recheckIntervalMs: 30_000 },
+      });
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      try {
+        const alice = await TestClient.connect(
+          stack.chat.url,
+          await login(stack.auth.url, "alice"),
+        );
+        const event = await Promise.race([
+          alice.closed,
+          new Promise<never>((_, reject) =>
+            timer = setTimeout(
+              () => reject(new Error("not closed 5 s after expiry")),
+              6000,
+            )
+          ),
+        ]);
+        assert.equal(event.code, 1008);
+        assert.equal(event.reason, "session expired");
+      } finally {
+        clearTimeout(timer);
+        await stack.close();
+      }
+    },
+  );
 });
 
 Deno.test("an upgrade from a foreign Origin gets 403; the own origin and ALLOWED_ORIGINS pass", async () => {
