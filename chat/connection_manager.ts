@@ -23,6 +23,7 @@ import {
   type ServerFrame,
 } from "./protocol.ts";
 import { TokenBucket } from "./token_bucket.ts";
+import { setImmediate } from "node:timers";
 
 /** A connection's queue at this size is written at once, not at the next flush. */
 const WRITE_NOW_BYTES = 64 * 1024;
@@ -186,7 +187,8 @@ export class ConnectionManager {
   /** The lines and frame of the last multi-line write (see {@linkcode #joined}). */
   #lastLines: string[] = [];
   #lastJoined = "";
-  #flushTimer: ReturnType<typeof setTimeout> | undefined;
+  /** A flush is scheduled. */
+  #flushPending = false;
   #recheckTimer: ReturnType<typeof setInterval>;
   #rechecking = false;
   #prunedAt = 0;
@@ -748,7 +750,14 @@ export class ConnectionManager {
       if (conn.queued !== "prompt") {
         conn.queued = "prompt";
         this.#dirty.push(conn);
-        this.#flushTimer ??= setTimeout(this.#flush, this.#limits.coalesceMs);
+        if (!this.#flushPending) {
+          this.#flushPending = true;
+          // setTimeout(0) waits a millisecond or more here; setImmediate
+          // runs once this turn's I/O callbacks are done, which is the point.
+          if (this.#limits.coalesceMs > 0) {
+            setTimeout(this.#flush, this.#limits.coalesceMs);
+          } else setImmediate(this.#flush);
+        }
       }
     } else if (conn.queued === "none") {
       conn.queued = "presence";
@@ -810,8 +819,7 @@ export class ConnectionManager {
 
   #flush = (): void => {
     this.#writeAll(this.#dirty);
-    clearTimeout(this.#flushTimer);
-    this.#flushTimer = undefined;
+    this.#flushPending = false;
   };
 
   #flushPresence = (): void => {
