@@ -141,8 +141,6 @@ interface Conn {
   open: boolean;
   frames: TokenBucket;
   strikes: TokenBucket;
-  closed: Promise<void>;
-  markClosed: () => void;
 }
 
 interface Room {
@@ -192,6 +190,8 @@ export class ConnectionManager {
   #recheckTimer: ReturnType<typeof setInterval>;
   #rechecking = false;
   #prunedAt = 0;
+  /** At shutdown: the connections whose close handshake is awaited. */
+  #awaitingClose: { conns: Set<Conn>; done: () => void } | undefined;
   #nextConnId = 1;
   #dmSeq = 0;
   #dmPrefix = Date.now().toString(36);
@@ -256,9 +256,8 @@ export class ConnectionManager {
 
   /** Takes over an upgraded socket; its address reservation moves with it. */
   accept(socket: WebSocket, session: SessionInfo): void {
-    let markClosed = () => {};
-    const closed = new Promise<void>((resolve) => markClosed = resolve);
     const now = this.#now();
+    const { expiresAt } = session;
     const user = this.#user(session.username, now);
     const conn: Conn = {
       id: this.#nextConnId++,
@@ -282,8 +281,6 @@ export class ConnectionManager {
         this.#limits.floodStrikesPerSecond,
         now,
       ),
-      closed,
-      markClosed,
     };
     let settled = false;
     user.pending++;
@@ -297,11 +294,14 @@ export class ConnectionManager {
         return;
       }
       settled = true;
-      this.#register(conn, session.expiresAt);
+      this.#register(conn, expiresAt);
     };
     socket.onmessage = (event) => this.#onFrame(conn, event.data);
     socket.onclose = () => {
-      conn.markClosed();
+      const waiting = this.#awaitingClose;
+      if (waiting?.conns.delete(conn) && waiting.conns.size === 0) {
+        waiting.done();
+      }
       if (!settled) {
         settled = true;
         user.pending--;
@@ -310,7 +310,7 @@ export class ConnectionManager {
       }
       this.#drop(conn);
     };
-    socket.onerror = () => {};
+    socket.onerror = ignore;
   }
 
   /**
@@ -324,7 +324,10 @@ export class ConnectionManager {
     this.#flushPresence();
     this.#flush();
     const conns = [...this.#conns];
-    const closed = Promise.all(conns.map((c) => c.closed));
+    const closed = new Promise<void>((done) => {
+      this.#awaitingClose = { conns: new Set(conns), done };
+      if (conns.length === 0) done();
+    });
     for (const conn of conns) {
       this.#drop(conn, CloseCode.goingAway, "server shutting down");
     }
@@ -911,6 +914,8 @@ export class ConnectionManager {
     }
   }
 }
+
+function ignore(): void {}
 
 function current(conn: Conn): string | undefined {
   let last: string | undefined;
