@@ -2,9 +2,10 @@
  * The ConnectionManager keeps the live WebSocket connections, the rooms and
  * presence, and carries messages between them.
  *
- * Outgoing frames are queued per connection and written together a couple of
- * milliseconds later, newline-separated in one WebSocket frame (the contract
- * allows it): one system call per recipient per burst instead of per message.
+ * Outgoing frames are queued per connection and written together at the end
+ * of the event-loop turn, newline-separated in one WebSocket frame (the
+ * contract allows it): one system call per recipient per burst instead of
+ * per message; presence may wait a little longer to be batched.
  * Every frame is serialised once per message, never once per recipient.
  *
  * @module
@@ -54,6 +55,8 @@ export interface ChatLimits {
   maxBufferedBytes: number;
   /** How often open sessions are re-checked with the auth server. */
   recheckIntervalMs: number;
+  /** How long an upgraded socket may take to open before its place is given back. */
+  handshakeTimeoutMs: number;
   /**
    * How long outgoing frames wait to be coalesced. 0 (the default) writes at
    * the end of the event-loop turn: what arrived together leaves together,
@@ -84,6 +87,7 @@ export const DEFAULT_CHAT_LIMITS: ChatLimits = {
   maxRoomsPerConnection: 64,
   maxBufferedBytes: 1024 * 1024,
   recheckIntervalMs: 30_000,
+  handshakeTimeoutMs: 10_000,
   coalesceMs: 0,
   presenceCoalesceMs: 50,
   dedupWindowMs: 10 * 60_000,
@@ -163,6 +167,8 @@ interface TokenEntry {
 
 /** Re-check ticks per `recheckIntervalMs`: the auth calls are spread over them. */
 const RECHECK_TICKS = 30;
+/** When the auth server could not answer a re-check, ask again after this long. */
+const RECHECK_RETRY_MS = 5000;
 
 /** Live connections, rooms and presence. Call {@linkcode close} to shut down. */
 export class ConnectionManager {
@@ -176,6 +182,8 @@ export class ConnectionManager {
   #rooms = new Map<string, Room>();
   #tokens = new Map<string, TokenEntry>();
   #addresses = new Map<string, number>();
+  /** Open connections plus upgrades in progress: the sum of `#addresses`. */
+  #reserved = 0;
   #conns = new Set<Conn>();
   /** Connections with frames to write at the next flush. */
   #dirty: Conn[] = [];
@@ -231,19 +239,22 @@ export class ConnectionManager {
     if (
       this.#rateLimits &&
       (count >= this.#limits.maxConnectionsPerAddress ||
-        this.#conns.size >= this.#limits.maxConnections)
+        this.#reserved >= this.#limits.maxConnections)
     ) {
       return false;
     }
     this.#addresses.set(address, count + 1);
+    this.#reserved++;
     return true;
   }
 
   /** Gives back a reservation that did not become a connection. */
   releaseAddress(address: string): void {
-    const count = (this.#addresses.get(address) ?? 1) - 1;
-    if (count <= 0) this.#addresses.delete(address);
-    else this.#addresses.set(address, count);
+    const count = this.#addresses.get(address);
+    if (count === undefined) return;
+    this.#reserved--;
+    if (count <= 1) this.#addresses.delete(address);
+    else this.#addresses.set(address, count - 1);
   }
 
   /** Whether `username` already holds as many connections as allowed. */
@@ -284,16 +295,37 @@ export class ConnectionManager {
     };
     let settled = false;
     user.pending++;
+    // A client that leaves before the handshake completes leaves a socket
+    // that never opens nor closes: give its places back after a while.
+    const giveUp = () => {
+      settled = true;
+      user.pending--;
+      this.releaseAddress(conn.address);
+    };
+    const deadline = setTimeout(() => {
+      if (settled) return;
+      giveUp();
+      try {
+        socket.close();
+      } catch {
+        // Not open: nothing to close.
+      }
+    }, this.#limits.handshakeTimeoutMs);
     socket.binaryType = "arraybuffer";
     socket.onopen = () => {
-      user.pending--;
+      clearTimeout(deadline);
+      if (settled) {
+        // Opened after the deadline: its places are gone.
+        socket.close(CloseCode.tryAgainLater, "handshake too slow");
+        return;
+      }
       if (this.#closing) {
-        settled = true;
-        this.releaseAddress(conn.address);
+        giveUp();
         socket.close(CloseCode.goingAway, "server shutting down");
         return;
       }
       settled = true;
+      user.pending--;
       this.#register(conn, expiresAt);
     };
     socket.onmessage = (event) => this.#onFrame(conn, event.data);
@@ -302,10 +334,9 @@ export class ConnectionManager {
       if (waiting?.conns.delete(conn) && waiting.conns.size === 0) {
         waiting.done();
       }
+      clearTimeout(deadline);
       if (!settled) {
-        settled = true;
-        user.pending--;
-        this.releaseAddress(conn.address);
+        giveUp();
         return;
       }
       this.#drop(conn);
@@ -849,28 +880,38 @@ export class ConnectionManager {
    * session closes within about 1.7 intervals.
    */
   async #recheck(): Promise<void> {
-    if (this.#rechecking || this.#closing) return;
+    if (this.#closing) return;
+    const now = this.#now();
+    const interval = this.#limits.recheckIntervalMs;
+    if (now - this.#prunedAt >= interval) {
+      this.#prunedAt = now;
+      this.#forgetIdleUsers(now);
+    }
+    // Oldest confirmation first (a confirmed token moves to the end); at most
+    // a share of the tokens per tick, enough to catch up within 2/3 of an
+    // interval. Expiry needs no auth call: it is checked on every tick.
+    const share = this.#rechecking
+      ? 0
+      : Math.ceil(this.#tokens.size * 1.5 / RECHECK_TICKS);
+    const due: string[] = [];
+    for (const [token, entry] of this.#tokens) {
+      if (entry.expiresAt <= now) {
+        this.#endSession(entry, "session expired");
+      } else if (due.length < share && now - entry.checkedAt >= interval) {
+        due.push(token);
+      }
+    }
+    if (due.length === 0) return;
     this.#rechecking = true;
     try {
-      const now = this.#now();
-      const interval = this.#limits.recheckIntervalMs;
-      if (now - this.#prunedAt >= interval) {
-        this.#prunedAt = now;
-        this.#forgetIdleUsers(now);
-      }
-      // Oldest confirmation first (a confirmed token moves to the end); at
-      // most a share of the tokens per tick, enough to catch up within
-      // 2/3 of an interval.
-      const share = Math.ceil(this.#tokens.size * 1.5 / RECHECK_TICKS);
-      const due: string[] = [];
-      for (const [token, entry] of this.#tokens) {
-        if (entry.expiresAt <= now) {
-          this.#endSession(entry, "session expired");
-        } else if (due.length < share && now - entry.checkedAt >= interval) {
-          due.push(token);
+      // Two at a time: upgrades waiting for their token check keep the
+      // validator's other places.
+      const worker = async () => {
+        for (let t = due.pop(); t !== undefined; t = due.pop()) {
+          await this.#recheckToken(t);
         }
-      }
-      await Promise.all(due.map((token) => this.#recheckToken(token)));
+      };
+      await Promise.all([worker(), worker()]);
     } finally {
       this.#rechecking = false;
     }
@@ -892,16 +933,23 @@ export class ConnectionManager {
     try {
       check = await this.#validateToken(token);
     } catch (err) {
-      // Auth down: keep existing connections rather than dropping everyone.
       if (!(err instanceof AuthUnavailableError)) throw err;
     }
     const entry = this.#tokens.get(token);
     if (entry === undefined || this.#closing) return;
-    if (check !== undefined && !check.valid) {
+    if (check === undefined) {
+      // Auth down: keep the connections (rather than dropping everyone) and
+      // ask again soon, not a whole interval later.
+      const interval = this.#limits.recheckIntervalMs;
+      entry.checkedAt = this.#now() - interval +
+        Math.min(RECHECK_RETRY_MS, interval);
+      return;
+    }
+    if (!check.valid) {
       this.#endSession(entry, "session ended");
       return;
     }
-    if (check !== undefined) entry.expiresAt = check.expiresAt;
+    entry.expiresAt = check.expiresAt;
     entry.checkedAt = this.#now();
     this.#tokens.delete(token);
     this.#tokens.set(token, entry);

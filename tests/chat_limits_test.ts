@@ -203,6 +203,60 @@ Deno.test("simultaneous upgrades of one user cannot pass the per-user cap togeth
   }
 });
 
+Deno.test("an upgrade the client abandons during the token check gives its place back", async () => {
+  const { createChatServer } = await import("../chat/server.ts");
+  const dataDir = await Deno.makeTempDir();
+  // An auth server that answers only when told to.
+  let arrived = () => {};
+  const arrival = new Promise<void>((resolve) => arrived = resolve);
+  let answer = () => {};
+  const answered = new Promise<void>((resolve) => answer = resolve);
+  const auth = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    async () => {
+      arrived();
+      await answered;
+      return Response.json({
+        valid: true,
+        username: "alice",
+        expires_at: new Date(Date.now() + 3_600_000).toISOString(),
+      });
+    },
+  );
+  const chat = await createChatServer({
+    port: 0,
+    dataDir,
+    authUrl: `http://127.0.0.1:${auth.addr.port}`,
+    limits: { maxConnectionsPerUser: 1, handshakeTimeoutMs: 300 },
+  });
+  try {
+    const gone = await openRawWebSocket(chat.port, "t1");
+    await arrival;
+    gone.close();
+    answer();
+    // The abandoned socket never opens nor closes; after the handshake
+    // deadline its place is free again.
+    const statuses: number[] = [];
+    const deadline = Date.now() + 5000;
+    while (statuses.at(-1) !== 101 && Date.now() < deadline) {
+      const res = await rawUpgrade(chat.port, "/ws", {
+        authorization: "Bearer t1",
+      });
+      statuses.push(res.status);
+      if (res.status !== 101) {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+    }
+    assert.equal(statuses.at(-1), 101, `${statuses}`);
+    // Before the deadline the abandoned upgrade still held the only place.
+    assert.equal(statuses[0], 429, `${statuses}`);
+  } finally {
+    await chat.shutdown();
+    await auth.shutdown();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
 Deno.test("a client that stops reading is closed with 1013 while others keep receiving", async () => {
   const stack = await startStack();
   try {
@@ -289,7 +343,7 @@ Deno.test("a connection whose session is revoked or expires is closed with 1008"
           alice.closed,
           new Promise<never>((_, reject) =>
             timer = setTimeout(
-              () => reject(new Error("not closed 5 s after expiry")),
+              () => reject(new Error("not closed 5 s after expiry (TTL 1 s)")),
               6000,
             )
           ),
