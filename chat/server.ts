@@ -130,7 +130,16 @@ export async function createChatServer(
     shutdown() {
       stopping ??= (async () => {
         await manager.close();
-        await server.shutdown();
+        // An upgrade whose client left before it was answered never
+        // completes (this runtime neither opens nor closes the socket): the
+        // graceful shutdown would wait for it forever, so it gets a grace
+        // period, then the history is flushed and the process may exit.
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([
+          server.shutdown(),
+          new Promise((resolve) => timer = setTimeout(resolve, 2000)),
+        ]);
+        clearTimeout(timer);
         await history.close();
       })();
       return stopping;
@@ -160,14 +169,17 @@ export function createChatHandler(
     const url = new URL(req.url);
     if (url.pathname === "/health") {
       if (req.method !== "GET" && req.method !== "HEAD") {
-        return jsonError(405, "method_not_allowed", "Use GET", {
+        return jsonError(405, "method_not_allowed", "Use GET or HEAD", {
           allow: "GET, HEAD",
         });
       }
-      const health = Response.json({ status: "ok", connections: manager.size });
-      return req.method === "HEAD"
-        ? new Response(null, { headers: health.headers })
-        : health;
+      const body = JSON.stringify({ status: "ok", connections: manager.size });
+      return new Response(req.method === "HEAD" ? null : body, {
+        headers: {
+          "content-type": "application/json",
+          "content-length": String(body.length),
+        },
+      });
     }
     if (url.pathname !== "/ws") {
       return jsonError(404, "not_found", `Nothing at ${url.pathname}`);
@@ -195,7 +207,9 @@ export function createChatHandler(
       );
     }
     const token = bearerToken(req) ?? url.searchParams.get("token");
-    if (token === null || token === "" || token.length > 512) {
+    // Tokens are printable ASCII: anything else is refused here, before it
+    // could reach a header of the auth call (or the log, through its error).
+    if (token === null || !TOKEN_RE.test(token)) {
       return jsonError(401, "invalid_token", "A session token is required");
     }
     const address = info.remoteAddr.hostname;
@@ -244,7 +258,7 @@ export function createChatHandler(
           idleTimeout: idleTimeoutSeconds,
         });
       } catch (err) {
-        // A malformed handshake (no Sec-WebSocket-Key, a wrong version...).
+        // A malformed handshake (no Sec-WebSocket-Key, no Connection: Upgrade...).
         return jsonError(
           400,
           "invalid_request",
@@ -267,6 +281,8 @@ export function createChatHandler(
     }
   };
 }
+
+const TOKEN_RE = /^[\x21-\x7e]{1,512}$/;
 
 function bearerToken(req: Request): string | undefined {
   const header = req.headers.get("authorization");

@@ -2,7 +2,8 @@ import assert from "node:assert/strict";
 import { login, rawUpgrade, startStack, TestClient } from "./_harness.ts";
 
 Deno.test("a connection without a valid token gets 401 JSON and no WebSocket", async (t) => {
-  const stack = await startStack();
+  const logged: string[] = [];
+  const stack = await startStack({ log: (line) => logged.push(line) });
   try {
     await t.step("missing token", async () => {
       const res = await rawUpgrade(stack.chat.port, "/ws");
@@ -35,6 +36,19 @@ Deno.test("a connection without a valid token gets 401 JSON and no WebSocket", a
       });
       assert.equal(res.status, 401);
     });
+    await t.step(
+      "a token that is not printable ASCII: 401, and never logged",
+      async () => {
+        for (
+          const token of ["SECRET%00TOKEN", "SECRET%0ATOKEN", "SECRET%C3%A9"]
+        ) {
+          const res = await rawUpgrade(stack.chat.port, `/ws?token=${token}`);
+          assert.equal(res.status, 401, token);
+          assert.equal(JSON.parse(res.body).error, "invalid_token");
+        }
+        assert.ok(!logged.some((line) => line.includes("SECRET")));
+      },
+    );
     await t.step("a browser's ?token= works", async () => {
       const token = await login(stack.auth.url, "browser");
       const client = new TestClient(`${stack.chat.url}?token=${token}`);
@@ -75,7 +89,12 @@ Deno.test("non-upgrade requests get 426, other paths 404, /health 200", async ()
 });
 
 Deno.test("a malformed WebSocket handshake gets 400 JSON, not a server error", async () => {
-  const stack = await startStack();
+  // One connection per address: a reservation kept by a refused handshake
+  // would refuse the last connect below.
+  const stack = await startStack({
+    rateLimits: true,
+    chatLimits: { maxConnectionsPerAddress: 1 },
+  });
   try {
     const token = await login(stack.auth.url, "alice");
     const broken: Record<string, string>[] = [
@@ -384,7 +403,10 @@ Deno.test("rooms: join, current room, who, rooms, leave and presence", async () 
 });
 
 Deno.test("presence waits to be batched, but is never overtaken by what follows it", async () => {
-  const stack = await startStack();
+  // Presence alone would wait 10 s: the message must take it along.
+  const stack = await startStack({
+    chatLimits: { presenceCoalesceMs: 10_000 },
+  });
   try {
     const alice = await TestClient.connect(
       stack.chat.url,
@@ -396,11 +418,20 @@ Deno.test("presence waits to be batched, but is never overtaken by what follows 
     );
     bob.send({ type: "message", text: "hi" });
     bob.send({ type: "leave", room: "lobby" });
-    await alice.next((f) => f.type === "leave");
+    await bob.nextOfType("left");
+    // Bob's leave is queued for alice: her pong takes it along.
+    alice.send({ type: "ping" });
+    await alice.nextOfType("pong");
     const seen = alice.frames.filter((f) => f.type !== "welcome").map((f) =>
-      `${f.type}:${f.user ?? f.from}`
+      `${f.type}:${f.user ?? f.from ?? ""}`
     );
-    assert.deepEqual(seen, ["join:bob", "message:bob", "leave:bob"]);
+    assert.deepEqual(seen, ["join:bob", "message:bob", "leave:bob", "pong:"]);
+    assert.ok(
+      alice.rawFrames.some((raw) =>
+        /"type":"join".*\n.*"type":"message"/.test(raw)
+      ),
+      "the join went out in the same frame as the message",
+    );
     await alice.close();
     await bob.close();
   } finally {
