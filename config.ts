@@ -86,14 +86,11 @@ export function parseServerConfig(
       "Cannot use --port with start: use --auth-port and --chat-port",
     );
   }
-  if (role === "start" && parsed["auth-url"] !== undefined) {
-    throw new ConfigError(
-      "Cannot use --auth-url with start: its chat server uses the auth server it starts",
-    );
-  }
-  // With start, AUTH_URL (often set for the client) does not redirect the chat server.
+  // With start, AUTH_URL (often set for the client) does not apply: its chat
+  // server uses the auth server it starts. A --auth-url is passed on, so that
+  // the entry point can say it is ignored.
   const authUrl = role === "start"
-    ? undefined
+    ? parsed["auth-url"]
     : parsed["auth-url"] ?? env("AUTH_URL");
   const chatPublicUrl = parsed["chat-url"] ?? env("CHAT_PUBLIC_URL");
   if (authUrl !== undefined) checkUrl("auth URL", authUrl, ["http:", "https:"]);

@@ -34,6 +34,12 @@ try {
   Deno.exit(2);
 }
 
+if (config.authUrl !== undefined) {
+  console.error(
+    "start: ignoring --auth-url: the chat server uses the auth server started with it",
+  );
+}
+
 const stop = new AbortController();
 for (const signal of ["SIGINT", "SIGTERM"] as const) {
   Deno.addSignalListener(signal, () => stop.abort());

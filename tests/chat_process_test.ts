@@ -24,9 +24,19 @@ function startProcess(
 Deno.test("deno task start runs both servers on port 0, hands out the real chat address and stops cleanly on SIGTERM", async () => {
   const dataDir = await Deno.makeTempDir();
   const { child, stdout, stderr } = startProcess(
-    ["task", "start", "--auth-port", "0", "--chat-port", "0"],
+    [
+      "task",
+      "start",
+      "--auth-port",
+      "0",
+      "--chat-port",
+      "0",
+      "--auth-url",
+      "http://127.0.0.1:9",
+    ],
     dataDir,
-    // Set for the client in the same shell: the chat server must not follow it.
+    // Set for the client in the same shell: the chat server must not follow
+    // it, nor --auth-url (ignored, with a notice).
     { AUTH_URL: "http://127.0.0.1:9" },
   );
   try {
@@ -59,6 +69,7 @@ Deno.test("deno task start runs both servers on port 0, hands out the real chat 
     assert.match(history, /before the signal/);
     await Promise.all([stdout.done, stderr.done]);
     assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
+    assert.match(stderr.lines.join("\n"), /start: ignoring --auth-url/);
   } finally {
     try {
       child.kill("SIGKILL");
