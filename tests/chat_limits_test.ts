@@ -257,6 +257,71 @@ Deno.test("an upgrade the client abandons during the token check gives its place
   }
 });
 
+Deno.test("open sessions are re-checked once per distinct token, not per connection", async () => {
+  const { createChatServer } = await import("../chat/server.ts");
+  const dataDir = await Deno.makeTempDir();
+  // An auth server that counts the checks of each token; "t2" can be revoked.
+  const calls = new Map<string, number>();
+  let revoked = "";
+  const auth = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    (req) => {
+      const token = req.headers.get("authorization")!.slice("Bearer ".length);
+      calls.set(token, (calls.get(token) ?? 0) + 1);
+      if (token === revoked) {
+        return Response.json({ valid: false, error: "invalid_token" }, {
+          status: 401,
+        });
+      }
+      return Response.json({
+        valid: true,
+        username: `user-${token}`,
+        expires_at: new Date(Date.now() + 3_600_000).toISOString(),
+      });
+    },
+  );
+  const chat = await createChatServer({
+    port: 0,
+    dataDir,
+    authUrl: `http://127.0.0.1:${auth.addr.port}`,
+    limits: { recheckIntervalMs: 300 },
+  });
+  const clients: TestClient[] = [];
+  try {
+    for (const token of ["t1", "t1", "t1", "t2", "t2", "t3"]) {
+      clients.push(await TestClient.connect(chat.url, token));
+    }
+    const upgrades = new Map(calls);
+    // Wait for three rounds of re-checks of the one-connection session.
+    await waitFor(
+      () => (calls.get("t3") ?? 0) - (upgrades.get("t3") ?? 0) >= 3,
+      5000,
+      "three re-checks of t3",
+    );
+    const rechecks = (token: string) =>
+      (calls.get(token) ?? 0) - (upgrades.get(token) ?? 0);
+    // Three connections of t1 cost no more calls than the one of t3.
+    assert.ok(
+      rechecks("t1") <= rechecks("t3") + 1,
+      `t1 ${rechecks("t1")}, t3 ${rechecks("t3")}`,
+    );
+    revoked = "t2";
+    const [a, b] = await Promise.all([clients[3]!.closed, clients[4]!.closed]);
+    assert.equal(a.code, 1008);
+    assert.equal(b.code, 1008);
+    // The other sessions stay.
+    await clients[0]!.sync();
+    await clients[5]!.sync();
+  } finally {
+    for (const c of clients) {
+      if (c.socket.readyState === WebSocket.OPEN) await c.close();
+    }
+    await chat.shutdown();
+    await auth.shutdown();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
 Deno.test("a client that stops reading is closed with 1013 while others keep receiving", async () => {
   const stack = await startStack();
   try {
