@@ -115,6 +115,17 @@ export async function login(
   return body.token;
 }
 
+/** Registers `name` (if new), logs in, and connects a {@linkcode TestClient}. */
+export async function connectAs(
+  stack: Stack,
+  name: string,
+): Promise<TestClient> {
+  return await TestClient.connect(
+    stack.chat.url,
+    await login(stack.auth.url, name),
+  );
+}
+
 /** A WebSocket client that records frames and lets tests await them. */
 export class TestClient {
   readonly socket: WebSocket;

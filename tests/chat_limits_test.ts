@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import {
   clientWireFrame,
+  connectAs,
   login,
   openRawWebSocket,
   rawUpgrade,
@@ -45,10 +46,7 @@ Deno.test("sustained flooding closes the connection with 1008", async () => {
     chatLimits: { messageBurst: 2, messagesPerSecond: 0.1, floodStrikes: 5 },
   });
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
+    const alice = await connectAs(stack, "alice");
     // A client that keeps sending whatever it is told, one frame per answer.
     for (let i = 0; i < 50 && alice.socket.readyState === WebSocket.OPEN; i++) {
       alice.send({ type: "message", text: `spam ${i}` });
@@ -143,10 +141,7 @@ Deno.test("connections over the per-user or per-address cap get 429 before any u
       assert.equal(res.status, 429);
       assert.equal(JSON.parse(res.body).error, "too_many_connections");
     });
-    const bob = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "bob"),
-    );
+    const bob = await connectAs(stack, "bob");
     await t.step("per address", async () => {
       const carol = await login(stack.auth.url, "carol");
       const res = await rawUpgrade(stack.chat.port, "/ws", {
@@ -326,14 +321,8 @@ Deno.test("a client that stops reading is closed with 1013 while others keep rec
   const stack = await startStack();
   try {
     const slowToken = await login(stack.auth.url, "slow");
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
-    const bob = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "bob"),
-    );
+    const alice = await connectAs(stack, "alice");
+    const bob = await connectAs(stack, "bob");
     // A raw TCP client that completes the handshake and then never reads.
     const slow = await openRawWebSocket(stack.chat.port, slowToken);
     await bob.next((f) => f.type === "join" && f.user === "slow");
@@ -400,10 +389,7 @@ Deno.test("a connection whose session is revoked or expires is closed with 1008"
       });
       let timer: ReturnType<typeof setTimeout> | undefined;
       try {
-        const alice = await TestClient.connect(
-          stack.chat.url,
-          await login(stack.auth.url, "alice"),
-        );
+        const alice = await connectAs(stack, "alice");
         const event = await Promise.race([
           alice.closed,
           new Promise<never>((_, reject) =>
@@ -454,10 +440,7 @@ Deno.test("an upgrade from a foreign Origin gets 403; the own origin and ALLOWED
 Deno.test("shutdown closes every WebSocket with 1001 and flushes history", async () => {
   const stack = await startStack({ historyFlushMs: 60_000 });
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
+    const alice = await connectAs(stack, "alice");
     alice.send({ type: "message", text: "keep me" });
     await alice.nextOfType("message");
     await stack.chat.shutdown();
@@ -525,10 +508,7 @@ Deno.test("a peer that stops answering pings is dropped and its presence cleaned
   const stack = await startStack({ idleTimeoutSeconds: 1 });
   try {
     const ghostToken = await login(stack.auth.url, "ghost");
-    const bob = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "bob"),
-    );
+    const bob = await connectAs(stack, "bob");
     // Completes the handshake, then neither reads nor answers pings.
     const ghost = await openRawWebSocket(stack.chat.port, ghostToken);
     await bob.next((f) => f.type === "join" && f.user === "ghost");

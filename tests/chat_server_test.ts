@@ -1,5 +1,11 @@
 import assert from "node:assert/strict";
-import { login, rawUpgrade, startStack, TestClient } from "./_harness.ts";
+import {
+  connectAs,
+  login,
+  rawUpgrade,
+  startStack,
+  TestClient,
+} from "./_harness.ts";
 
 Deno.test("a connection without a valid token gets 401 JSON and no WebSocket", async (t) => {
   const logged: string[] = [];
@@ -166,10 +172,7 @@ Deno.test("an unreachable or slow auth server gives 503 auth_unavailable, not 40
 Deno.test("welcome gives the user, the lobby, its users and its recent history", async () => {
   const stack = await startStack();
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
+    const alice = await connectAs(stack, "alice");
     for (let i = 1; i <= 55; i++) {
       alice.send({ type: "message", text: `m${i}` });
     }
@@ -202,18 +205,9 @@ Deno.test("welcome gives the user, the lobby, its users and its recent history",
 Deno.test("a message reaches everyone in the room; only the sender's echo carries client_id", async () => {
   const stack = await startStack();
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
-    const alice2 = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
-    const bob = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "bob"),
-    );
+    const alice = await connectAs(stack, "alice");
+    const alice2 = await connectAs(stack, "alice");
+    const bob = await connectAs(stack, "bob");
     alice.send({ type: "message", text: "  hi all  ", client_id: "c-1" });
     const echo = await alice.nextOfType("message");
     const other = await alice2.nextOfType("message");
@@ -235,10 +229,7 @@ Deno.test("a message reaches everyone in the room; only the sender's echo carrie
 Deno.test("a text frame that is not a JSON object is a message whose text is the frame", async () => {
   const stack = await startStack();
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
+    const alice = await connectAs(stack, "alice");
     for (const raw of ["hello", "null", "[1,2]", "42"]) {
       alice.send(raw);
       const m = await alice.nextOfType("message");
@@ -253,10 +244,7 @@ Deno.test("a text frame that is not a JSON object is a message whose text is the
 Deno.test("bad frames get error frames and the connection stays open", async (t) => {
   const stack = await startStack();
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
+    const alice = await connectAs(stack, "alice");
     const cases: [string, unknown, string][] = [
       ["unknown type", { type: "explode" }, "invalid_frame"],
       ["missing type", { text: "x" }, "invalid_frame"],
@@ -323,10 +311,7 @@ Deno.test("bad frames get error frames and the connection stays open", async (t)
 Deno.test("a frame over 64 KiB closes the connection with 1009", async () => {
   const stack = await startStack();
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
+    const alice = await connectAs(stack, "alice");
     alice.send({ type: "message", text: "x".repeat(70_000) });
     const event = await alice.closed;
     assert.equal(event.code, 1009);
@@ -338,14 +323,8 @@ Deno.test("a frame over 64 KiB closes the connection with 1009", async () => {
 Deno.test("rooms: join, current room, who, rooms, leave and presence", async () => {
   const stack = await startStack();
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
-    const bob = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "bob"),
-    );
+    const alice = await connectAs(stack, "alice");
+    const bob = await connectAs(stack, "bob");
     alice.send({ type: "join", room: "Dev" });
     const joined = await alice.nextOfType("joined");
     assert.equal(joined.room, "dev");
@@ -408,14 +387,8 @@ Deno.test("presence waits to be batched, but is never overtaken by what follows 
     chatLimits: { presenceCoalesceMs: 10_000 },
   });
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
-    const bob = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "bob"),
-    );
+    const alice = await connectAs(stack, "alice");
+    const bob = await connectAs(stack, "bob");
     bob.send({ type: "message", text: "hi" });
     bob.send({ type: "leave", room: "lobby" });
     await bob.nextOfType("left");
@@ -443,10 +416,7 @@ Deno.test("presence is announced on a user's first connection in a room and last
   const stack = await startStack();
   try {
     const token = await login(stack.auth.url, "alice");
-    const bob = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "bob"),
-    );
+    const bob = await connectAs(stack, "bob");
     const a1 = await TestClient.connect(stack.chat.url, token);
     await bob.nextOfType("join");
     const a2 = await TestClient.connect(stack.chat.url, token);
@@ -478,10 +448,7 @@ Deno.test("a direct message reaches all of the recipient's and the sender's conn
     const bt = await login(stack.auth.url, "bob");
     const b1 = await TestClient.connect(stack.chat.url, bt);
     const b2 = await TestClient.connect(stack.chat.url, bt);
-    const carol = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "carol"),
-    );
+    const carol = await connectAs(stack, "carol");
     a1.send({ type: "dm", to: "BOB", text: "psst" });
     for (const c of [a1, a2, b1, b2]) {
       const dm = await c.nextOfType("dm");
@@ -501,10 +468,7 @@ Deno.test("a direct message reaches all of the recipient's and the sender's conn
 Deno.test("history pages back with before, resumes with after, and reports a gap", async () => {
   const stack = await startStack({ historyKeep: 20 });
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
+    const alice = await connectAs(stack, "alice");
     for (let i = 1; i <= 30; i++) {
       alice.send({ type: "message", text: `m${i}` });
     }
@@ -584,10 +548,7 @@ Deno.test("a repeated client_id is not stored or broadcast again, even after a r
   try {
     const token = await login(stack.auth.url, "alice");
     const alice = await TestClient.connect(stack.chat.url, token);
-    const bob = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "bob"),
-    );
+    const bob = await connectAs(stack, "bob");
     alice.send({ type: "message", text: "once", client_id: "abc" });
     const first = await alice.nextOfType("message");
     await alice.close();
@@ -619,14 +580,8 @@ Deno.test("a repeated client_id is not stored or broadcast again, even after a r
 Deno.test("several messages sent at once arrive coalesced in fewer frames", async () => {
   const stack = await startStack();
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
-    const bob = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "bob"),
-    );
+    const alice = await connectAs(stack, "alice");
+    const bob = await connectAs(stack, "bob");
     await alice.sync();
     const before = bob.rawFrames.length;
     for (let i = 0; i < 20; i++) {
@@ -648,10 +603,7 @@ Deno.test("several messages sent at once arrive coalesced in fewer frames", asyn
 Deno.test("a history page larger than the slow-reader limit is still delivered", async () => {
   const stack = await startStack();
   try {
-    const alice = await TestClient.connect(
-      stack.chat.url,
-      await login(stack.auth.url, "alice"),
-    );
+    const alice = await connectAs(stack, "alice");
     const text = "y".repeat(3990);
     for (let i = 0; i < 300; i++) {
       alice.send({ type: "message", text: `${i} ${text}` });
