@@ -63,16 +63,26 @@ export function createTokenValidator(
     else active--;
   };
   const check = async (base: string, token: string): Promise<TokenCheck> => {
-    const signal = AbortSignal.timeout(timeoutMs);
+    // Not AbortSignal.timeout: its timer would outlive the answer and keep
+    // every check's objects alive for the whole timeout.
+    const controller = new AbortController();
+    const timer = setTimeout(
+      () => controller.abort(new DOMException("Timed out", "TimeoutError")),
+      timeoutMs,
+    );
     try {
-      await acquire(signal);
-    } catch (err) {
-      throw unavailable(base, err);
-    }
-    try {
-      return await requestCheck(base, token, signal);
+      try {
+        await acquire(controller.signal);
+      } catch (err) {
+        throw unavailable(base, err);
+      }
+      try {
+        return await requestCheck(base, token, controller.signal);
+      } finally {
+        release();
+      }
     } finally {
-      release();
+      clearTimeout(timer);
     }
   };
   return function validateToken(token: string): Promise<TokenCheck> {
