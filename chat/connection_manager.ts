@@ -132,8 +132,14 @@ interface Conn {
   address: string;
   /** Rooms in join order; the last is the current room. */
   rooms: Set<string>;
-  /** Lines waiting for the next flush (the array is reused). */
-  outbox: string[];
+  /**
+   * The first line waiting for the next flush ("" when none). Most flushes
+   * carry one line: it needs no array, so a broadcast allocates nothing per
+   * recipient.
+   */
+  first: string;
+  /** The lines after `first`, when more than one waits. */
+  rest: string[] | undefined;
   outboxBytes: number;
   /** Which flush list holds it: none, the presence one, or the prompt one. */
   queued: "none" | "presence" | "prompt";
@@ -191,7 +197,8 @@ export class ConnectionManager {
   #lazy: Conn[] = [];
   #lazyTimer: ReturnType<typeof setTimeout> | undefined;
   /** The lines and frame of the last multi-line write (see {@linkcode #joined}). */
-  #lastLines: string[] = [];
+  #lastFirst = "";
+  #lastRest: string[] = [];
   #lastJoined = "";
   /** A flush is scheduled. */
   #flushPending = false;
@@ -277,7 +284,8 @@ export class ConnectionManager {
       token: session.token,
       address: session.address,
       rooms: new Set(),
-      outbox: [],
+      first: "",
+      rest: undefined,
       outboxBytes: 0,
       queued: "none",
       backlogBound: 0,
@@ -426,8 +434,7 @@ export class ConnectionManager {
   #drop(conn: Conn, code?: number, reason?: string): void {
     if (!conn.open) return;
     conn.open = false;
-    const pending = conn.outbox;
-    conn.outbox = [];
+    const pending = this.#take(conn);
     this.#conns.delete(conn);
     conn.user.conns.delete(conn);
     conn.user.lastSeen = this.#now();
@@ -445,8 +452,8 @@ export class ConnectionManager {
       try {
         // What was queued goes first (the warnings before a flood close),
         // unless the peer's backlog is the reason for closing.
-        if (pending.length > 0 && code !== CloseCode.tryAgainLater) {
-          socket.send(pending.join("\n"));
+        if (pending !== "" && code !== CloseCode.tryAgainLater) {
+          socket.send(pending);
         }
       } catch {
         // Already closing.
@@ -778,7 +785,9 @@ export class ConnectionManager {
    */
   #send(conn: Conn, line: string, lazy = false): void {
     if (!conn.open) return;
-    conn.outbox.push(line);
+    if (conn.first === "") conn.first = line;
+    else if (conn.rest === undefined) conn.rest = [line];
+    else conn.rest.push(line);
     conn.outboxBytes += line.length;
     if (!lazy) {
       if (conn.queued !== "prompt") {
@@ -807,12 +816,9 @@ export class ConnectionManager {
 
   /** Writes a connection's queue as one frame, or drops it if it is not keeping up. */
   #write(conn: Conn): void {
-    const outbox = conn.outbox;
-    if (!conn.open || outbox.length === 0) return;
-    const data = outbox.length === 1 ? outbox[0]! : this.#joined(outbox);
-    outbox.length = 0;
+    if (!conn.open || conn.first === "") return;
+    const data = this.#take(conn);
     conn.queued = "none";
-    conn.outboxBytes = 0;
     // What the runtime still holds unsent decides; one large answer (a long
     // history page) may pass, a reader that stopped cannot pile up more.
     // Reading it is a call into the runtime: only when the bound says the
@@ -834,21 +840,27 @@ export class ConnectionManager {
   }
 
   /**
-   * The queued lines as one frame. The members of a room mostly hold the
-   * same lines in the same order: the last joined frame is reused when the
-   * lines are the very same strings, so a burst costs one join per room.
+   * Empties a connection's queue and returns its lines as one frame ("" if
+   * none). The members of a room mostly hold the same lines in the same
+   * order: the last joined frame is reused when the lines are the very same
+   * strings, so a burst costs one join per room.
    */
-  #joined(lines: string[]): string {
-    const last = this.#lastLines;
-    if (last.length === lines.length) {
+  #take(conn: Conn): string {
+    const { first, rest } = conn;
+    conn.first = "";
+    conn.rest = undefined;
+    conn.outboxBytes = 0;
+    if (rest === undefined) return first;
+    const last = this.#lastRest;
+    if (first === this.#lastFirst && last.length === rest.length) {
       let same = true;
-      for (let i = 0; i < lines.length && same; i++) {
-        same = lines[i] === last[i];
-      }
+      for (let i = 0; i < rest.length && same; i++) same = rest[i] === last[i];
       if (same) return this.#lastJoined;
     }
-    this.#lastLines = lines.slice();
-    return this.#lastJoined = lines.join("\n");
+    // `rest` is never reused once taken: it can be kept as it is.
+    this.#lastFirst = first;
+    this.#lastRest = rest;
+    return this.#lastJoined = `${first}\n${rest.join("\n")}`;
   }
 
   #flush = (): void => {
@@ -868,7 +880,8 @@ export class ConnectionManager {
     // those land in this same pass, as the loop reads the growing array.
     for (let i = 0; i < conns.length; i++) this.#write(conns[i]!);
     conns.length = 0;
-    this.#lastLines = [];
+    this.#lastFirst = "";
+    this.#lastRest = [];
     this.#lastJoined = "";
   }
 
