@@ -29,7 +29,7 @@ import {
   chatServersExist,
   closeSide,
   connectStorm,
-  fanout,
+  fanoutPair,
   FULL_SIZES,
   idle,
   type JsonValue,
@@ -206,58 +206,72 @@ async function runScenario(
   name: ScenarioName,
   run: RunContext,
 ): Promise<ScenarioResult> {
-  const { ctx, tmp } = run;
-  const sizes = ctx.sizes;
+  const { ctx } = run;
+  if (name === "fanout") return await fanoutScenario(run);
   if (name === "fanout_big_data") return await bigData(run);
   const fn = {
-    fanout,
     saturation,
     idle,
     connect_storm: connectStorm,
     auth: authThroughput,
   }[name];
-  const withStartup = name === "fanout";
   const baseline = await onSide(
     ctx,
     () => startBaselineSide(ctx.runtimeFlags),
     fn,
-    withStartup,
   );
   let chat: Metrics;
   if (run.haveChat) {
-    const dir = `${tmp}/${name}`;
-    const sessions = Math.max(
-      sizes.fanoutClients,
-      sizes.saturationClients,
-      sizes.idleUsers,
-      sizes.stormClients + 10,
-    );
-    chat = await onSide(
-      ctx,
-      async () =>
-        startChatSide(
-          dir,
-          await prepareDataDir(dir, sessions),
-          ctx.runtimeFlags,
-        ),
-      fn,
-      withStartup,
-    );
+    chat = await onSide(ctx, () => startChat(run, name), fn);
   } else {
     chat = { error: "auth/main.ts or chat/main.ts does not exist yet" };
   }
   return { chat, baseline, ratio: ratios(chat, baseline) };
 }
 
-/** Fan-out again, with 100k users and 1M history messages on disk. */
+/** A chat side on a fresh data directory with enough sessions for any scenario. */
+async function startChat(run: RunContext, name: string): Promise<Side> {
+  const { ctx, tmp } = run;
+  const sizes = ctx.sizes;
+  const dir = `${tmp}/${name}`;
+  const sessions = Math.max(
+    sizes.fanoutClients,
+    sizes.saturationClients,
+    sizes.idleUsers,
+    sizes.stormClients + 10,
+  );
+  return await startChatSide(
+    dir,
+    await prepareDataDir(dir, sessions),
+    ctx.runtimeFlags,
+  );
+}
+
+/** Fan-out: the chat system and the baseline, measured in alternation. */
+async function fanoutScenario(run: RunContext): Promise<ScenarioResult> {
+  const { ctx } = run;
+  if (!run.haveChat) {
+    const error = "auth/main.ts or chat/main.ts does not exist yet";
+    return { chat: { error }, baseline: { error }, ratio: {} };
+  }
+  const [chat, baseline] = await onSidePair(
+    ctx,
+    () => startChat(run, "fanout"),
+    () => startBaselineSide(ctx.runtimeFlags),
+  );
+  return { chat, baseline, ratio: ratios(chat, baseline) };
+}
+
+/**
+ * Fan-out again with 100k users and 1M history messages on disk, measured
+ * in alternation with a chat system on an empty data directory.
+ */
 async function bigData(run: RunContext): Promise<ScenarioResult> {
   const { ctx, tmp } = run;
   const sizes = ctx.sizes;
-  const empty = run.results.fanout?.chat ??
-    { error: "run the fanout scenario too, to compare with" };
   if (!run.haveChat) {
     const error = "auth/main.ts or chat/main.ts does not exist yet";
-    return { chat: { error }, baseline: empty, ratio: {} };
+    return { chat: { error }, baseline: { error }, ratio: {} };
   }
   const dir = `${tmp}/big_data`;
   const t0 = performance.now();
@@ -275,11 +289,10 @@ async function bigData(run: RunContext): Promise<ScenarioResult> {
       (bytes / 1e6).toFixed(0)
     } MB of history) in ${((performance.now() - t0) / 1000).toFixed(1)} s`,
   );
-  const chat = await onSide(
+  const [chat, empty] = await onSidePair(
     ctx,
     () => startChatSide(dir, users, ctx.runtimeFlags),
-    fanout,
-    true,
+    () => startChat(run, "big_data_empty"),
   );
   chat.users_on_disk = sizes.bigUsers;
   chat.history_messages_on_disk = sizes.bigMessages;
@@ -287,8 +300,45 @@ async function bigData(run: RunContext): Promise<ScenarioResult> {
     chat,
     baseline: empty,
     ratio: ratios(chat, empty),
-    compared_with: "the chat server with an empty data directory (fanout)",
+    compared_with:
+      "the chat server with an empty data directory, measured in alternation with it",
   };
+}
+
+/**
+ * Starts two sides, runs the paired fan-out on them, always stops both;
+ * an error becomes `{error}` on both.
+ */
+async function onSidePair(
+  ctx: ScenarioContext,
+  startA: () => Promise<Side>,
+  startB: () => Promise<Side>,
+): Promise<[Metrics, Metrics]> {
+  const sides: Side[] = [];
+  try {
+    sides.push(await startA());
+    sides.push(await startB());
+    const [a, b] = sides as [Side, Side];
+    const pair = await fanoutPair(a, b, ctx);
+    for (let i = 0; i < 2; i++) {
+      const side = sides[i]!;
+      const metrics = pair[i]!;
+      metrics.startup_ms = round(side.server.startupMs, 0);
+      if (side.auth) metrics.auth_startup_ms = round(side.auth.startupMs, 0);
+      ctx.log(`  ${side.kind}: ${summary(metrics)}`);
+      if (side.kind === "chat" && !side.server.alive) {
+        metrics.error = `chat server died\n${side.server.recentOutput()}`;
+      }
+    }
+    return pair;
+  } catch (err) {
+    const message = err instanceof Error ? err.message : String(err);
+    ctx.log(`  fan-out failed: ${message}`);
+    for (const side of sides) ctx.log(side.server.recentOutput(10));
+    return [{ error: message }, { error: message }];
+  } finally {
+    for (const side of sides) await closeSide(side);
+  }
 }
 
 /** Starts a side, runs one scenario on it, always stops it; errors become `{error}`. */
@@ -296,16 +346,11 @@ async function onSide(
   ctx: ScenarioContext,
   start: () => Promise<Side>,
   fn: (side: Side, ctx: ScenarioContext) => Promise<Metrics>,
-  withStartup: boolean,
 ): Promise<Metrics> {
   let side: Side | undefined;
   try {
     side = await start();
     const metrics = await fn(side, ctx);
-    if (withStartup) {
-      metrics.startup_ms = round(side.server.startupMs, 0);
-      if (side.auth) metrics.auth_startup_ms = round(side.auth.startupMs, 0);
-    }
     ctx.log(`  ${side.kind}: ${summary(metrics)}`);
     if (side.kind === "chat" && !side.server.alive) {
       metrics.error = `chat server died\n${side.server.recentOutput()}`;
@@ -327,7 +372,7 @@ function summary(metrics: Metrics): string {
       typeof v === "number" ||
       (Array.isArray(v) && v.every((n) => typeof n === "number"))
     )
-    .map(([k, v]) => `${k}=${Array.isArray(v) ? v.join("..") : v}`)
+    .map(([k, v]) => `${k}=${Array.isArray(v) ? JSON.stringify(v) : v}`)
     .join(" ");
 }
 

@@ -28,7 +28,10 @@ export interface BenchSizes {
   fanoutClients: number;
   senders: number;
   ratePerSender: number;
+  /** Load time per side, per sender timing (spread, lockstep). */
   fanoutMs: number;
+  /** Runs `fanoutMs` is split into, the two sides taking turns. */
+  fanoutRounds: number;
   /** The low-rate run after fan-out (2 messages/s per sender): the delay coalescing adds. */
   lowRateMs: number;
   warmupMs: number;
@@ -57,6 +60,7 @@ export const FULL_SIZES: BenchSizes = {
   senders: 2,
   ratePerSender: 20,
   fanoutMs: 10_000,
+  fanoutRounds: 4,
   lowRateMs: 5000,
   warmupMs: 2000,
   settleMs: 1000,
@@ -101,6 +105,7 @@ export const QUICK_SIZES: BenchSizes = {
   senders: 2,
   ratePerSender: 20,
   fanoutMs: 1000,
+  fanoutRounds: 2,
   lowRateMs: 500,
   warmupMs: 200,
   settleMs: 200,
@@ -265,62 +270,84 @@ export interface ScenarioContext {
 }
 
 /**
- * Fan-out: `fanoutClients` clients in one room, `senders` of them sending at
- * `ratePerSender` for `fanoutMs`, after an unmeasured warm-up.
+ * Fan-out, two sides measured in alternation: `fanoutClients` clients in one
+ * room on each, `senders` of them sending at `ratePerSender`. Each side gets
+ * `fanoutMs` of load in `fanoutRounds` runs, the sides taking turns (ABBA...)
+ * so that a slow spell of the machine lands on both alike, first with the
+ * senders spread evenly over a period (no two messages meet in one
+ * event-loop turn), then in lockstep (they do, and the chat server may write
+ * them as one frame). Returns the figures of `a` and of `b`.
  */
-export async function fanout(
-  side: Side,
+export async function fanoutPair(
+  a: Side,
+  b: Side,
   ctx: ScenarioContext,
-): Promise<Metrics> {
+): Promise<[Metrics, Metrics]> {
   const { sizes } = ctx;
-  const group = new LoadGroup(ctx.loadProcesses);
+  const sides = [a, b];
+  const groups = sides.map(() => new LoadGroup(ctx.loadProcesses));
   try {
-    await connectAll(side, group, sizes.fanoutClients, 50);
+    for (let i = 0; i < 2; i++) {
+      await connectAll(sides[i]!, groups[i]!, sizes.fanoutClients, 50);
+    }
     await delay(sizes.settleMs);
-    await group.run({
+    const load = {
       senders: sizes.senders,
       ratePerSender: sizes.ratePerSender,
-      durationMs: sizes.warmupMs,
-      drainMs: 1000,
-    });
-    await delay(sizes.settleMs / 2);
-    const measured = await measureRun(side, group, {
-      senders: sizes.senders,
-      ratePerSender: sizes.ratePerSender,
-      durationMs: sizes.fanoutMs,
-      drainMs: 3000,
-    });
-    // The same load with both senders on one clock: their messages meet in
-    // one event-loop turn, which the chat server may write as one frame.
-    await delay(sizes.settleMs / 2);
-    const lockstep = await measureRun(side, group, {
-      senders: sizes.senders,
-      ratePerSender: sizes.ratePerSender,
-      durationMs: sizes.fanoutMs,
-      drainMs: 3000,
-      lockstep: true,
-    });
-    const stats = await readProcStats(side.server.pid);
-    const low = await group.run({
-      senders: sizes.senders,
-      ratePerSender: 2,
-      durationMs: sizes.lowRateMs,
-      drainMs: 1000,
-    });
-    return {
-      clients: group.openClients,
-      ...measured,
-      lockstep_deliveries_per_s: lockstep.deliveries_per_s,
-      lockstep_delivered_pct: lockstep.delivered_pct,
-      lockstep_p50_ms: lockstep.p50_ms,
-      lockstep_p99_ms: lockstep.p99_ms,
-      lockstep_cpu_us_per_delivery: lockstep.cpu_us_per_delivery,
-      peak_rss_mb: round(stats.peakRssKb / 1024, 1),
-      low_rate_p50_ms: round(low.hist.quantile(0.5), 2),
-      low_rate_p99_ms: round(low.hist.quantile(0.99), 2),
     };
+    for (const group of groups) {
+      await group.run({ ...load, durationMs: sizes.warmupMs, drainMs: 1000 });
+    }
+    const measured: RunMetrics[][] = [[], []];
+    for (const lockstep of [false, true]) {
+      const totals: RunTotals[][] = [[], []];
+      for (let round = 0; round < sizes.fanoutRounds; round++) {
+        for (const i of round % 2 === 0 ? [0, 1] : [1, 0]) {
+          await delay(sizes.settleMs / 4);
+          totals[i]!.push(
+            await measureTotals(sides[i]!, groups[i]!, {
+              ...load,
+              durationMs: sizes.fanoutMs / sizes.fanoutRounds,
+              drainMs: 3000,
+              lockstep,
+            }),
+          );
+        }
+      }
+      for (let i = 0; i < 2; i++) {
+        measured[i]!.push(
+          runMetrics(totals[i]!, sides[i]!, load, groups[i]!.openClients),
+        );
+      }
+    }
+    const out: Metrics[] = [];
+    for (let i = 0; i < 2; i++) {
+      const [spread, lockstep] = measured[i] as [RunMetrics, RunMetrics];
+      const stats = await readProcStats(sides[i]!.server.pid);
+      const low = await groups[i]!.run({
+        senders: sizes.senders,
+        ratePerSender: 2,
+        durationMs: sizes.lowRateMs,
+        drainMs: 1000,
+      });
+      out.push({
+        clients: groups[i]!.openClients,
+        ...spread,
+        lockstep_deliveries_per_s: lockstep.deliveries_per_s,
+        lockstep_delivered_pct: lockstep.delivered_pct,
+        lockstep_p50_ms: lockstep.p50_ms,
+        lockstep_p99_ms: lockstep.p99_ms,
+        lockstep_cpu_us_per_delivery: lockstep.cpu_us_per_delivery,
+        lockstep_cpu_us_per_delivery_by_round: lockstep
+          .cpu_us_per_delivery_by_round,
+        peak_rss_mb: round(stats.peakRssKb / 1024, 1),
+        low_rate_p50_ms: round(low.hist.quantile(0.5), 2),
+        low_rate_p99_ms: round(low.hist.quantile(0.99), 2),
+      });
+    }
+    return [out[0]!, out[1]!];
   } finally {
-    await group.close();
+    await Promise.all(groups.map((group) => group.close()));
   }
 }
 
@@ -573,7 +600,7 @@ export async function authThroughput(
   }
 }
 
-/** Figures of one measured broadcast run. */
+/** Figures of one or more measured broadcast runs of one side. */
 interface RunMetrics {
   offered_deliveries_per_s: number;
   deliveries_per_s: number;
@@ -581,10 +608,14 @@ interface RunMetrics {
   p50_ms: number;
   p99_ms: number;
   max_ms: number;
+  /** Server CPU (the chat server plus the auth server) per delivery. */
   cpu_us_per_delivery: number | null;
   /** The kernel's share of cpu_us_per_delivery. */
   cpu_sys_us_per_delivery: number | null;
+  /** The auth server's share of cpu_us_per_delivery (chat side only). */
   auth_cpu_us_per_delivery?: number | null;
+  /** cpu_us_per_delivery of each run, in order. */
+  cpu_us_per_delivery_by_round: number[];
   server_cpu_pct: number;
   load_cpu_pct: number;
   send_lag_max_ms: number;
@@ -593,58 +624,115 @@ interface RunMetrics {
   [key: string]: JsonValue | undefined;
 }
 
+/** Raw counts of one measured run, to be added up over runs. */
+interface RunTotals {
+  durationMs: number;
+  run: RunSummary;
+  /** The WebSocket server's and the auth server's CPU time, and the kernel's part. */
+  serverCpuUs: number;
+  serverSysUs: number;
+  authCpuUs: number;
+  loadCpuUs: number;
+  wallUs: number;
+  /** Seconds after the server's spawn: for reading a --cpu-prof profile. */
+  window: [number, number];
+}
+
+async function measureTotals(
+  side: Side,
+  group: LoadGroup,
+  options: RunOptions,
+): Promise<RunTotals> {
+  const pids = [side.server.pid, ...group.processes.map((p) => p.pid)];
+  if (side.auth) pids.push(side.auth.pid);
+  const before = await Promise.all(pids.map(readProcStats));
+  const t0 = performance.now();
+  const run = await group.run(options);
+  const t1 = performance.now();
+  const after = await Promise.all(pids.map(readProcStats));
+  const cpu = pids.map((_, i) => after[i]!.cpuUs - before[i]!.cpuUs);
+  const sys = pids.map((_, i) => after[i]!.sysUs - before[i]!.sysUs);
+  const authCpuUs = side.auth ? cpu[cpu.length - 1]! : 0;
+  const authSysUs = side.auth ? sys[sys.length - 1]! : 0;
+  return {
+    durationMs: options.durationMs,
+    run,
+    serverCpuUs: cpu[0]! + authCpuUs,
+    serverSysUs: sys[0]! + authSysUs,
+    authCpuUs,
+    loadCpuUs: cpu.slice(1, 1 + group.processes.length)
+      .reduce((x, y) => x + y, 0),
+    wallUs: (t1 - t0) * 1000,
+    window: [
+      round((t0 - side.server.spawnedAt) / 1000, 1),
+      round((t1 - side.server.spawnedAt) / 1000, 1),
+    ],
+  };
+}
+
+/** The figures of runs of one side, added up. */
+function runMetrics(
+  runs: RunTotals[],
+  side: Side,
+  load: { senders: number; ratePerSender: number },
+  clients: number,
+): RunMetrics {
+  const hist = new Histogram();
+  let received = 0, expected = 0, durationMs = 0, serverCpu = 0;
+  let serverSys = 0, authCpu = 0, loadCpu = 0, wallUs = 0, lag = 0;
+  let errors = 0, closed = 0;
+  for (const r of runs) {
+    hist.merge(r.run.hist.toData());
+    received += r.run.received;
+    expected += r.run.expected;
+    durationMs += r.durationMs;
+    serverCpu += r.serverCpuUs;
+    serverSys += r.serverSysUs;
+    authCpu += r.authCpuUs;
+    loadCpu += r.loadCpuUs;
+    wallUs += r.wallUs;
+    lag = Math.max(lag, r.run.maxSendLagMs);
+    errors += r.run.errors;
+    closed = Math.max(closed, r.run.closed);
+  }
+  const perDelivery = (us: number, digits = 2) =>
+    received === 0 ? null : round(us / received, digits);
+  const metrics: RunMetrics = {
+    offered_deliveries_per_s: load.senders * load.ratePerSender * clients,
+    deliveries_per_s: round(received / (durationMs / 1000), 0),
+    delivered_pct: expected === 0 ? 0 : round(100 * received / expected, 2),
+    p50_ms: round(hist.quantile(0.5), 2),
+    p99_ms: round(hist.quantile(0.99), 2),
+    max_ms: round(hist.maxMs, 2),
+    cpu_us_per_delivery: perDelivery(serverCpu),
+    cpu_sys_us_per_delivery: perDelivery(serverSys),
+    cpu_us_per_delivery_by_round: runs.map((r) =>
+      r.run.received === 0 ? 0 : round(r.serverCpuUs / r.run.received, 2)
+    ),
+    server_cpu_pct: round(100 * serverCpu / wallUs, 0),
+    load_cpu_pct: round(100 * loadCpu / wallUs, 0),
+    send_lag_max_ms: round(lag, 1),
+    error_frames: errors,
+    closed_clients: closed,
+    window_s_after_spawn: runs.length === 0
+      ? []
+      : [runs[0]!.window[0], runs[runs.length - 1]!.window[1]],
+  };
+  if (side.auth) metrics.auth_cpu_us_per_delivery = perDelivery(authCpu, 3);
+  return metrics;
+}
+
 async function measureRun(
   side: Side,
   group: LoadGroup,
   options: RunOptions,
 ): Promise<RunMetrics> {
-  const pids = [side.server.pid, ...group.processes.map((p) => p.pid)];
-  if (side.auth) pids.push(side.auth.pid);
-  const before = await Promise.all(pids.map(readProcStats));
-  const t0 = performance.now();
-  const run: RunSummary = await group.run(options);
-  const t1 = performance.now();
-  const wallUs = (t1 - t0) * 1000;
-  const after = await Promise.all(pids.map(readProcStats));
-  const cpu = pids.map((_, i) => after[i]!.cpuUs - before[i]!.cpuUs);
-  const serverCpu = cpu[0]!;
-  const serverSys = after[0]!.sysUs - before[0]!.sysUs;
-  const loadCpu = cpu.slice(1, 1 + group.processes.length)
-    .reduce((a, b) => a + b, 0);
-  const offered = options.senders * options.ratePerSender * group.openClients;
-  const metrics: RunMetrics = {
-    offered_deliveries_per_s: offered,
-    deliveries_per_s: round(run.received / (options.durationMs / 1000), 0),
-    delivered_pct: run.expected === 0
-      ? 0
-      : round(100 * run.received / run.expected, 2),
-    p50_ms: round(run.hist.quantile(0.5), 2),
-    p99_ms: round(run.hist.quantile(0.99), 2),
-    max_ms: round(run.hist.maxMs, 2),
-    cpu_us_per_delivery: run.received === 0
-      ? null
-      : round(serverCpu / run.received, 2),
-    cpu_sys_us_per_delivery: run.received === 0
-      ? null
-      : round(serverSys / run.received, 2),
-    server_cpu_pct: round(100 * serverCpu / wallUs, 0),
-    load_cpu_pct: round(100 * loadCpu / wallUs, 0),
-    send_lag_max_ms: round(run.maxSendLagMs, 1),
-    error_frames: run.errors,
-    closed_clients: run.closed,
-    // For reading a --cpu-prof profile of just this run (profile_summary --window).
-    window_s_after_spawn: [
-      round((t0 - side.server.spawnedAt) / 1000, 1),
-      round((t1 - side.server.spawnedAt) / 1000, 1),
-    ],
-  };
-  if (side.auth) {
-    const authCpu = cpu[cpu.length - 1]!;
-    metrics.auth_cpu_us_per_delivery = run.received === 0
-      ? null
-      : round(authCpu / run.received, 3);
-  }
-  return metrics;
+  return runMetrics(
+    [await measureTotals(side, group, options)],
+    side,
+    options,
+    group.openClients,
+  );
 }
 
 /** Connects `count` clients with distinct users; throws unless all made it. */

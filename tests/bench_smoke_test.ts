@@ -8,7 +8,15 @@ import { parseCpuTicks, parseStatusKb } from "../bench/proc_stats.ts";
 import { benchUsername, writeAuthFixtures } from "../bench/fixtures.ts";
 import { LoadGroup } from "../bench/load_group.ts";
 import { ServerProcess } from "../bench/processes.ts";
-import { RUNTIME_ENV, RUNTIME_FLAGS } from "../bench/scenarios.ts";
+import {
+  closeSide,
+  fanoutPair,
+  QUICK_SIZES,
+  RUNTIME_ENV,
+  RUNTIME_FLAGS,
+  type Side,
+  startBaselineSide,
+} from "../bench/scenarios.ts";
 
 function assertEquals(actual: unknown, expected: unknown, what = ""): void {
   const a = JSON.stringify(actual);
@@ -123,5 +131,44 @@ Deno.test("a load process counts every delivery of the baseline server", async (
   } finally {
     await group.close();
     await server.close();
+  }
+});
+
+Deno.test("the paired fan-out measures two servers in turns and adds up each one's runs", async () => {
+  const sides: Side[] = [];
+  try {
+    sides.push(await startBaselineSide(), await startBaselineSide());
+    const sizes = {
+      ...QUICK_SIZES,
+      fanoutClients: 10,
+      fanoutMs: 400,
+      fanoutRounds: 2,
+      warmupMs: 100,
+      settleMs: 100,
+      lowRateMs: 200,
+    };
+    const [a, b] = await fanoutPair(sides[0]!, sides[1]!, {
+      sizes,
+      loadProcesses: 1,
+      runtimeFlags: [],
+      log: () => {},
+    });
+    for (const m of [a, b]) {
+      assertEquals(m.clients, 10, "clients");
+      // 2 senders x 20/s x 0.2 s x 10 clients per run, two runs per timing.
+      assertEquals(m.delivered_pct, 100, "delivered");
+      assertEquals(m.deliveries_per_s, 400, "deliveries/s");
+      assertEquals(m.lockstep_delivered_pct, 100, "lockstep delivered");
+      const rounds = m.cpu_us_per_delivery_by_round;
+      assertEquals(Array.isArray(rounds) && rounds.length, 2, "rounds");
+      assertEquals(
+        Array.isArray(m.lockstep_cpu_us_per_delivery_by_round) &&
+          m.lockstep_cpu_us_per_delivery_by_round.length,
+        2,
+        "lockstep rounds",
+      );
+    }
+  } finally {
+    for (const side of sides) await closeSide(side);
   }
 });
