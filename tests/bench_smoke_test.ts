@@ -172,3 +172,70 @@ Deno.test("the paired fan-out measures two servers in turns and adds up each one
     for (const side of sides) await closeSide(side);
   }
 });
+
+Deno.test("bench --quick drives the real servers and the baseline end to end and writes the results shape", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const out = `${dir}/results.json`;
+    const run = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-net",
+        "--allow-read",
+        "--allow-write",
+        "--allow-run",
+        "--allow-env",
+        "--allow-sys",
+        "bench/main.ts",
+        "--quick",
+        "--only",
+        "fanout,idle",
+        "--out",
+        out,
+      ],
+      cwd: new URL("..", import.meta.url).pathname,
+      env: { NO_COLOR: "1" },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stdout = new TextDecoder().decode(run.stdout);
+    if (!run.success) {
+      throw new Error(
+        `bench exited ${run.code}:\n${stdout}\n${
+          new TextDecoder().decode(run.stderr)
+        }`,
+      );
+    }
+    assertEquals(
+      /^scenario +metric +chat +baseline +ratio$/m.test(stdout),
+      true,
+    );
+    const results = JSON.parse(await Deno.readTextFile(out));
+    assertEquals(results.machine.cores, navigator.hardwareConcurrency, "cores");
+    assertEquals(results.machine.deno, Deno.version.deno, "deno");
+    assertEquals(typeof results.machine.cpu, "string", "cpu");
+    const fanout = results.scenarios.fanout;
+    for (const side of ["chat", "baseline"]) {
+      const m = fanout[side];
+      assertEquals(m.delivered_pct, 100, `${side} delivered`);
+      for (
+        const key of [
+          "deliveries_per_s",
+          "p50_ms",
+          "p99_ms",
+          "max_ms",
+          "cpu_us_per_delivery",
+          "peak_rss_mb",
+        ]
+      ) {
+        assertEquals(typeof m[key], "number", `${side} ${key}`);
+      }
+      const idle = results.scenarios.idle[side];
+      assertEquals(idle.failed, 0, `${side} idle failures`);
+      assertEquals(typeof idle.rss_kb_per_conn, "number", `${side} idle`);
+    }
+    assertEquals(typeof fanout.ratio.cpu_us_per_delivery, "number", "ratio");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
