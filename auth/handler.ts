@@ -126,11 +126,17 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     );
   }
 
-  async function hashJob<T>(job: () => Promise<T>): Promise<T> {
+  async function hashJob<T>(
+    action: string,
+    user: string,
+    address: string,
+    job: () => Promise<T>,
+  ): Promise<T> {
     try {
       return await hashes.run(job);
     } catch (err) {
       if (!(err instanceof HashBusyError)) throw err;
+      event(action, "busy", user, address);
       throw new HttpError(
         503,
         "busy",
@@ -201,7 +207,12 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
       );
     };
     if (store.getUser(username) !== undefined) throw taken();
-    const passwordHash = await hashJob(() => hashPassword(password));
+    const passwordHash = await hashJob(
+      "register",
+      username,
+      address,
+      () => hashPassword(password),
+    );
     const added = await store.addUser({
       username,
       password_hash: passwordHash,
@@ -248,7 +259,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     }
     let result: { user: UserRecord; rehash: string | undefined } | undefined;
     try {
-      result = await hashJob(async () => {
+      result = await hashJob("login", username, address, async () => {
         const user = store.getUser(username);
         const ok = await verifyPassword(
           normalized,

@@ -774,7 +774,7 @@ Deno.test("throttle limits are configurable", async () => {
   );
 });
 
-Deno.test("with 1 hash thread and 2 waiting, 8 simultaneous logins: 3 are served, 5 get 503 busy with Retry-After, and /validate_token does not wait", async () => {
+Deno.test("with 1 hash thread and 2 waiting, 8 simultaneous logins: 3 are served, 5 get 503 busy with Retry-After (and a log line each), and /validate_token does not wait", async () => {
   const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
   try {
     // A costlier stored hash keeps each check long (about 0.2 s), so all 8
@@ -797,8 +797,13 @@ Deno.test("with 1 hash thread and 2 waiting, 8 simultaneous logins: 3 are served
         },
       }),
     );
+    const lines: string[] = [];
     await withServer(
-      { dataDir, limits: { hashThreads: 1, maxHashWaiting: 2 } },
+      {
+        dataDir,
+        limits: { hashThreads: 1, maxHashWaiting: 2 },
+        log: (line) => lines.push(line),
+      },
       async ({ url }) => {
         const token = await loginToken(url, "mona");
         const logins = Array.from(
@@ -820,6 +825,10 @@ Deno.test("with 1 hash thread and 2 waiting, 8 simultaneous logins: 3 are served
         assert.ok(validateMs < 100, `validate took ${validateMs} ms`);
       },
     );
+    const busy = lines.filter((l) =>
+      / auth login busy user=mona addr=127\.0\.0\.1$/.test(l)
+    );
+    assert.equal(busy.length, 5, lines.join("\n"));
   } finally {
     await Deno.remove(dataDir, { recursive: true });
   }
