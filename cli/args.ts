@@ -82,10 +82,9 @@ export function parseCliArgs(
   const authUrl = values["auth-url"] ?? nonEmpty(env("CHATROOM_AUTH_URL")) ??
     nonEmpty(env("AUTH_URL")) ?? DEFAULT_AUTH_URL;
   checkAuthUrl(authUrl);
-  const user = values.user;
-  if (user !== undefined && user.trim() === "") {
-    throw new CliError("--user needs a name", EXIT_USAGE);
-  }
+  // Trimmed as a typed answer is: a name never holds spaces.
+  const user = values.user?.trim();
+  if (user === "") throw new CliError("--user needs a name", EXIT_USAGE);
   const command: CliCommand = values.help
     ? "help"
     : values.version

@@ -45,6 +45,9 @@ Deno.test("the command line is parsed strictly, flags winning over the environme
       passwordStdin: true,
     });
   });
+  await t.step("trims --user as a typed answer is", () => {
+    assert.equal(parseCliArgs(["--user", "  bob "]).user, "bob");
+  });
   await t.step(
     "--auth-url wins over CHATROOM_AUTH_URL, which wins over AUTH_URL",
     () => {
