@@ -169,13 +169,9 @@ interface Room {
  * back: a plain array set to length 0 is trimmed, and regrowing it to a
  * room's size made every broadcast to 1000 members allocate about 26 KB.
  */
-class ConnList {
-  items: (Conn | undefined)[] = [];
-  size = 0;
-
-  push(conn: Conn): void {
-    this.items[this.size++] = conn;
-  }
+interface ConnList {
+  items: (Conn | undefined)[];
+  size: number;
 }
 
 interface TokenEntry {
@@ -206,9 +202,9 @@ export class ConnectionManager {
   #reserved = 0;
   #conns = new Set<Conn>();
   /** Connections with frames to write at the next flush. */
-  #dirty = new ConnList();
+  #dirty: ConnList = { items: [], size: 0 };
   /** Connections holding only presence frames, for the next presence flush. */
-  #lazy = new ConnList();
+  #lazy: ConnList = { items: [], size: 0 };
   #lazyTimer: ReturnType<typeof setTimeout> | undefined;
   /** The lines and frame of the last multi-line write (see `#take`). */
   #lastFirst = "";
@@ -806,7 +802,7 @@ export class ConnectionManager {
     if (!lazy) {
       if (conn.queued !== "prompt") {
         conn.queued = "prompt";
-        this.#dirty.push(conn);
+        pushConn(this.#dirty, conn);
         if (!this.#flushPending) {
           this.#flushPending = true;
           // setTimeout(0) waits a millisecond or more here; setImmediate
@@ -818,7 +814,7 @@ export class ConnectionManager {
       }
     } else if (conn.queued === "none") {
       conn.queued = "presence";
-      this.#lazy.push(conn);
+      pushConn(this.#lazy, conn);
       this.#lazyTimer ??= setTimeout(
         this.#flushPresence,
         this.#limits.presenceCoalesceMs,
@@ -996,6 +992,10 @@ export class ConnectionManager {
 }
 
 function ignore(): void {}
+
+function pushConn(list: ConnList, conn: Conn): void {
+  list.items[list.size++] = conn;
+}
 
 function current(conn: Conn): string | undefined {
   let last: string | undefined;
