@@ -123,7 +123,10 @@ export class ChatSession {
   /** Own messages not yet echoed, by `client_id`, oldest first. */
   #pending = new Map<string, PendingMessage>();
   #pendingShown = new Set<string>();
-  #pendingDrained: PromiseWithResolvers<void> | null = null;
+  /** Pings sent by `/quit` whose pong has not come yet. */
+  #pongsAwaited = 0;
+  /** Called on a welcome, a pong or a close: what `#quit` waits on. */
+  #wake: (() => void) | null = null;
 
   /** Builds a session; nothing happens until {@linkcode ChatSession.run}. */
   constructor(options: ChatSessionOptions) {
@@ -180,6 +183,8 @@ export class ChatSession {
     this.#historyKinds.clear();
     this.#quietJoins.clear();
     this.#quietLeaves.clear();
+    this.#pongsAwaited = 0;
+    this.#wake?.();
     if (this.#ending) return;
     void this.#afterClose(event.code, opened);
   }
@@ -226,7 +231,8 @@ export class ChatSession {
       case "history":
         return this.#onHistory(frame.room, frame.messages, frame.gap === true);
       case "pong":
-        return;
+        if (this.#pongsAwaited > 0) this.#pongsAwaited--;
+        return this.#wake?.();
       case "error":
         if (frame.error === "unknown_room" && this.#syncing.size > 0) {
           // The answer to a resync request may be this error: stop holding back.
@@ -360,6 +366,7 @@ export class ChatSession {
   #onWelcome(username: string, history: RoomMessage[]): void {
     this.#me = username;
     this.#ready = true;
+    this.#wake?.();
     this.#attempt = 0;
     const reconnect = this.#welcomes > 0;
     this.#welcomes++;
@@ -659,17 +666,17 @@ export class ChatSession {
   async #quit(): Promise<void> {
     if (this.#ending || this.#quitting) return;
     this.#quitting = true;
-    if (this.#pending.size > 0 && this.#ready) {
-      // Give the server a moment to echo what was just typed.
-      this.#pendingDrained = Promise.withResolvers<void>();
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      await Promise.race([
-        this.#pendingDrained.promise,
-        new Promise<void>((resolve) => {
-          timer = setTimeout(resolve, this.#opts.quitGraceMs);
-        }),
-      ]);
-      clearTimeout(timer);
+    // A connection's frames are answered in order, so once a ping's pong is
+    // in, so is every answer and echo to what was typed before: scripted
+    // input that ends right after `/who` still gets its answer shown. A
+    // socket still opening gets its welcome first (waiting messages go then).
+    const deadline = Date.now() + this.#opts.quitGraceMs;
+    if (this.#ws?.readyState === WebSocket.OPEN) {
+      await this.#until(() => this.#ready || this.#ws === null, deadline);
+      if (this.#ready && this.#send({ type: "ping" })) {
+        this.#pongsAwaited++;
+        await this.#until(() => this.#pongsAwaited === 0, deadline);
+      }
     }
     if (this.#pending.size > 0) {
       this.#print(hint(
@@ -678,6 +685,21 @@ export class ChatSession {
       ));
     }
     this.#finish("quit");
+  }
+
+  /** Waits until `done()` holds (checked at every wake-up) or the deadline. */
+  async #until(done: () => boolean, deadline: number): Promise<void> {
+    while (!done() && !this.#ending) {
+      const left = deadline - Date.now();
+      if (left <= 0) return;
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await new Promise<void>((resolve) => {
+        this.#wake = resolve;
+        timer = setTimeout(resolve, left);
+      });
+      clearTimeout(timer);
+      this.#wake = null;
+    }
   }
 
   // --- view -----------------------------------------------------------------
@@ -711,7 +733,6 @@ export class ChatSession {
         renderPending(m.room, m.text, view)
       ),
     );
-    if (this.#pending.size === 0) this.#pendingDrained?.resolve();
   }
 
   /** Without a terminal footer, pending messages are listed once as lines. */

@@ -97,6 +97,52 @@ Deno.test("the menu driven through piped stdin registers, logs in, says hello an
   }
 });
 
+Deno.test("input that ends right after commands still shows their answers (scripted /who, /rooms, /msg, /history)", async (t) => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    await register(servers.authUrl, "bob");
+    const bob = await Peer.connect(
+      servers.chat.url,
+      (await login(servers.authUrl, "bob")).token,
+    );
+    for (const end of ["end of input", "/quit"]) {
+      await t.step(end, async () => {
+        const cli = new CliProcess([
+          "login",
+          "--auth-url",
+          servers.authUrl,
+          "--user",
+          "alice",
+          "--password-stdin",
+        ]);
+        await cli.write(
+          PASSWORD,
+          "/who",
+          "/rooms",
+          "/msg bob psst",
+          "/history",
+          ...(end === "/quit" ? ["/quit"] : []),
+        );
+        await cli.closeStdin();
+        assert.equal(await cli.exit(), 0, cli.stderr.text);
+        const out = cli.stdout.lines;
+        assert.ok(out.some((l) => l.includes("in #lobby: ")), out.join("\n"));
+        assert.ok(out.some((l) => l.includes("rooms: #lobby")), out.join("\n"));
+        assert.ok(out.some((l) => l.includes("psst")), out.join("\n"));
+        assert.ok(
+          out.some((l) => l.includes("no older messages in #lobby")),
+          out.join("\n"),
+        );
+        assert.equal(cli.stderr.text, "");
+      });
+    }
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("wrong password and taken username are one line on stderr and exit 1", async (t) => {
   const servers = await startServers();
   try {
