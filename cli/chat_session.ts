@@ -81,6 +81,12 @@ export const CHAT_HELP = [
 ];
 
 const DEFAULT_HISTORY_PAGE = 20;
+/**
+ * Own messages sent and not yet echoed, at most: pasted or piped lines beyond
+ * it wait their turn instead of running into the server's message rate (a
+ * burst of 10 by default) and its flood close.
+ */
+const SEND_WINDOW = 8;
 
 interface PendingMessage {
   room: string;
@@ -123,6 +129,17 @@ export class ChatSession {
   /** Own messages not yet echoed, by `client_id`, oldest first. */
   #pending = new Map<string, PendingMessage>();
   #pendingShown = new Set<string>();
+  /** Pending messages sent on this socket and not echoed yet. */
+  #inFlight = new Set<string>();
+  /**
+   * Set by a `rate_limited` answer while messages are pending: from then on
+   * one message at a time, each after the previous echo, until none is left.
+   */
+  #paced = false;
+  /** Running while the server's `retry_after_ms` is not over: nothing is sent. */
+  #holdTimer: ReturnType<typeof setTimeout> | undefined;
+  /** While paced, the wait between two messages: the server's last `retry_after_ms`. */
+  #paceMs = 0;
   /** Pings sent by `/quit` whose pong has not come yet. */
   #pongsAwaited = 0;
   /** Called on a welcome, a pong or a close: what `#quit` waits on. */
@@ -184,6 +201,9 @@ export class ChatSession {
     this.#quietJoins.clear();
     this.#quietLeaves.clear();
     this.#pongsAwaited = 0;
+    this.#inFlight.clear();
+    clearTimeout(this.#holdTimer);
+    this.#holdTimer = undefined;
     this.#wake?.();
     if (this.#ending) return;
     void this.#afterClose(event.code, opened);
@@ -234,6 +254,17 @@ export class ChatSession {
         if (this.#pongsAwaited > 0) this.#pongsAwaited--;
         return this.#wake?.();
       case "error":
+        if (frame.error === "rate_limited" && this.#pending.size > 0) {
+          // Shown once; while paced, a refusal just means "again, later".
+          const quiet = this.#paced;
+          this.#holdSending(frame.retry_after_ms);
+          if (quiet) return;
+        } else if (this.#inFlight.size > 0) {
+          // Maybe a refused message (unknown_room...): it stays pending, but
+          // must not hold a place in the window for good.
+          this.#inFlight.clear();
+          this.#pump();
+        }
         if (frame.error === "unknown_room" && this.#syncing.size > 0) {
           // The answer to a resync request may be this error: stop holding back.
           for (const room of [...this.#syncing.keys()]) this.#endSync(room);
@@ -329,6 +360,7 @@ export class ChatSession {
     if (this.#ending) return;
     this.#ending = true;
     clearTimeout(this.#reconnectTimer);
+    clearTimeout(this.#holdTimer);
     this.#readAbort.abort(new Error("Session over"));
     this.#lines().setFooter([]);
     const ws = this.#ws;
@@ -406,14 +438,7 @@ export class ChatSession {
     if (wanted.includes(LOBBY) && !this.#syncing.has(LOBBY)) {
       this.#showMessages(LOBBY, history);
     }
-    for (const [clientId, message] of this.#pending) {
-      this.#send({
-        type: "message",
-        text: message.text,
-        room: message.room,
-        client_id: clientId,
-      });
-    }
+    this.#pump();
     this.#updatePrompt();
     this.#firstWelcome.resolve();
   }
@@ -438,6 +463,9 @@ export class ChatSession {
     if (message.client_id !== undefined) {
       this.#pending.delete(message.client_id);
       this.#pendingShown.delete(message.client_id);
+      this.#inFlight.delete(message.client_id);
+      this.#pump();
+      this.#wake?.();
       this.#updatePending();
     }
     const held = this.#syncing.get(message.room);
@@ -646,11 +674,59 @@ export class ChatSession {
     const clientId = crypto.randomUUID();
     this.#pending.set(clientId, { room, text });
     this.#updatePending();
-    if (this.#ready) {
-      this.#send({ type: "message", text, room, client_id: clientId });
-    } else {
-      this.#showPendingAsPending();
+    if (this.#ready) this.#pump();
+    else this.#showPendingAsPending();
+  }
+
+  /**
+   * Sends pending messages, oldest first, while fewer than the window are
+   * waiting for their echo and no `retry_after_ms` runs; while paced, one
+   * at a time and one per `#paceMs`.
+   */
+  #pump(): void {
+    if (!this.#ready || this.#holdTimer !== undefined) return;
+    if (this.#paced && this.#pending.size === 0) {
+      this.#paced = false;
+      this.#paceMs = 0;
     }
+    const window = this.#paced ? 1 : SEND_WINDOW;
+    for (const [clientId, message] of this.#pending) {
+      if (this.#inFlight.size >= window) return;
+      if (this.#inFlight.has(clientId)) continue;
+      if (
+        !this.#send({
+          type: "message",
+          text: message.text,
+          room: message.room,
+          client_id: clientId,
+        })
+      ) return;
+      this.#inFlight.add(clientId);
+      if (this.#paced) return this.#hold(this.#paceMs);
+    }
+  }
+
+  /**
+   * The server refused a message for its rate: what is still unconfirmed
+   * goes again, one at a time, once the wait it named is over (resending an
+   * accepted one is harmless: its client_id gets the same echo back).
+   */
+  #holdSending(retryAfterMs: number | undefined): void {
+    this.#paced = true;
+    this.#inFlight.clear();
+    // The longest wait the server named (a first one may be the rest of a
+    // period), a little over, so that the next message is not early.
+    const wait = Math.min(Math.max(retryAfterMs ?? 1000, 50), 60_000) * 1.1;
+    this.#paceMs = Math.max(this.#paceMs, wait);
+    this.#hold(wait);
+  }
+
+  #hold(ms: number): void {
+    clearTimeout(this.#holdTimer);
+    this.#holdTimer = setTimeout(() => {
+      this.#holdTimer = undefined;
+      this.#pump();
+    }, ms);
   }
 
   #checkLength(text: string): boolean {
@@ -670,12 +746,25 @@ export class ChatSession {
     // in, so is every answer and echo to what was typed before: scripted
     // input that ends right after `/who` still gets its answer shown. A
     // socket still opening gets its welcome first (waiting messages go then).
-    const deadline = Date.now() + this.#opts.quitGraceMs;
+    const grace = this.#opts.quitGraceMs;
     if (this.#ws?.readyState === WebSocket.OPEN) {
-      await this.#until(() => this.#ready || this.#ws === null, deadline);
+      await this.#until(
+        () => this.#ready || this.#ws === null,
+        Date.now() + grace,
+      );
+      // Messages still waiting behind the window or a rate limit go out as
+      // echoes come back: wait as long as they keep being confirmed.
+      while (this.#ready && this.#pending.size > 0) {
+        const left = this.#pending.size;
+        await this.#until(
+          () => this.#pending.size < left || !this.#ready,
+          Date.now() + grace,
+        );
+        if (this.#pending.size >= left) break;
+      }
       if (this.#ready && this.#send({ type: "ping" })) {
         this.#pongsAwaited++;
-        await this.#until(() => this.#pongsAwaited === 0, deadline);
+        await this.#until(() => this.#pongsAwaited === 0, Date.now() + grace);
       }
     }
     if (this.#pending.size > 0) {

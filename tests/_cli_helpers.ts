@@ -8,6 +8,7 @@
  */
 import { type AuthServer, createAuthServer } from "../auth/server.ts";
 import { type ChatServer, createChatServer } from "../chat/server.ts";
+import type { ChatLimits } from "../chat/connection_manager.ts";
 import { splitServerFrames } from "../chat/protocol.ts";
 
 /** The repository root, where `cli/main.ts` lives. */
@@ -41,6 +42,8 @@ export interface ServersOptions {
   historyKeep?: number;
   /** The chat address `/login` hands out, instead of the real chat server's. */
   chatUrl?: string;
+  /** Turns the chat server's abuse limits on, with these values. */
+  chatLimits?: Partial<ChatLimits>;
 }
 
 /** Starts the auth and chat servers with the abuse limits off. */
@@ -66,7 +69,8 @@ export async function startServers(
         port,
         dataDir,
         authUrl,
-        rateLimits: false,
+        rateLimits: options.chatLimits !== undefined,
+        ...(options.chatLimits !== undefined && { limits: options.chatLimits }),
         ...(options.historyKeep !== undefined &&
           { historyKeep: options.historyKeep }),
       });

@@ -143,6 +143,53 @@ Deno.test("input that ends right after commands still shows their answers (scrip
   }
 });
 
+Deno.test("piped lines past the server's message rate all arrive, in order, paced rather than refused or flood-closed", async () => {
+  // A burst of 3, then 10 a second: 25 lines at once would be 22 refusals
+  // (and a flood close after 10 strikes) without pacing.
+  const servers = await startServers({
+    chatLimits: {
+      messageBurst: 3,
+      messagesPerSecond: 10,
+      floodStrikes: 10,
+      floodStrikesPerSecond: 1,
+    },
+  });
+  try {
+    await register(servers.authUrl, "alice");
+    await register(servers.authUrl, "bob");
+    const bob = await Peer.connect(
+      servers.chat.url,
+      (await login(servers.authUrl, "bob")).token,
+    );
+    const cli = new CliProcess([
+      "login",
+      "--auth-url",
+      servers.authUrl,
+      "--user",
+      "alice",
+      "--password-stdin",
+    ]);
+    const lines = Array.from({ length: 25 }, (_, i) => `line ${i + 1}`);
+    await cli.write(PASSWORD, ...lines);
+    await cli.closeStdin();
+    for (const line of lines) {
+      const got = await bob.next((f) => f.type === "message");
+      assert.equal(got.text, line);
+    }
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    const out = cli.stdout.lines;
+    assert.ok(!out.some((l) => l.includes("not confirmed")), out.join("\n"));
+    assert.ok(!out.some((l) => l.includes("reconnect")), out.join("\n"));
+    assert.ok(
+      out.filter((l) => l.includes("rate_limited")).length <= 1,
+      out.join("\n"),
+    );
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("wrong password and taken username are one line on stderr and exit 1", async (t) => {
   const servers = await startServers();
   try {
