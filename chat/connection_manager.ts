@@ -230,6 +230,17 @@ export class ConnectionManager {
     this.#limits = { ...DEFAULT_CHAT_LIMITS, ...options.limits };
     this.#log = options.log ?? (() => {});
     this.#now = options.now ?? Date.now;
+    // Exactly-once sending holds across a restart: the window's client_ids
+    // come back from the history files.
+    const now = this.#now();
+    for (
+      const sent of this.#history.sentSince(now - this.#limits.dedupWindowMs)
+    ) {
+      this.#user(sent.from, now).sent.set(sent.clientId, {
+        line: sent.own,
+        at: sent.at,
+      });
+    }
     this.#recheckTimer = setInterval(
       () => void this.#recheck(),
       Math.max(10, this.#limits.recheckIntervalMs / RECHECK_TICKS),
@@ -612,13 +623,14 @@ export class ConnectionManager {
       if (wait > 0) return this.#limited(conn, wait, now);
     }
     const room = this.#rooms.get(roomName)!;
-    const { line } = this.#history.append(roomName, user.name, frame.text);
-    let own = line;
-    if (clientId !== undefined) {
-      // The line is a JSON object: the sender's echo adds its client_id.
-      own = `${line.slice(0, -1)},"client_id":${JSON.stringify(clientId)}}`;
-      this.#remember(user, clientId, own, now);
-    }
+    // The sender's echo (`own`) is the line plus its client_id.
+    const { line, own } = this.#history.append(
+      roomName,
+      user.name,
+      frame.text,
+      clientId,
+    );
+    if (clientId !== undefined) this.#remember(user, clientId, own, now);
     for (const c of room.conns) this.#send(c, c.user === user ? own : line);
   }
 

@@ -1,7 +1,9 @@
 /**
  * Room history: the last messages of every room in memory, persisted as one
  * JSON Lines file a room under `DATA_DIR/history/` (`<room>.jsonl`, one
- * message frame a line, ids increasing).
+ * message frame a line, ids increasing; a line keeps its sender's
+ * `client_id`, so that exactly-once sending holds across a restart, but no
+ * message handed out by this module carries it).
  *
  * Appends are batched: a message is queued in memory and written with the
  * others of its room at the next flush (at most `flushIntervalMs` later, and
@@ -56,6 +58,8 @@ export class HistoryStore {
   #now: () => number;
   #log: (line: string) => void;
   #rooms = new Map<string, Room>();
+  /** The sender's `client_id` of the messages that had one. */
+  #clientIds = new WeakMap<RoomMessage, string>();
   #dirty = new Set<Room>();
   #timer: ReturnType<typeof setTimeout> | undefined;
   #flushing: Promise<void> = Promise.resolve();
@@ -112,7 +116,8 @@ export class HistoryStore {
     room: string,
     from: string,
     text: string,
-  ): { message: RoomMessage; line: string } {
+    clientId?: string,
+  ): { message: RoomMessage; line: string; own: string } {
     let r = this.#rooms.get(room);
     if (r === undefined) {
       r = newRoom(room);
@@ -132,11 +137,37 @@ export class HistoryStore {
       r.messages.splice(0, r.messages.length - this.#keep);
     }
     const line = JSON.stringify(message);
-    r.pending.push(line);
+    let own = line;
+    if (clientId !== undefined) {
+      this.#clientIds.set(message, clientId);
+      own = withClientId(line, clientId);
+    }
+    r.pending.push(own);
     r.recentJson = undefined;
     this.#dirty.add(r);
     this.#schedule();
-    return { message, line };
+    return { message, line, own };
+  }
+
+  /**
+   * The kept messages sent with a `client_id` from `since` (ms) on, oldest
+   * first, each with its sender's echo line: what the exactly-once check of
+   * a restarted server starts from.
+   */
+  sentSince(
+    since: number,
+  ): { from: string; clientId: string; own: string; at: number }[] {
+    const sent = [];
+    for (const r of this.#rooms.values()) {
+      for (const message of r.messages) {
+        const clientId = this.#clientIds.get(message);
+        const at = Date.parse(message.ts);
+        if (clientId === undefined || !(at >= since)) continue;
+        const own = withClientId(JSON.stringify(message), clientId);
+        sent.push({ from: message.from, clientId, own, at });
+      }
+    }
+    return sent.sort((a, b) => a.at - b.at);
   }
 
   /** The newest `limit` messages of a room, oldest first. */
@@ -226,7 +257,13 @@ export class HistoryStore {
     try {
       if (r.needsRewrite || r.linesOnDisk + lines.length > this.#keep * 4) {
         const kept = this.#kept(r.name);
-        const text = kept.map((m) => JSON.stringify(m) + "\n").join("");
+        const text = kept.map((m) => {
+          const line = JSON.stringify(m);
+          const clientId = this.#clientIds.get(m);
+          return `${
+            clientId === undefined ? line : withClientId(line, clientId)
+          }\n`;
+        }).join("");
         await writeAtomic(path, text);
         r.needsRewrite = false;
         r.linesOnDisk = kept.length;
@@ -262,13 +299,20 @@ export class HistoryStore {
     const path = `${this.#dir}/${name}${FILE_SUFFIX}`;
     const { lines, complete, clean } = await readTailLines(path, this.#keep);
     const r = newRoom(name);
-    for (const line of lines) {
-      const message = parseStoredMessage(line, name);
-      if (message === undefined || Number(message.id) <= r.lastId) {
-        r.needsRewrite = true;
-        continue;
+    for (const [index, line] of lines.entries()) {
+      const stored = parseStoredMessage(line, name);
+      // A torn last line is a crash's (and repaired); a complete line that is
+      // not a message, or out of order, is damage: stop rather than drop it.
+      if (stored === undefined || Number(stored.message.id) <= r.lastId) {
+        throw new Error(
+          `Cannot read the history file ${path}: line ${
+            lines.length - index
+          } from the end is not a message of #${name} with an id above the one before; fix or move the file`,
+        );
       }
+      const { message, clientId } = stored;
       r.messages.push(message);
+      if (clientId !== undefined) this.#clientIds.set(message, clientId);
       r.lastId = Number(message.id);
     }
     r.linesOnDisk = r.messages.length;
@@ -302,10 +346,15 @@ function firstIndexAbove(messages: RoomMessage[], id: number): number {
   return lo;
 }
 
+function withClientId(line: string, clientId: string): string {
+  // The line is a JSON object: the client_id goes in before its last brace.
+  return `${line.slice(0, -1)},"client_id":${JSON.stringify(clientId)}}`;
+}
+
 function parseStoredMessage(
   line: string,
   room: string,
-): RoomMessage | undefined {
+): { message: RoomMessage; clientId: string | undefined } | undefined {
   let value: unknown;
   try {
     value = JSON.parse(line);
@@ -321,7 +370,7 @@ function parseStoredMessage(
   ) {
     return undefined;
   }
-  return {
+  const message: RoomMessage = {
     type: "message",
     id: v.id,
     room,
@@ -329,6 +378,8 @@ function parseStoredMessage(
     text: v.text,
     ts: v.ts,
   };
+  const clientId = typeof v.client_id === "string" ? v.client_id : undefined;
+  return { message, clientId };
 }
 
 /**

@@ -93,3 +93,72 @@ Deno.test("a large history file is read from its tail and compacted", async () =
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a damaged complete line stops the opening with a message naming the file, which is left as it was", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const good = (id: number) =>
+      JSON.stringify({
+        type: "message",
+        id: String(id),
+        room: "lobby",
+        from: "a",
+        text: `t${id}`,
+        ts: "2026-01-01T00:00:00.000Z",
+      });
+    for (
+      const damaged of [
+        `${good(1)}\nGARBAGE\n${good(2)}\n`,
+        `${good(2)}\n${good(1)}\n`,
+        `totally not json\n`,
+      ]
+    ) {
+      await Deno.writeTextFile(`${dir}/lobby.jsonl`, damaged);
+      await assert.rejects(
+        HistoryStore.open(dir, { keep: 10 }),
+        (err: Error) => err.message.includes(`${dir}/lobby.jsonl`),
+      );
+      assert.equal(await Deno.readTextFile(`${dir}/lobby.jsonl`), damaged);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("the sender's client_id is kept on disk and across a compaction, but in no message handed out", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    let now = Date.parse("2026-01-01T00:00:00.000Z");
+    const store = await HistoryStore.open(dir, { keep: 2, now: () => now });
+    const { line, own } = store.append("dev", "alice", "hi", "c-1");
+    assert.equal(line.includes("c-1"), false);
+    assert.equal(JSON.parse(own).client_id, "c-1");
+    now += 1000;
+    store.append("dev", "bob", "yo");
+    await store.close();
+    const onDisk = (await Deno.readTextFile(`${dir}/dev.jsonl`)).trim()
+      .split("\n").map((l) => JSON.parse(l));
+    assert.deepEqual(onDisk.map((m) => m.client_id), ["c-1", undefined]);
+
+    const again = await HistoryStore.open(dir, { keep: 2, now: () => now });
+    assert.ok(!again.recentJson("dev").includes("c-1"));
+    assert.ok(again.recent("dev", 5).every((m) => !("client_id" in m)));
+    assert.deepEqual(
+      again.sentSince(now - 10_000).map((s) => [s.from, s.clientId]),
+      [["alice", "c-1"]],
+    );
+    assert.equal(JSON.parse(again.sentSince(0)[0]!.own).client_id, "c-1");
+    assert.deepEqual(again.sentSince(now), []);
+    // Appends past four times the kept count rewrite the file: c-1 is gone
+    // from the kept tail then, as it should be; the newest keep theirs.
+    for (let i = 0; i < 10; i++) {
+      again.append("dev", "carol", `m${i}`, `k-${i}`);
+    }
+    await again.close();
+    const third = await HistoryStore.open(dir, { keep: 2, now: () => now });
+    assert.deepEqual(third.sentSince(0).map((s) => s.clientId), ["k-8", "k-9"]);
+    await third.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -577,6 +577,43 @@ Deno.test("a repeated client_id is not stored or broadcast again, even after a r
   }
 });
 
+Deno.test("a client_id sent before a restart of the chat server is still recognised after it, and nobody sees it in history", async () => {
+  const stack = await startStack();
+  try {
+    const token = await login(stack.auth.url, "alice");
+    const alice = await TestClient.connect(stack.chat.url, token);
+    alice.send({ type: "message", text: "once", client_id: "abc" });
+    const first = await alice.nextOfType("message");
+    await stack.chat.shutdown();
+    assert.equal((await alice.closed).code, 1001);
+    await stack.restartChat();
+    const bob = await connectAs(stack, "bob");
+    const again = await TestClient.connect(stack.chat.url, token);
+    again.send({ type: "message", text: "once", client_id: "abc" });
+    const echo = await again.nextOfType("message");
+    assert.equal(echo.id, first.id);
+    assert.equal(echo.client_id, "abc");
+    again.send({ type: "message", text: "after" });
+    await bob.next((f) => f.type === "message" && f.text === "after");
+    assert.equal(
+      bob.frames.filter((f) => f.type === "message" && f.text === "once")
+        .length,
+      0,
+    );
+    bob.send({ type: "history", limit: 10 });
+    const h = await bob.nextOfType("history");
+    const messages = h.messages as Record<string, unknown>[];
+    assert.deepEqual(messages.map((m) => m.text), ["once", "after"]);
+    assert.ok(messages.every((m) => !("client_id" in m)), JSON.stringify(h));
+    const welcome = bob.frames.find((f) => f.type === "welcome")!;
+    assert.ok(!JSON.stringify(welcome).includes("abc"));
+    await again.close();
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("several messages sent at once arrive coalesced in fewer frames", async () => {
   const stack = await startStack();
   try {
