@@ -48,6 +48,18 @@ interface Room {
 }
 
 const FILE_SUFFIX = ".jsonl";
+/**
+ * Written at open, removed at a clean close: finding it at open means the
+ * last run did not close (a crash, `kill -9`).
+ */
+const RUNNING_MARK = ".running";
+/**
+ * After a run that did not close, ids go on this far above the last one on
+ * disk: the messages of its last unwritten second got ids that clients may
+ * have seen, and an id is never handed out twice. Far more than a second of
+ * messages; the hole shows as `gap` to a client that asks across it.
+ */
+const CRASH_ID_JUMP = 1_000_000;
 const TAIL_CHUNK = 64 * 1024;
 
 /** The history of every room, with batched persistence. */
@@ -60,6 +72,8 @@ export class HistoryStore {
   #rooms = new Map<string, Room>();
   /** The sender's `client_id` of the messages that had one. */
   #clientIds = new WeakMap<RoomMessage, string>();
+  /** Where a room's ids start: {@linkcode CRASH_ID_JUMP} after a crash. */
+  #idBase = 0;
   #dirty = new Set<Room>();
   #timer: ReturnType<typeof setTimeout> | undefined;
   #flushing: Promise<void> = Promise.resolve();
@@ -80,6 +94,13 @@ export class HistoryStore {
   ): Promise<HistoryStore> {
     const store = new HistoryStore(dir, options);
     await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
+    const mark = `${dir}/${RUNNING_MARK}`;
+    try {
+      await Deno.stat(mark);
+      store.#idBase = CRASH_ID_JUMP;
+    } catch (err) {
+      if (!(err instanceof Deno.errors.NotFound)) throw err;
+    }
     const loads: Promise<void>[] = [];
     for await (const entry of Deno.readDir(dir)) {
       if (entry.isFile && entry.name.endsWith(".tmp")) {
@@ -93,6 +114,11 @@ export class HistoryStore {
       loads.push(store.#load(name));
     }
     await Promise.all(loads);
+    if (store.#idBase > 0) {
+      for (const r of store.#rooms.values()) r.lastId += store.#idBase;
+    }
+    await Deno.writeTextFile(mark, "", { mode: 0o600 });
+    await syncDir(dir);
     // Compactions found at load happen in the background, off the start-up path.
     if (store.#dirty.size > 0) store.#schedule();
     return store;
@@ -121,6 +147,7 @@ export class HistoryStore {
     let r = this.#rooms.get(room);
     if (r === undefined) {
       r = newRoom(room);
+      r.lastId = this.#idBase;
       this.#rooms.set(room, r);
     }
     r.lastId++;
@@ -201,11 +228,12 @@ export class HistoryStore {
     const messages = this.#kept(room);
     const afterId = Number(after);
     const start = firstIndexAbove(messages, afterId);
-    const first = messages[0];
+    const next = messages[start];
     const lastId = this.#rooms.get(room)?.lastId ?? 0;
-    // Ids are consecutive, so a hole between `after` and the oldest kept one is lost history.
-    const gap = first !== undefined
-      ? Number(first.id) > afterId + 1
+    // Ids are consecutive, except across a crash: a hole right after `after`
+    // is history no longer kept, or lost.
+    const gap = next !== undefined
+      ? Number(next.id) > afterId + 1
       : lastId > afterId;
     return { messages: messages.slice(start, start + limit), gap };
   }
@@ -220,11 +248,25 @@ export class HistoryStore {
     return this.#flushing;
   }
 
-  /** Flushes and stops the timer; appends after this are kept in memory only. */
+  /**
+   * Flushes and stops the timer; appends after this are kept in memory only.
+   * When every message is on disk, marks the directory as closed cleanly.
+   */
   async close(): Promise<void> {
     if (this.#closed) return this.#flushing;
     this.#closed = true;
     await this.flush();
+    if (this.#dirty.size > 0) return;
+    try {
+      await Deno.remove(`${this.#dir}/${RUNNING_MARK}`);
+      await syncDir(this.#dir);
+    } catch (err) {
+      this.#log(
+        `history: cannot mark ${this.#dir} as closed cleanly: ${
+          err instanceof Error ? err.message : err
+        }`,
+      );
+    }
   }
 
   #kept(room: string): RoomMessage[] {
@@ -436,6 +478,15 @@ async function writeAll(file: Deno.FsFile, data: Uint8Array): Promise<void> {
   }
 }
 
+async function syncDir(path: string): Promise<void> {
+  const dir = await Deno.open(path);
+  try {
+    await dir.sync();
+  } finally {
+    dir.close();
+  }
+}
+
 async function writeAtomic(path: string, text: string): Promise<void> {
   const tmp = `${path}.${crypto.randomUUID()}.tmp`;
   try {
@@ -456,10 +507,5 @@ async function writeAtomic(path: string, text: string): Promise<void> {
     await Deno.remove(tmp).catch(() => {});
     throw err;
   }
-  const dir = await Deno.open(path.slice(0, path.lastIndexOf("/")) || ".");
-  try {
-    await dir.sync();
-  } finally {
-    dir.close();
-  }
+  await syncDir(path.slice(0, path.lastIndexOf("/")) || ".");
 }

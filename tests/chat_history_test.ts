@@ -162,3 +162,37 @@ Deno.test("the sender's client_id is kept on disk and across a compaction, but i
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("after a run that did not close, ids jump past anything it may have handed out, and asking across the hole says gap", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const store = await HistoryStore.open(dir, { keep: 10 });
+    for (let i = 1; i <= 3; i++) store.append("dev", "alice", `m${i}`);
+    await store.close();
+    assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name), [
+      "dev.jsonl",
+    ]);
+    // A run that crashed: its marker is still there; whatever it appended
+    // after its last flush (ids 4 and 5, say) never reached the file.
+    await Deno.writeTextFile(`${dir}/.running`, "");
+    const again = await HistoryStore.open(dir, { keep: 10 });
+    const next = again.append("dev", "bob", "after the crash").message.id;
+    assert.equal(next, "1000004");
+    const fresh = again.append("new", "bob", "a new room").message.id;
+    assert.equal(fresh, "1000001");
+    assert.deepEqual(again.after("dev", "3", 10).messages.map((m) => m.id), [
+      "1000004",
+    ]);
+    assert.equal(again.after("dev", "3", 10).gap, true);
+    assert.equal(again.after("dev", "5", 10).gap, true);
+    assert.equal(again.after("dev", "1000004", 10).gap, false);
+    assert.equal(again.after("dev", "2", 1).gap, false);
+    await again.close();
+    // Closed cleanly this time: the ids go on from the file.
+    const third = await HistoryStore.open(dir, { keep: 10 });
+    assert.equal(third.append("dev", "carol", "x").message.id, "1000005");
+    await third.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
