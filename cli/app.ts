@@ -57,11 +57,16 @@ export async function runApp(args: string[], io: AppIo): Promise<number> {
     case "register":
       await registerFlow(parsed, io);
       return EXIT_OK;
-    case "login": {
-      const end = await loginFlow(parsed, io);
-      if (end === "expired") throw new CliError(SESSION_EXPIRED);
-      return end === "interrupted" ? EXIT_INTERRUPTED : EXIT_OK;
-    }
+    case "login":
+      // An expired session goes back to login, as in the menu: the password
+      // is asked again (the next stdin line with --password-stdin); input
+      // that ends there is a failure, exit 1.
+      for (;;) {
+        const end = await loginFlow(parsed, io);
+        if (end === "quit") return EXIT_OK;
+        if (end === "interrupted") return EXIT_INTERRUPTED;
+        io.err(`chatroom: ${SESSION_EXPIRED}`);
+      }
     case "menu":
       return await menuFlow(parsed, io);
   }

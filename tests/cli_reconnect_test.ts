@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import {
   CliProcess,
   login,
+  looksLikeStackTrace,
   PASSWORD,
   Peer,
   register,
@@ -118,7 +119,36 @@ Deno.test("an expired session sends the client back to login instead of retrying
   try {
     await register(servers.authUrl, "alice");
 
-    await t.step("login exits 1 with one line", async () => {
+    await t.step(
+      "chatroom login asks for the password again; a new login works",
+      async () => {
+        offsetMs = 0;
+        const cli = new CliProcess([
+          "login",
+          "--auth-url",
+          servers.authUrl,
+          "--user",
+          "alice",
+          "--password-stdin",
+        ]);
+        await cli.write(PASSWORD);
+        await cli.stdout.next("connected as alice");
+        offsetMs = 2 * 86_400_000;
+        await servers.restartChat();
+        await cli.stderr.next("session expired, please log in again");
+        offsetMs = 0;
+        await cli.write(PASSWORD);
+        await cli.stdout.next("logged in as alice");
+        await cli.stdout.next("connected as alice");
+        await cli.write("/quit");
+        assert.equal(await cli.exit(), 0, cli.stderr.text);
+        assert.deepEqual(cli.stderr.lines, [
+          "chatroom: session expired, please log in again",
+        ]);
+      },
+    );
+
+    await t.step("chatroom login whose input ends there exits 1", async () => {
       offsetMs = 0;
       const cli = new CliProcess([
         "login",
@@ -130,12 +160,13 @@ Deno.test("an expired session sends the client back to login instead of retrying
       ]);
       await cli.write(PASSWORD);
       await cli.stdout.next("connected as alice");
-      offsetMs = 2 * 86_400_000;
+      offsetMs = 6 * 86_400_000;
       await servers.restartChat();
+      await cli.stderr.next("session expired, please log in again");
+      await cli.closeStdin();
       assert.equal(await cli.exit(), 1);
-      assert.deepEqual(cli.stderr.lines, [
-        "chatroom: session expired, please log in again",
-      ]);
+      assert.equal(cli.stderr.lines.length, 2, cli.stderr.text);
+      assert.ok(!looksLikeStackTrace(cli.stderr.text), cli.stderr.text);
     });
 
     await t.step("the menu comes back, and a new login works", async () => {
