@@ -184,13 +184,16 @@ export function createChatHandler(
     if (url.pathname !== "/ws") {
       return jsonError(404, "not_found", `Nothing at ${url.pathname}`);
     }
-    if (req.method !== "GET") {
-      return jsonError(405, "method_not_allowed", "Use GET", { allow: "GET" });
-    }
     if (manager.closing) {
       return jsonError(503, "shutting_down", "The server is shutting down");
     }
-    if (req.headers.get("upgrade")?.toLowerCase() !== "websocket") {
+    // Anything but a GET asking for a WebSocket (a POST, a plain GET) is not
+    // an upgrade: 426, as the contract says of every such request to /ws.
+    if (
+      req.method !== "GET" ||
+      req.headers.get("upgrade")?.toLowerCase() !== "websocket"
+    ) {
+      await req.body?.cancel().catch(() => {});
       return jsonError(
         426,
         "upgrade_required",

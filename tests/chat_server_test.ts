@@ -73,6 +73,14 @@ Deno.test("non-upgrade requests get 426, other paths 404, /health 200", async ()
     const res = await fetch(`${stack.chat.httpUrl}/ws`);
     assert.equal(res.status, 426);
     assert.equal((await res.json()).error, "upgrade_required");
+    for (const method of ["POST", "PUT", "DELETE"]) {
+      const other = await fetch(`${stack.chat.httpUrl}/ws`, {
+        method,
+        body: "x",
+      });
+      assert.equal(other.status, 426, method);
+      assert.equal((await other.json()).error, "upgrade_required");
+    }
     const nf = await fetch(`${stack.chat.httpUrl}/nope`);
     assert.equal(nf.status, 404);
     assert.equal((await nf.json()).error, "not_found");
