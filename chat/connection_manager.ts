@@ -901,12 +901,15 @@ export class ConnectionManager {
     // Writes (and drops) below may queue more frames, presence for instance:
     // those land in this same pass, as the loop reads the growing list.
     const items = list.items;
-    for (let i = 0; i < list.size; i++) {
-      const conn = items[i]!;
-      items[i] = undefined;
-      this.#write(conn);
+    try {
+      for (let i = 0; i < list.size; i++) {
+        const conn = items[i];
+        items[i] = undefined;
+        if (conn !== undefined) this.#write(conn);
+      }
+    } finally {
+      list.size = 0;
     }
-    list.size = 0;
     this.#lastFirst = "";
     this.#lastRest = [];
     this.#lastJoined = "";

@@ -49,8 +49,8 @@ interface Room {
 
 const FILE_SUFFIX = ".jsonl";
 /**
- * Written at open, removed at a clean close: finding it at open means the
- * last run did not close (a crash, `kill -9`).
+ * Written at open (holding the run's id base), removed at a clean close:
+ * finding it at open means the last run did not close (a crash, `kill -9`).
  */
 const RUNNING_MARK = ".running";
 /**
@@ -96,8 +96,12 @@ export class HistoryStore {
     await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
     const mark = `${dir}/${RUNNING_MARK}`;
     try {
-      await Deno.stat(mark);
-      store.#idBase = CRASH_ID_JUMP;
+      // The crashed run's own base counts too: after two crashes in a row,
+      // the second run's ids (base + disk) must not come round again.
+      const previous = Number((await Deno.readTextFile(mark)).trim());
+      store.#idBase =
+        (Number.isSafeInteger(previous) && previous > 0 ? previous : 0) +
+        CRASH_ID_JUMP;
     } catch (err) {
       if (!(err instanceof Deno.errors.NotFound)) throw err;
     }
@@ -117,7 +121,7 @@ export class HistoryStore {
     if (store.#idBase > 0) {
       for (const r of store.#rooms.values()) r.lastId += store.#idBase;
     }
-    await Deno.writeTextFile(mark, "", { mode: 0o600 });
+    await Deno.writeTextFile(mark, String(store.#idBase), { mode: 0o600 });
     await syncDir(dir);
     // Compactions found at load happen in the background, off the start-up path.
     if (store.#dirty.size > 0) store.#schedule();
@@ -325,8 +329,11 @@ export class HistoryStore {
       }
       r.linesOnDisk += lines.length;
     } catch (err) {
-      // Keep the lines for the next flush rather than losing them.
+      // Keep the lines for the next flush rather than losing them. Part of
+      // them may be in the file already: the next flush rewrites it from
+      // memory instead of appending them twice.
       r.pending = lines.concat(r.pending);
+      r.needsRewrite = true;
       this.#dirty.add(r);
       this.#log(
         `history: cannot write ${path}: ${

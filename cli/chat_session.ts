@@ -132,6 +132,12 @@ export class ChatSession {
   /** Pending messages sent on this socket and not echoed yet. */
   #inFlight = new Set<string>();
   /**
+   * Pending messages the server refused for another reason than its rate
+   * (a room left in between...): not sent again on this connection, only
+   * once more after a reconnect, so a refusal never turns into a loop.
+   */
+  #refused = new Set<string>();
+  /**
    * Set by a `rate_limited` answer while messages are pending: from then on
    * one message at a time, each after the previous echo, until none is left.
    */
@@ -202,6 +208,7 @@ export class ChatSession {
     this.#quietLeaves.clear();
     this.#pongsAwaited = 0;
     this.#inFlight.clear();
+    this.#refused.clear();
     clearTimeout(this.#holdTimer);
     this.#holdTimer = undefined;
     this.#wake?.();
@@ -259,11 +266,18 @@ export class ChatSession {
           const quiet = this.#paced;
           this.#holdSending(frame.retry_after_ms);
           if (quiet) return;
-        } else if (this.#inFlight.size > 0) {
-          // Maybe a refused message (unknown_room...): it stays pending, but
-          // must not hold a place in the window for good.
-          this.#inFlight.clear();
-          this.#pump();
+        } else {
+          // Answers come in order: if this one is about a message, it is the
+          // oldest in flight. It stays pending, but frees its place and is
+          // not sent again on this connection (if the error was about a
+          // command instead, that message's echo still comes and shows it).
+          const [oldest] = this.#inFlight;
+          if (oldest !== undefined) {
+            this.#inFlight.delete(oldest);
+            this.#refused.add(oldest);
+            this.#pump();
+            this.#wake?.();
+          }
         }
         if (frame.error === "unknown_room" && this.#syncing.size > 0) {
           // The answer to a resync request may be this error: stop holding back.
@@ -464,6 +478,7 @@ export class ChatSession {
       this.#pending.delete(message.client_id);
       this.#pendingShown.delete(message.client_id);
       this.#inFlight.delete(message.client_id);
+      this.#refused.delete(message.client_id);
       this.#pump();
       this.#wake?.();
       this.#updatePending();
@@ -685,14 +700,14 @@ export class ChatSession {
    */
   #pump(): void {
     if (!this.#ready || this.#holdTimer !== undefined) return;
-    if (this.#paced && this.#pending.size === 0) {
+    if (this.#paced && this.#pending.size === this.#refused.size) {
       this.#paced = false;
       this.#paceMs = 0;
     }
     const window = this.#paced ? 1 : SEND_WINDOW;
     for (const [clientId, message] of this.#pending) {
       if (this.#inFlight.size >= window) return;
-      if (this.#inFlight.has(clientId)) continue;
+      if (this.#inFlight.has(clientId) || this.#refused.has(clientId)) continue;
       if (
         !this.#send({
           type: "message",
@@ -754,13 +769,14 @@ export class ChatSession {
       );
       // Messages still waiting behind the window or a rate limit go out as
       // echoes come back: wait as long as they keep being confirmed.
-      while (this.#ready && this.#pending.size > 0) {
-        const left = this.#pending.size;
+      const waiting = () => this.#pending.size - this.#refused.size;
+      while (this.#ready && waiting() > 0) {
+        const left = waiting();
         await this.#until(
-          () => this.#pending.size < left || !this.#ready,
+          () => waiting() < left || !this.#ready,
           Date.now() + grace,
         );
-        if (this.#pending.size >= left) break;
+        if (waiting() >= left) break;
       }
       if (this.#ready && this.#send({ type: "ping" })) {
         this.#pongsAwaited++;

@@ -196,3 +196,53 @@ Deno.test("after a run that did not close, ids jump past anything it may have ha
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("after two crashes in a row, ids still never come round again", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const store = await HistoryStore.open(dir, { keep: 10 });
+    for (let i = 1; i <= 3; i++) store.append("dev", "alice", `m${i}`);
+    await store.close();
+    // Run 2 started after a crash (base 1,000,000), handed out 1000004 and
+    // crashed before writing it: its marker holds its base.
+    await Deno.writeTextFile(`${dir}/.running`, "1000000");
+    const again = await HistoryStore.open(dir, { keep: 10 });
+    assert.equal(again.append("dev", "bob", "x").message.id, "2000004");
+    assert.equal(again.append("new", "bob", "y").message.id, "2000001");
+    await again.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a write that failed halfway is not appended twice: the retry rewrites the file, which opens again", async () => {
+  const dir = await Deno.makeTempDir();
+  const logs: string[] = [];
+  const proto = Deno.FsFile.prototype;
+  const syncData = proto.syncData;
+  try {
+    const store = await HistoryStore.open(dir, {
+      flushIntervalMs: 60_000,
+      log: (line) => logs.push(line),
+    });
+    store.append("lobby", "alice", "one");
+    // The disk fails once, after the bytes went in (fault injected into the
+    // runtime's file object, not into the store).
+    proto.syncData = function () {
+      proto.syncData = syncData;
+      return Promise.reject(new Error("EIO (injected)"));
+    };
+    await store.flush();
+    assert.equal(logs.length, 1, logs.join("\n"));
+    await store.close();
+    const lines = (await Deno.readTextFile(`${dir}/lobby.jsonl`)).trim()
+      .split("\n");
+    assert.deepEqual(lines.map((l) => JSON.parse(l).id), ["1"]);
+    const again = await HistoryStore.open(dir);
+    assert.deepEqual(again.recent("lobby", 5).map((m) => m.text), ["one"]);
+    await again.close();
+  } finally {
+    proto.syncData = syncData;
+    await Deno.remove(dir, { recursive: true });
+  }
+});

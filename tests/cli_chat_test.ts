@@ -190,6 +190,47 @@ Deno.test("piped lines past the server's message rate all arrive, in order, pace
   }
 });
 
+Deno.test("messages the server refuses for good (their room was left) are not resent in a loop", async () => {
+  const servers = await startServers({ chatLimits: {} });
+  try {
+    await register(servers.authUrl, "alice");
+    await register(servers.authUrl, "bob");
+    const bob = await Peer.connect(
+      servers.chat.url,
+      (await login(servers.authUrl, "bob")).token,
+    );
+    bob.send({ type: "join", room: "dev" });
+    await bob.next((f) => f.type === "joined");
+    const cli = new CliProcess([
+      "login",
+      "--auth-url",
+      servers.authUrl,
+      "--user",
+      "alice",
+      "--password-stdin",
+    ]);
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    // 12 lines: 8 go at once (the window), 4 wait and reach the server only
+    // after the /leave, which it answers with unknown_room.
+    const lines = Array.from({ length: 12 }, (_, i) => `line ${i + 1}`);
+    await cli.write("/join dev", ...lines, "/leave dev", "/who");
+    await cli.stdout.next("in #lobby: ");
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    const out = cli.stdout.lines;
+    const refusals = out.filter((l) => l.includes("unknown_room")).length;
+    assert.ok(refusals <= 4, out.join("\n"));
+    assert.ok(!out.some((l) => l.includes("rate_limited")), out.join("\n"));
+    assert.ok(!out.some((l) => l.includes("reconnect")), out.join("\n"));
+    const got = bob.frames.filter((f) => f.type === "message").length;
+    assert.equal(got + refusals, 12, out.join("\n"));
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("wrong password and taken username are one line on stderr and exit 1", async (t) => {
   const servers = await startServers();
   try {
