@@ -646,19 +646,36 @@ Deno.test("several messages sent at once arrive coalesced in fewer frames", asyn
 });
 
 Deno.test("a history page larger than the slow-reader limit is still delivered", async () => {
-  const stack = await startStack();
+  // The 300 messages (1.2 MB) are on disk before the start: sent live, their
+  // echoes alone could pass the limit while this process, client and server
+  // in one, is still writing them.
+  const dataDir = await Deno.makeTempDir({ prefix: "chat_test_" });
+  const text = "y".repeat(3990);
+  await Deno.mkdir(`${dataDir}/history`);
+  await Deno.writeTextFile(
+    `${dataDir}/history/lobby.jsonl`,
+    Array.from({ length: 300 }, (_, i) =>
+      JSON.stringify({
+        type: "message",
+        id: String(i + 1),
+        room: "lobby",
+        from: "alice",
+        text: `${i} ${text}`,
+        ts: "2026-01-01T00:00:00.000Z",
+      }) + "\n").join(""),
+  );
+  const stack = await startStack({ dataDir, historyKeep: 1000 });
   try {
     const alice = await connectAs(stack, "alice");
-    const text = "y".repeat(3990);
-    for (let i = 0; i < 300; i++) {
-      alice.send({ type: "message", text: `${i} ${text}` });
-    }
-    await alice.next((f) => String(f.text).startsWith("299 "));
     alice.send({ type: "history", limit: 500 });
     const page = await alice.nextOfType("history");
-    assert.equal((page.messages as unknown[]).length, 300);
+    const messages = page.messages as { text: string }[];
+    assert.equal(messages.length, 300);
+    assert.ok(messages[299]!.text.startsWith("299 "));
+    assert.ok(JSON.stringify(page).length > 1024 * 1024);
     await alice.close();
   } finally {
     await stack.close();
+    await Deno.remove(dataDir, { recursive: true });
   }
 });
