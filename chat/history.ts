@@ -150,8 +150,7 @@ export class HistoryStore {
   ): { message: RoomMessage; line: string; own: string } {
     let r = this.#rooms.get(room);
     if (r === undefined) {
-      r = newRoom(room);
-      r.lastId = this.#idBase;
+      r = newRoom(room, this.#idBase);
       this.#rooms.set(room, r);
     }
     r.lastId++;
@@ -194,8 +193,12 @@ export class HistoryStore {
         const clientId = this.#clientIds.get(message);
         const at = Date.parse(message.ts);
         if (clientId === undefined || !(at >= since)) continue;
-        const own = withClientId(JSON.stringify(message), clientId);
-        sent.push({ from: message.from, clientId, own, at });
+        sent.push({
+          from: message.from,
+          clientId,
+          own: this.#storedLine(message),
+          at,
+        });
       }
     }
     return sent.sort((a, b) => a.at - b.at);
@@ -273,6 +276,13 @@ export class HistoryStore {
     }
   }
 
+  /** A message as its file keeps it: the sender's echo, with its client_id. */
+  #storedLine(message: RoomMessage): string {
+    const line = JSON.stringify(message);
+    const clientId = this.#clientIds.get(message);
+    return clientId === undefined ? line : withClientId(line, clientId);
+  }
+
   #kept(room: string): RoomMessage[] {
     const r = this.#rooms.get(room);
     if (r === undefined) return [];
@@ -303,13 +313,7 @@ export class HistoryStore {
     try {
       if (r.needsRewrite || r.linesOnDisk + lines.length > this.#keep * 4) {
         const kept = this.#kept(r.name);
-        const text = kept.map((m) => {
-          const line = JSON.stringify(m);
-          const clientId = this.#clientIds.get(m);
-          return `${
-            clientId === undefined ? line : withClientId(line, clientId)
-          }\n`;
-        }).join("");
+        const text = kept.map((m) => `${this.#storedLine(m)}\n`).join("");
         await writeAtomic(path, text);
         r.needsRewrite = false;
         r.linesOnDisk = kept.length;
@@ -371,11 +375,11 @@ export class HistoryStore {
   }
 }
 
-function newRoom(name: string): Room {
+function newRoom(name: string, lastId = 0): Room {
   return {
     name,
     messages: [],
-    lastId: 0,
+    lastId,
     pending: [],
     needsRewrite: false,
     linesOnDisk: 0,

@@ -220,6 +220,18 @@ export class LineStream {
 }
 
 /** The real `chatroom` client running as a subprocess. */
+/** `chatroom login --auth-url URL --user NAME --password-stdin`, not yet given the password. */
+export function loginProcess(authUrl: string, username: string): CliProcess {
+  return new CliProcess([
+    "login",
+    "--auth-url",
+    authUrl,
+    "--user",
+    username,
+    "--password-stdin",
+  ]);
+}
+
 export class CliProcess {
   readonly #child: Deno.ChildProcess;
   readonly #stdin: WritableStreamDefaultWriter<Uint8Array>;

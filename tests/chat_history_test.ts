@@ -1,6 +1,18 @@
 import assert from "node:assert/strict";
 import { HistoryStore } from "../chat/history.ts";
 
+/** A line of `lobby.jsonl` as the store writes it. */
+function good(id: number): string {
+  return JSON.stringify({
+    type: "message",
+    id: String(id),
+    room: "lobby",
+    from: "a",
+    text: `t${id}`,
+    ts: "2026-01-01T00:00:00.000Z",
+  });
+}
+
 Deno.test("history keeps the tail of each room across reopen and continues ids", async () => {
   const dir = await Deno.makeTempDir();
   try {
@@ -30,15 +42,6 @@ Deno.test("history keeps the tail of each room across reopen and continues ids",
 Deno.test("a torn last line from a crash is skipped and the file is repaired", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const good = (id: number) =>
-      JSON.stringify({
-        type: "message",
-        id: String(id),
-        room: "lobby",
-        from: "a",
-        text: `t${id}`,
-        ts: "2026-01-01T00:00:00.000Z",
-      });
     await Deno.writeTextFile(
       `${dir}/lobby.jsonl`,
       `${good(1)}\n${good(2)}\n{"type":"mess`,
@@ -97,15 +100,6 @@ Deno.test("a large history file is read from its tail and compacted", async () =
 Deno.test("a damaged complete line stops the opening with a message naming the file, which is left as it was", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const good = (id: number) =>
-      JSON.stringify({
-        type: "message",
-        id: String(id),
-        room: "lobby",
-        from: "a",
-        text: `t${id}`,
-        ts: "2026-01-01T00:00:00.000Z",
-      });
     for (
       const damaged of [
         `${good(1)}\nGARBAGE\n${good(2)}\n`,

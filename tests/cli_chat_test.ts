@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import {
   CliProcess,
   login,
+  loginProcess,
   looksLikeStackTrace,
   PASSWORD,
   Peer,
@@ -34,14 +35,7 @@ Deno.test("register and login with --password-stdin, then /quit exits 0", async 
       servers.chat.url,
       await bobToken(servers.authUrl),
     );
-    const cli = new CliProcess([
-      "login",
-      "--auth-url",
-      servers.authUrl,
-      "--user",
-      "alice",
-      "--password-stdin",
-    ]);
+    const cli = loginProcess(servers.authUrl, "alice");
     await cli.write(PASSWORD);
     await cli.stdout.next("connected as alice");
     await bob.next((f) => f.type === "join" && f.user === "alice");
@@ -108,14 +102,7 @@ Deno.test("input that ends right after commands still shows their answers (scrip
     );
     for (const end of ["end of input", "/quit"]) {
       await t.step(end, async () => {
-        const cli = new CliProcess([
-          "login",
-          "--auth-url",
-          servers.authUrl,
-          "--user",
-          "alice",
-          "--password-stdin",
-        ]);
+        const cli = loginProcess(servers.authUrl, "alice");
         await cli.write(
           PASSWORD,
           "/who",
@@ -161,14 +148,7 @@ Deno.test("piped lines past the server's message rate all arrive, in order, pace
       servers.chat.url,
       (await login(servers.authUrl, "bob")).token,
     );
-    const cli = new CliProcess([
-      "login",
-      "--auth-url",
-      servers.authUrl,
-      "--user",
-      "alice",
-      "--password-stdin",
-    ]);
+    const cli = loginProcess(servers.authUrl, "alice");
     const lines = Array.from({ length: 25 }, (_, i) => `line ${i + 1}`);
     await cli.write(PASSWORD, ...lines);
     await cli.closeStdin();
@@ -201,14 +181,7 @@ Deno.test("messages the server refuses for good (their room was left) are not re
     );
     bob.send({ type: "join", room: "dev" });
     await bob.next((f) => f.type === "joined");
-    const cli = new CliProcess([
-      "login",
-      "--auth-url",
-      servers.authUrl,
-      "--user",
-      "alice",
-      "--password-stdin",
-    ]);
+    const cli = loginProcess(servers.authUrl, "alice");
     await cli.write(PASSWORD);
     await cli.stdout.next("connected as alice");
     // 12 lines: 8 go at once (the window), 4 wait and reach the server only
@@ -236,14 +209,7 @@ Deno.test("wrong password and taken username are one line on stderr and exit 1",
   try {
     await register(servers.authUrl, "alice");
     await t.step("login with a wrong password", async () => {
-      const cli = new CliProcess([
-        "login",
-        "--auth-url",
-        servers.authUrl,
-        "--user",
-        "alice",
-        "--password-stdin",
-      ]);
+      const cli = loginProcess(servers.authUrl, "alice");
       await cli.write("wrong-password");
       assert.equal(await cli.exit(), 1);
       assert.deepEqual(cli.stderr.lines, [WRONG_PASSWORD_LINE]);
@@ -523,14 +489,7 @@ Deno.test("with the chat server down, login says so in one line and exits 1", as
   try {
     await register(servers.authUrl, "alice");
     await servers.chat.shutdown();
-    const cli = new CliProcess([
-      "login",
-      "--auth-url",
-      servers.authUrl,
-      "--user",
-      "alice",
-      "--password-stdin",
-    ]);
+    const cli = loginProcess(servers.authUrl, "alice");
     await cli.write(PASSWORD);
     assert.equal(await cli.exit(), 1);
     assert.equal(cli.stderr.lines.length, 1, cli.stderr.text);

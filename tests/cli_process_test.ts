@@ -1,5 +1,9 @@
 import assert from "node:assert/strict";
-import { CliProcess, looksLikeStackTrace } from "./_cli_helpers.ts";
+import {
+  CliProcess,
+  loginProcess,
+  looksLikeStackTrace,
+} from "./_cli_helpers.ts";
 
 /** A local port where nothing listens. */
 function closedPort(): number {
@@ -58,14 +62,7 @@ Deno.test("with the auth server down, login and register say so in one line and 
     `chatroom: cannot reach the auth server at ${authUrl} (connection refused)`;
 
   await t.step("login --password-stdin", async () => {
-    const cli = new CliProcess([
-      "login",
-      "--auth-url",
-      authUrl,
-      "--user",
-      "alice",
-      "--password-stdin",
-    ]);
+    const cli = loginProcess(authUrl, "alice");
     await cli.write("secretpw1");
     assert.equal(await cli.exit(), 1);
     assert.deepEqual(cli.stderr.lines, [expected]);

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import {
   CliProcess,
   login,
+  loginProcess,
   looksLikeStackTrace,
   PASSWORD,
   Peer,
@@ -21,14 +22,7 @@ Deno.test("after the chat server restarts, the client reconnects and shows each 
     await bob.say("seen-before lobby", "lobby");
     await bob.say("seen-before dev", "dev");
 
-    const cli = new CliProcess([
-      "login",
-      "--auth-url",
-      servers.authUrl,
-      "--user",
-      "alice",
-      "--password-stdin",
-    ]);
+    const cli = loginProcess(servers.authUrl, "alice");
     await cli.write(PASSWORD);
     await cli.stdout.next("seen-before lobby");
     await cli.write("/join dev");
@@ -123,14 +117,7 @@ Deno.test("an expired session sends the client back to login instead of retrying
       "chatroom login asks for the password again; a new login works",
       async () => {
         offsetMs = 0;
-        const cli = new CliProcess([
-          "login",
-          "--auth-url",
-          servers.authUrl,
-          "--user",
-          "alice",
-          "--password-stdin",
-        ]);
+        const cli = loginProcess(servers.authUrl, "alice");
         await cli.write(PASSWORD);
         await cli.stdout.next("connected as alice");
         offsetMs = 2 * 86_400_000;
@@ -150,14 +137,7 @@ Deno.test("an expired session sends the client back to login instead of retrying
 
     await t.step("chatroom login whose input ends there exits 1", async () => {
       offsetMs = 0;
-      const cli = new CliProcess([
-        "login",
-        "--auth-url",
-        servers.authUrl,
-        "--user",
-        "alice",
-        "--password-stdin",
-      ]);
+      const cli = loginProcess(servers.authUrl, "alice");
       await cli.write(PASSWORD);
       await cli.stdout.next("connected as alice");
       offsetMs = 6 * 86_400_000;
@@ -196,14 +176,7 @@ Deno.test("when the server no longer keeps all that was missed, the client says 
     const bobLogin = await login(servers.authUrl, "bob");
     let bob = await Peer.connect(servers.chat.url, bobLogin.token);
     await bob.say("before");
-    const cli = new CliProcess([
-      "login",
-      "--auth-url",
-      servers.authUrl,
-      "--user",
-      "alice",
-      "--password-stdin",
-    ]);
+    const cli = loginProcess(servers.authUrl, "alice");
     await cli.write(PASSWORD);
     await cli.stdout.next("<bob> before");
 
