@@ -221,7 +221,11 @@ export class LineStream {
 
 /** The real `chatroom` client running as a subprocess. */
 /** `chatroom login --auth-url URL --user NAME --password-stdin`, not yet given the password. */
-export function loginProcess(authUrl: string, username: string): CliProcess {
+export function loginProcess(
+  authUrl: string,
+  username: string,
+  env: Record<string, string> = {},
+): CliProcess {
   return new CliProcess([
     "login",
     "--auth-url",
@@ -229,7 +233,7 @@ export function loginProcess(authUrl: string, username: string): CliProcess {
     "--user",
     username,
     "--password-stdin",
-  ]);
+  ], env);
 }
 
 export class CliProcess {

@@ -509,14 +509,7 @@ async function chatAs(
   username: string,
   env: Record<string, string> = {},
 ): Promise<CliProcess> {
-  const cli = new CliProcess([
-    "login",
-    "--auth-url",
-    authUrl,
-    "--user",
-    username,
-    "--password-stdin",
-  ], env);
+  const cli = loginProcess(authUrl, username, env);
   await cli.write(PASSWORD);
   await cli.stdout.next(`connected as ${username}`);
   return cli;
