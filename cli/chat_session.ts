@@ -119,8 +119,18 @@ export class ChatSession {
   #oldestId = new Map<string, string>();
   /** Rooms waiting for their `history after` answer, with held-back messages. */
   #syncing = new Map<string, RoomMessage[]>();
-  /** Per room, what each outstanding `history` request was for. */
-  #historyKinds = new Map<string, ("before" | "after")[]>();
+  /**
+   * The frames sent on this socket whose answer has not come yet, oldest
+   * first. The server answers every frame, in order, with its answer or one
+   * error: an error is about the oldest frame still waiting.
+   */
+  #asked: ClientFrame[] = [];
+  /**
+   * Joins, leaves and resyncs refused for the server's rate, in the order
+   * they were sent: sent again, in that order, once its wait is over.
+   */
+  #retries: ClientFrame[] = [];
+  #retryTimer: ReturnType<typeof setTimeout> | undefined;
   /** Rooms rejoined after a reconnect, whose `joined` is not announced. */
   #quietJoins = new Set<string>();
   /** Rooms left again after a reconnect, whose `left` is not announced. */
@@ -203,7 +213,8 @@ export class ChatSession {
     this.#openedThisSocket = false;
     this.#ready = false;
     this.#syncing.clear();
-    this.#historyKinds.clear();
+    this.#asked = [];
+    this.#clearRetries();
     this.#quietJoins.clear();
     this.#quietLeaves.clear();
     this.#pongsAwaited = 0;
@@ -222,8 +233,10 @@ export class ChatSession {
       case "welcome":
         return this.#onWelcome(frame.username, frame.history);
       case "joined":
+        this.#answered((f) => f.type === "join" && f.room === frame.room);
         return this.#onJoined(frame.room, frame.users, frame.history);
       case "left":
+        this.#answered((f) => f.type === "leave" && f.room === frame.room);
         this.#rooms = this.#rooms.filter((r) => r !== frame.room);
         if (!this.#quietLeaves.delete(frame.room)) {
           this.#print(status(`you left #${frame.room}`, this.#view()));
@@ -232,12 +245,19 @@ export class ChatSession {
       case "message":
         return this.#onRoomMessage(frame);
       case "dm":
+        if (frame.from.toLowerCase() === this.#me.toLowerCase()) {
+          this.#answered((f) =>
+            f.type === "dm" && f.text === frame.text &&
+            f.to.toLowerCase() === frame.to.toLowerCase()
+          );
+        }
         return this.#print(renderDirectMessage(frame, this.#view()));
       case "join":
       case "leave":
         if (frame.user.toLowerCase() === this.#me.toLowerCase()) return;
         return this.#print(renderPresence(frame, this.#view()));
       case "who":
+        this.#answered((f) => f.type === "who" && f.room === frame.room);
         return this.#print(
           status(
             `in #${frame.room}: ${userList(frame.users, this.#view())}`,
@@ -245,6 +265,7 @@ export class ChatSession {
           ),
         );
       case "rooms":
+        this.#answered((f) => f.type === "rooms");
         return this.#print(status(
           frame.rooms.length === 0
             ? "no rooms"
@@ -255,37 +276,103 @@ export class ChatSession {
             }`,
           this.#view(),
         ));
-      case "history":
-        return this.#onHistory(frame.room, frame.messages, frame.gap === true);
+      case "history": {
+        const asked = this.#answered((f) =>
+          f.type === "history" && f.room === frame.room
+        );
+        // `before` pages are asked by `/history`; without a request, a resync.
+        const older = asked?.type === "history" && asked.after === undefined;
+        return this.#onHistory(
+          frame.room,
+          frame.messages,
+          frame.gap === true,
+          older,
+        );
+      }
       case "pong":
+        this.#answered((f) => f.type === "ping");
         if (this.#pongsAwaited > 0) this.#pongsAwaited--;
         return this.#wake?.();
       case "error":
-        if (frame.error === "rate_limited" && this.#pending.size > 0) {
+        return this.#onError(frame);
+    }
+  }
+
+  /**
+   * An answer came: the frame it answers is no longer waiting, nor is any
+   * sent before it (answers come in order). Returns that frame, if found.
+   */
+  #answered(matches: (frame: ClientFrame) => boolean): ClientFrame | undefined {
+    const index = this.#asked.findIndex(matches);
+    if (index === -1) return undefined;
+    const frame = this.#asked[index];
+    this.#asked.splice(0, index + 1);
+    return frame;
+  }
+
+  /** An error: it is about the oldest frame still waiting for its answer. */
+  #onError(error: Extract<IncomingFrame, { type: "error" }>): void {
+    const asked = this.#asked.shift();
+    const limited = error.error === "rate_limited";
+    const wait = Math.min(Math.max(error.retry_after_ms ?? 1000, 50), 60_000);
+    switch (asked?.type) {
+      case "message": {
+        const id = asked.client_id ?? "";
+        if (limited) {
           // Shown once; while paced, a refusal just means "again, later".
           const quiet = this.#paced;
-          this.#holdSending(frame.retry_after_ms);
+          this.#holdSending(wait);
           if (quiet) return;
-        } else {
-          // Answers come in order: if this one is about a message, it is the
-          // oldest in flight. It stays pending, but frees its place and is
-          // not sent again on this connection (if the error was about a
-          // command instead, that message's echo still comes and shows it).
-          const [oldest] = this.#inFlight;
-          if (oldest !== undefined) {
-            this.#inFlight.delete(oldest);
-            this.#refused.add(oldest);
-            this.#pump();
-            this.#wake?.();
-          }
+        } else if (this.#inFlight.delete(id)) {
+          // It stays pending, but is not sent again on this connection.
+          this.#refused.add(id);
+          this.#pump();
+          this.#wake?.();
         }
-        if (frame.error === "unknown_room" && this.#syncing.size > 0) {
-          // The answer to a resync request may be this error: stop holding back.
-          for (const room of [...this.#syncing.keys()]) this.#endSync(room);
-          this.#historyKinds.clear();
+        break;
+      }
+      case "join":
+      case "leave":
+        if (limited) return this.#retryLater(asked, wait);
+        if (asked.type === "join") {
+          // Not joined after all: the room leaves the list (and the prompt).
+          this.#rooms = this.#rooms.filter((r) => r !== asked.room);
+          this.#quietJoins.delete(asked.room);
+          this.#updatePrompt();
         }
-        return this.#print(renderError(frame, this.#view()));
+        break;
+      case "history":
+        if (asked.after !== undefined && asked.room !== undefined) {
+          if (limited) return this.#retryLater(asked, wait);
+          // No answer is coming: stop holding back the room's live messages.
+          this.#endSync(asked.room);
+        }
+        break;
+      case "ping":
+        if (this.#pongsAwaited > 0) this.#pongsAwaited--;
+        this.#wake?.();
+        break;
     }
+    this.#print(renderError(error, this.#view()));
+  }
+
+  /** Sends a refused join, leave or resync again once the server's wait is over. */
+  #retryLater(frame: ClientFrame, ms: number): void {
+    this.#retries.push(frame);
+    // Errors come in order: a later one names the later end of the wait.
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = setTimeout(() => {
+      this.#retryTimer = undefined;
+      const frames = this.#retries;
+      this.#retries = [];
+      for (const f of frames) this.#send(f);
+    }, ms * 1.1);
+  }
+
+  #clearRetries(): void {
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    this.#retries = [];
   }
 
   /** Acts on one typed line: a slash command or a message. */
@@ -375,6 +462,7 @@ export class ChatSession {
     this.#ending = true;
     clearTimeout(this.#reconnectTimer);
     clearTimeout(this.#holdTimer);
+    this.#clearRetries();
     this.#readAbort.abort(new Error("Session over"));
     this.#lines().setFooter([]);
     const ws = this.#ws;
@@ -404,6 +492,7 @@ export class ChatSession {
     const ws = this.#ws;
     if (ws === null || ws.readyState !== WebSocket.OPEN) return false;
     ws.send(JSON.stringify(frame));
+    this.#asked.push(frame);
     return true;
   }
 
@@ -441,7 +530,6 @@ export class ChatSession {
       const last = this.#lastId.get(room);
       if (last === undefined) continue;
       this.#syncing.set(room, []);
-      this.#queueHistory(room, "after");
       this.#send({
         type: "history",
         room,
@@ -475,6 +563,8 @@ export class ChatSession {
 
   #onRoomMessage(message: RoomMessage): void {
     if (message.client_id !== undefined) {
+      const id = message.client_id;
+      this.#answered((f) => f.type === "message" && f.client_id === id);
       this.#pending.delete(message.client_id);
       this.#pendingShown.delete(message.client_id);
       this.#inFlight.delete(message.client_id);
@@ -491,9 +581,13 @@ export class ChatSession {
     this.#showMessages(message.room, [message]);
   }
 
-  #onHistory(room: string, messages: RoomMessage[], gap: boolean): void {
-    const kind = this.#historyKinds.get(room)?.shift() ?? "after";
-    if (kind === "before") {
+  #onHistory(
+    room: string,
+    messages: RoomMessage[],
+    gap: boolean,
+    older: boolean,
+  ): void {
+    if (older) {
       if (messages.length === 0) {
         this.#print(status(`no older messages in #${room}`, this.#view()));
         return;
@@ -515,7 +609,6 @@ export class ChatSession {
     const last = this.#lastId.get(room);
     if (messages.length >= MAX_HISTORY_LIMIT && last !== undefined) {
       // A full page: more may be missing, so ask for the next one first.
-      this.#queueHistory(room, "after");
       if (
         this.#send({
           type: "history",
@@ -545,12 +638,6 @@ export class ChatSession {
       this.#print(renderRoomMessage(message, this.#view()));
     }
     this.#lastId.set(room, last ?? 0n);
-  }
-
-  #queueHistory(room: string, kind: "before" | "after"): void {
-    const kinds = this.#historyKinds.get(room) ?? [];
-    kinds.push(kind);
-    this.#historyKinds.set(room, kinds);
   }
 
   // --- lines ----------------------------------------------------------------
@@ -670,7 +757,6 @@ export class ChatSession {
           ...(before !== undefined && { before }),
         });
         if (!sent) return this.#offline();
-        this.#queueHistory(current, "before");
         return;
       }
       default:
@@ -726,12 +812,12 @@ export class ChatSession {
    * goes again, one at a time, once the wait it named is over (resending an
    * accepted one is harmless: its client_id gets the same echo back).
    */
-  #holdSending(retryAfterMs: number | undefined): void {
+  #holdSending(retryAfterMs: number): void {
     this.#paced = true;
     this.#inFlight.clear();
     // The longest wait the server named (a first one may be the rest of a
     // period), a little over, so that the next message is not early.
-    const wait = Math.min(Math.max(retryAfterMs ?? 1000, 50), 60_000) * 1.1;
+    const wait = retryAfterMs * 1.1;
     this.#paceMs = Math.max(this.#paceMs, wait);
     this.#hold(wait);
   }

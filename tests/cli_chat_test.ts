@@ -204,6 +204,60 @@ Deno.test("messages the server refuses for good (their room was left) are not re
   }
 });
 
+Deno.test("a /join the server refuses leaves the room out; joins refused for their rate are sent again, in order", async (t) => {
+  // Two rooms per connection; a burst of 3 frames, then 5 a second.
+  const servers = await startServers({
+    chatLimits: { maxRoomsPerConnection: 2, frameBurst: 3, framesPerSecond: 5 },
+  });
+  try {
+    await register(servers.authUrl, "alice");
+    await register(servers.authUrl, "bob");
+    const bob = await Peer.connect(
+      servers.chat.url,
+      (await login(servers.authUrl, "bob")).token,
+    );
+    bob.send({ type: "leave", room: "lobby" });
+    bob.send({ type: "join", room: "a" });
+    bob.send({ type: "join", room: "c" });
+    await bob.next((f) => f.type === "joined" && f.room === "c");
+    const cli = loginProcess(servers.authUrl, "alice");
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+
+    await t.step("over the room cap: the current room stays #a", async () => {
+      await cli.write("/join a");
+      await cli.stdout.next("now in #a");
+      await cli.write("/join b");
+      await cli.stdout.next("at most 2 rooms");
+      await cli.write("to a");
+      const got = await bob.next((f) => f.type === "message");
+      assert.equal(got.room, "a");
+      assert.equal(got.text, "to a");
+    });
+
+    await t.step(
+      "past the frame rate: the leave and the join still happen",
+      async () => {
+        // Three /rooms empty the bucket: the leave and the join are refused
+        // for their rate, then sent again in order (leave first: the cap).
+        await cli.write("/rooms", "/rooms", "/rooms", "/leave a", "/join c");
+        await cli.stdout.next("now in #c");
+        await cli.write("to c");
+        const got = await bob.next((f) => f.type === "message");
+        assert.equal(got.room, "c");
+        assert.equal(got.text, "to c");
+      },
+    );
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    const out = cli.stdout.lines.join("\n");
+    assert.ok(!out.includes("unknown_room"), out);
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("wrong password and taken username are one line on stderr and exit 1", async (t) => {
   const servers = await startServers();
   try {
