@@ -11,7 +11,7 @@
  * @module
  */
 import { createAuthServer } from "./auth/server.ts";
-import { createChatServer } from "./chat/server.ts";
+import { type ChatServer, createChatServer } from "./chat/server.ts";
 import {
   ConfigError,
   defaultChatUrl,
@@ -46,7 +46,7 @@ for (const signal of ["SIGINT", "SIGTERM"] as const) {
 }
 
 const log = (line: string) => console.error(line);
-let chat;
+let chat: ChatServer | undefined;
 let auth: Awaited<ReturnType<typeof createAuthServer>> | undefined;
 try {
   chat = await createChatServer({
@@ -70,6 +70,8 @@ try {
       sessionTtlSeconds: config.sessionTtlSeconds,
       rateLimits: config.rateLimits,
       log,
+      // One process: a logout closes that session's chat connections at once.
+      onLogout: (token) => chat?.endSession(token),
     });
   } catch (err) {
     await chat.shutdown();

@@ -43,6 +43,11 @@ export interface AuthHandlerOptions {
   limits?: Partial<AuthLimits>;
   /** Receives one line per auth event. Default: no logging. */
   log?: (line: string) => void;
+  /**
+   * Told the token of every session ended by `/logout`, once it is gone from
+   * the store (a chat server in the same process closes its connections).
+   */
+  onLogout?: (token: string) => void;
   /** Clock in ms. Default `Date.now`. */
   now?: () => number;
 }
@@ -353,9 +358,9 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   async function logout(req: Request, address: string): Promise<Response> {
     const token = bearerToken(req);
     await discardBody(req);
-    const hash = token === undefined ? undefined : tokenHash(token);
-    const session = hash === undefined ? undefined : store.getSession(hash);
-    if (hash === undefined || session === undefined) {
+    const hash = token === undefined ? "" : tokenHash(token);
+    const session = token === undefined ? undefined : store.getSession(hash);
+    if (token === undefined || session === undefined) {
       event("logout", "fail", undefined, address, "reason=invalid_token");
       throw invalidToken(false);
     }
@@ -370,6 +375,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
       throw invalidToken(false);
     }
     event("logout", "ok", session.username, address);
+    options.onLogout?.(token);
     return new Response(null, { status: 204 });
   }
 

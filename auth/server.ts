@@ -39,6 +39,8 @@ export interface AuthServerOptions {
   limits?: Partial<AuthLimits>;
   /** Receives one line per auth event. Default: no logging. */
   log?: (line: string) => void;
+  /** Told the token of every session ended by `/logout`. */
+  onLogout?: (token: string) => void;
   /** Clock in ms, for tests. Default `Date.now`. */
   now?: () => number;
 }

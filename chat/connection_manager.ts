@@ -185,6 +185,8 @@ interface TokenEntry {
 const RECHECK_TICKS = 30;
 /** When the auth server could not answer a re-check, ask again after this long. */
 const RECHECK_RETRY_MS = 5000;
+/** How long an ended session's token is kept to refuse upgrades still opening. */
+const ENDED_MEMORY_MS = 60_000;
 
 /** Live connections, rooms and presence. Call {@linkcode close} to shut down. */
 export class ConnectionManager {
@@ -197,6 +199,11 @@ export class ConnectionManager {
   #users = new Map<string, User>();
   #rooms = new Map<string, Room>();
   #tokens = new Map<string, TokenEntry>();
+  /**
+   * Tokens of sessions ended by {@linkcode ConnectionManager.endSession},
+   * with when: an upgrade validated just before still opens, and is closed.
+   */
+  #ended = new Map<string, number>();
   #addresses = new Map<string, number>();
   /** Open connections plus upgrades in progress: the sum of `#addresses`. */
   #reserved = 0;
@@ -353,6 +360,11 @@ export class ConnectionManager {
         socket.close(CloseCode.goingAway, "server shutting down");
         return;
       }
+      if (this.#ended.has(conn.token)) {
+        giveUp();
+        socket.close(CloseCode.policy, "session ended");
+        return;
+      }
       settled = true;
       user.pending--;
       this.#register(conn, expiresAt);
@@ -371,6 +383,17 @@ export class ConnectionManager {
       this.#drop(conn);
     };
     socket.onerror = ignore;
+  }
+
+  /**
+   * The session of `token` is over (logged out at an auth server that shares
+   * this process): its connections close with 1008 now, not at the next
+   * re-check, and so does one still opening.
+   */
+  endSession(token: string): void {
+    this.#ended.set(token, this.#now());
+    const entry = this.#tokens.get(token);
+    if (entry !== undefined) this.#endSession(entry, "session ended");
   }
 
   /**
@@ -929,6 +952,9 @@ export class ConnectionManager {
     if (now - this.#prunedAt >= interval) {
       this.#prunedAt = now;
       this.#forgetIdleUsers(now);
+      for (const [token, at] of this.#ended) {
+        if (now - at > ENDED_MEMORY_MS) this.#ended.delete(token);
+      }
     }
     // Oldest confirmation first (a confirmed token moves to the end); at most
     // a share of the tokens per tick, enough to catch up within 2/3 of an

@@ -55,6 +55,11 @@ export interface ChatServer {
   finished: Promise<void>;
   /** Number of open WebSocket connections. */
   readonly connections: number;
+  /**
+   * Closes the connections of a session that ended (for an auth server in
+   * the same process to call on `/logout`) with 1008.
+   */
+  endSession(token: string): void;
   /** Closes every WebSocket with 1001, stops listening, flushes history. Idempotent. */
   shutdown(): Promise<void>;
 }
@@ -126,6 +131,9 @@ export async function createChatServer(
     finished: server.finished,
     get connections() {
       return manager.size;
+    },
+    endSession(token) {
+      manager.endSession(token);
     },
     shutdown() {
       stopping ??= (async () => {

@@ -380,6 +380,34 @@ Deno.test("a connection whose session is revoked or expires is closed with 1008"
     }
   });
   await t.step(
+    "ended in this process (endSession): at once, an upgrade still opening too",
+    async () => {
+      // No re-check would come in time: a tick a second, every 30 s.
+      const stack = await startStack({
+        chatLimits: { recheckIntervalMs: 30_000 },
+      });
+      try {
+        const token = await login(stack.auth.url, "alice");
+        const other = await login(stack.auth.url, "alice");
+        const alice = await TestClient.connect(stack.chat.url, token);
+        const stays = await TestClient.connect(stack.chat.url, other);
+        stack.chat.endSession(token);
+        const event = await alice.closed;
+        assert.equal(event.code, 1008);
+        assert.equal(event.reason, "session ended");
+        // The auth server still says valid here (as for an upgrade whose
+        // check came just before the logout): it opens, and is closed.
+        const late = new TestClient(stack.chat.url, token);
+        assert.equal((await late.closed).code, 1008);
+        assert.equal(late.frames.length, 0);
+        await stays.sync();
+        await stays.close();
+      } finally {
+        await stack.close();
+      }
+    },
+  );
+  await t.step(
     "expired: at its expires_at, not at the next re-check",
     async () => {
       // Re-checks every 30 s (a tick a second): expiry must not wait for one.

@@ -21,7 +21,7 @@ function startProcess(
   };
 }
 
-Deno.test("deno task start runs both servers on port 0, hands out the real chat address and stops cleanly on SIGTERM", async () => {
+Deno.test("deno task start runs both servers on port 0, hands out the real chat address, closes a logged-out session at once and stops cleanly on SIGTERM", async () => {
   const dataDir = await Deno.makeTempDir();
   const { child, stdout, stderr } = startProcess(
     [
@@ -59,6 +59,17 @@ Deno.test("deno task start runs both servers on port 0, hands out the real chat 
     const body = await res.json();
     assert.equal(body.chat_url, `ws://127.0.0.1:${chatPort}/ws`);
     const alice = await TestClient.connect(body.chat_url, token);
+    // A logout closes that session's connections at once (one process: no
+    // waiting for the 30 s re-check), and only that session's.
+    const other = await TestClient.connect(body.chat_url, body.token);
+    const loggedOutAt = Date.now();
+    const logout = await fetch(`${authUrl}/logout`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${body.token}` },
+    });
+    assert.equal(logout.status, 204);
+    assert.equal((await other.closed).code, 1008);
+    assert.ok(Date.now() - loggedOutAt < 5_000);
     alice.send({ type: "message", text: "before the signal" });
     await alice.nextOfType("message");
     child.kill("SIGTERM");
