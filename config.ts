@@ -155,7 +155,7 @@ function parsePort(what: string, text: string): number {
 function parsePositiveInt(what: string, text: string): number {
   if (!/^\d{1,10}$/.test(text) || Number(text) < 1) {
     throw new ConfigError(
-      `Cannot use ${what} "${text}": expected a whole number of seconds above 0`,
+      `Cannot use ${what} "${text}": expected a whole number of seconds from 1 to 9999999999`,
     );
   }
   return Number(text);

@@ -27,7 +27,12 @@ import {
   RegistrationThrottle,
   retryAfterSeconds,
 } from "./rate_limit.ts";
-import { discardBody, readJsonObject } from "./read_json_object.ts";
+import {
+  type BodyLimits,
+  discardBody,
+  drainBody,
+  readJsonObject,
+} from "./read_json_object.ts";
 
 /** Options of {@linkcode createAuthHandler}. */
 export interface AuthHandlerOptions {
@@ -89,6 +94,10 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     now = Date.now,
   } = options;
   const limits: AuthLimits = { ...DEFAULT_AUTH_LIMITS, ...options.limits };
+  const bodyLimits: BodyLimits = {
+    maxBytes: limits.maxBodyBytes,
+    timeoutMs: limits.bodyTimeoutMs,
+  };
   const hashes = new HashLimiter({
     concurrency: limits.hashThreads,
     maxWaiting: limits.maxHashWaiting,
@@ -152,7 +161,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   }
 
   async function register(req: Request, address: string): Promise<Response> {
-    const body = await readJsonObject(req, limits.maxBodyBytes);
+    const body = await readJsonObject(req, bodyLimits);
     const { username, password } = body;
     if (typeof username !== "string" || !USERNAME_RE.test(username)) {
       event(
@@ -171,12 +180,12 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     const normalized = typeof password === "string"
       ? password.normalize("NFC")
       : undefined;
-    if (normalized === undefined || !isPasswordLength(normalized)) {
+    if (normalized === undefined || !isValidPassword(normalized)) {
       event("register", "fail", username, address, "reason=invalid_password");
       throw new HttpError(
         400,
         "invalid_password",
-        `Cannot register "${username}": a password is ${MIN_PASSWORD_CHARS} to ${MAX_PASSWORD_CHARS} characters`,
+        `Cannot register "${username}": a password is ${MIN_PASSWORD_CHARS} to ${MAX_PASSWORD_CHARS} characters of Unicode text`,
       );
     }
     // Malformed requests (400, 413) were refused above and cost nothing.
@@ -227,7 +236,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   }
 
   async function login(req: Request, address: string): Promise<Response> {
-    const body = await readJsonObject(req, limits.maxBodyBytes);
+    const body = await readJsonObject(req, bodyLimits);
     const { username, password } = body;
     if (typeof username !== "string") {
       event("login", "fail", undefined, address, "reason=invalid_username");
@@ -258,7 +267,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     const normalized = typeof password === "string"
       ? password.normalize("NFC")
       : "";
-    if (!validName || !isPasswordLength(normalized)) {
+    if (!validName || !isValidPassword(normalized)) {
       // Cannot match any account: no hash needed, and nothing to learn.
       throw invalidCredentials(username, address, "reason=rule_breaking");
     }
@@ -336,10 +345,10 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   async function validateToken(req: Request): Promise<Response> {
     let token = bearerToken(req);
     if (token !== undefined) {
-      await discardBody(req);
+      await drainBody(req, bodyLimits);
     } else {
       // No token at all is an invalid token, not malformed JSON.
-      const body = await readJsonObject(req, limits.maxBodyBytes, {
+      const body = await readJsonObject(req, bodyLimits, {
         emptyAsObject: true,
       });
       if (typeof body.token === "string") token = body.token;
@@ -357,7 +366,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
 
   async function logout(req: Request, address: string): Promise<Response> {
     const token = bearerToken(req);
-    await discardBody(req);
+    await drainBody(req, bodyLimits);
     const hash = token === undefined ? "" : tokenHash(token);
     const session = token === undefined ? undefined : store.getSession(hash);
     if (token === undefined || session === undefined) {
@@ -379,8 +388,9 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     return new Response(null, { status: 204 });
   }
 
-  function health(): Promise<Response> {
-    return Promise.resolve(jsonResponse(200, { status: "ok" }));
+  async function health(req: Request): Promise<Response> {
+    await drainBody(req, bodyLimits);
+    return jsonResponse(200, { status: "ok" });
   }
 
   const routes = new Map<string, Route>([
@@ -480,9 +490,15 @@ function invalidToken(withValid: boolean): HttpError {
   );
 }
 
-function isPasswordLength(password: string): boolean {
+/**
+ * 8 to 1024 code points, and well-formed: a lone surrogate is no character
+ * (UTF-8 would turn every one into U+FFFD, so different passwords would
+ * hash the same).
+ */
+function isValidPassword(password: string): boolean {
   // Cheap bound first: a code point is at most 2 UTF-16 units.
   if (password.length > 2 * MAX_PASSWORD_CHARS) return false;
+  if (!password.isWellFormed()) return false;
   let n = 0;
   for (const _ of password) n++;
   return n >= MIN_PASSWORD_CHARS && n <= MAX_PASSWORD_CHARS;

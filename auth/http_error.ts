@@ -14,6 +14,7 @@ export type AuthErrorCode =
   | "invalid_credentials"
   | "invalid_token"
   | "payload_too_large"
+  | "request_timeout"
   | "rate_limited"
   | "busy"
   | "not_found"

@@ -45,6 +45,8 @@ export interface AuthLimits {
   maxCommitDelayMs: number;
   /** Largest request body in bytes; larger gets 413. Default 65536. */
   maxBodyBytes: number;
+  /** Longest wait for a whole request body; a stalled one gets 408. Default 10,000 ms. */
+  bodyTimeoutMs: number;
   /** Most usernames or addresses each limiter tracks; the oldest are forgotten beyond it. Default 100,000. */
   maxTrackedKeys: number;
 }
@@ -63,6 +65,7 @@ export const DEFAULT_AUTH_LIMITS: Readonly<AuthLimits> = Object.freeze({
   maxHashWaiting: 64,
   maxCommitDelayMs: 300,
   maxBodyBytes: 64 * 1024,
+  bodyTimeoutMs: 10_000,
   maxTrackedKeys: 100_000,
 });
 

@@ -526,6 +526,92 @@ Deno.test("a streamed fetch body over 64 KiB answers 413 with Connection: close 
   });
 });
 
+Deno.test("a body over 64 KiB is 413 on the routes that do not read it too (logout, a Bearer validate_token, health)", async () => {
+  await withServer({}, async ({ url }) => {
+    await register(url, "bigbody");
+    const token = await loginToken(url, "bigbody");
+    const big = JSON.stringify({ pad: "x".repeat(65 * 1024) });
+    const auth = { authorization: `Bearer ${token}` };
+    for (
+      const [path, method] of [
+        ["/validate_token", "POST"],
+        ["/logout", "POST"],
+      ]
+    ) {
+      const res = await fetch(`${url}${path}`, {
+        method,
+        headers: auth,
+        body: big,
+      });
+      assert.equal(res.status, 413, path);
+      assert.equal((await res.json()).error, "payload_too_large", path);
+    }
+    // Refused, so not logged out.
+    const check = await call(url, "/validate_token", { token });
+    assert.equal(check.status, 200);
+    const health = await rawExchange(
+      url,
+      "GET /health HTTP/1.1\r\nhost: x\r\ncontent-length: 70000\r\n\r\n",
+      [],
+    );
+    assert.match(health, /^HTTP\/1\.1 413 /);
+  });
+});
+
+Deno.test("a request body that stalls gets 408 request_timeout; one cut short logs no stack trace", async () => {
+  const logged: string[] = [];
+  await withServer({
+    limits: { bodyTimeoutMs: 200 },
+    log: (line) => logged.push(line),
+  }, async ({ url }) => {
+    const answer = await rawExchange(
+      url,
+      "POST /register HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" +
+        "content-length: 1000\r\n\r\n",
+      [new TextEncoder().encode('{"username":')],
+    );
+    assert.match(answer, /^HTTP\/1\.1 408 /);
+    assert.match(answer, /"error":"request_timeout"/);
+
+    // Half a body, then the client goes away.
+    const { hostname, port } = new URL(url);
+    const conn = await Deno.connect({ hostname, port: Number(port) });
+    await conn.write(new TextEncoder().encode(
+      "POST /login HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{",
+    ));
+    conn.close();
+    // A request after it is answered: the cut one has been handled by then
+    // (its read fails at once) or is still waiting for its deadline.
+    const health = await fetch(`${url}/health`);
+    await health.body?.cancel();
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.ok(
+      !logged.some((line) => line.includes(" auth error ")),
+      logged.join("\n"),
+    );
+  });
+});
+
+Deno.test("a password with a lone surrogate is no text: 400 invalid_password at /register, 401 at /login", async () => {
+  await withServer({}, async ({ url }) => {
+    const reg = await register(url, "surrogate", "\ud800".repeat(8));
+    assert.equal(reg.status, 400);
+    assert.equal(field(reg, "error"), "invalid_password");
+    // The same password and its U+FFFD look-alike stay apart.
+    assert.equal(
+      (await register(url, "surrogate", "\ufffd".repeat(8))).status,
+      201,
+    );
+    const login = await call(url, "/login", {
+      username: "surrogate",
+      password: "\udfff".repeat(8),
+    });
+    assert.equal(login.status, 401);
+    assert.equal(field(login, "error"), "invalid_credentials");
+    await loginToken(url, "surrogate", "\ufffd".repeat(8));
+  });
+});
+
 Deno.test("logout revokes only the session it names", async () => {
   await withServer({}, async ({ url }) => {
     await register(url, "frank");

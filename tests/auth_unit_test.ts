@@ -13,7 +13,7 @@ import {
   LoginThrottle,
   RegistrationThrottle,
 } from "../auth/rate_limit.ts";
-import { readJsonObject } from "../auth/read_json_object.ts";
+import { drainBody, readJsonObject } from "../auth/read_json_object.ts";
 import { HttpError } from "../auth/http_error.ts";
 import { AuthStore } from "../auth/json_store.ts";
 import { createAuthHandler } from "../auth/handler.ts";
@@ -200,17 +200,17 @@ function post(body: BodyInit | null, headers: Record<string, string> = {}) {
 }
 
 Deno.test("the body reader takes JSON objects and refuses everything else as invalid_json", async (t) => {
-  assert.deepEqual(await readJsonObject(post('{"a":1}'), 100), { a: 1 });
+  assert.deepEqual(await readJsonObject(post('{"a":1}'), limit(100)), { a: 1 });
   for (const body of ["", "[1]", "null", "42", '"s"', "{", "\xff"]) {
     await t.step(`refuses ${JSON.stringify(body)}`, async () => {
-      const err = await readJsonObject(post(body), 100).catch((e) => e);
+      const err = await readJsonObject(post(body), limit(100)).catch((e) => e);
       assert.ok(err instanceof HttpError);
       assert.equal(err.status, 400);
       assert.equal(err.code, "invalid_json");
     });
   }
   const bad = new Uint8Array([0x7b, 0xff, 0x7d]);
-  const err = await readJsonObject(post(bad), 100).catch((e) => e);
+  const err = await readJsonObject(post(bad), limit(100)).catch((e) => e);
   assert.equal(err.code, "invalid_json");
 });
 
@@ -227,7 +227,7 @@ Deno.test("the body reader refuses a declared oversized body without reading it"
     body,
     headers: { "content-length": "1000" },
   });
-  const err = await readJsonObject(req, 100).catch((e) => e);
+  const err = await readJsonObject(req, limit(100)).catch((e) => e);
   assert.ok(err instanceof HttpError);
   assert.equal(err.status, 413);
   assert.equal(err.code, "payload_too_large");
@@ -243,12 +243,66 @@ Deno.test("the body reader stops reading a streamed body at the limit", async ()
       controller.enqueue(new Uint8Array(1024));
     },
   });
-  const err = await readJsonObject(post(body), 64 * 1024).catch((e) => e);
+  const err = await readJsonObject(post(body), limit(64 * 1024)).catch((e) =>
+    e
+  );
   assert.ok(err instanceof HttpError);
   assert.equal(err.code, "payload_too_large");
   assert.equal(err.headers.connection, "close");
   assert.ok(pulled <= 66, `pulled ${pulled} chunks of 1 KiB`);
 });
+
+Deno.test("a body that stalls gets 408 at the deadline; one cut short is invalid_json, not a crash", async (t) => {
+  await t.step("stalled", async () => {
+    // Never ends, never errors: a client that sent half and waits.
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new TextEncoder().encode('{"username":'));
+      },
+    });
+    const started = Date.now();
+    const err = await readJsonObject(post(body), {
+      maxBytes: 100,
+      timeoutMs: 50,
+    })
+      .catch((e) => e);
+    assert.ok(err instanceof HttpError);
+    assert.equal(err.status, 408);
+    assert.equal(err.code, "request_timeout");
+    assert.equal(err.headers.connection, "close");
+    assert.ok(Date.now() - started < 2_000);
+  });
+  await t.step("cut short", async () => {
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new TextEncoder().encode('{"username":'));
+        controller.error(new Error("connection reset"));
+      },
+    });
+    const err = await readJsonObject(post(body), limit(100)).catch((e) => e);
+    assert.ok(err instanceof HttpError);
+    assert.equal(err.status, 400);
+    assert.equal(err.code, "invalid_json");
+  });
+});
+
+Deno.test("a body nobody reads is still refused over the limit (declared or streamed)", async () => {
+  await drainBody(post("x".repeat(100)), limit(100));
+  const declared = await drainBody(
+    post("x".repeat(101), { "content-length": "101" }),
+    limit(100),
+  ).catch((e) => e);
+  assert.equal(declared.status, 413);
+  const streamed = await drainBody(
+    post(new Blob(["x".repeat(101)]).stream()),
+    limit(100),
+  ).catch((e) => e);
+  assert.equal(streamed.status, 413);
+});
+
+function limit(maxBytes: number) {
+  return { maxBytes, timeoutMs: 5_000 };
+}
 
 const info: Deno.ServeHandlerInfo = {
   remoteAddr: { transport: "tcp", hostname: "192.0.2.1", port: 40000 },
