@@ -51,7 +51,9 @@ export function parseCliArgs(
   let parsed;
   try {
     parsed = parseArgs({
-      args,
+      // `deno task cli -- --help` hands the `--` on: it separates the task's
+      // arguments from deno's, not chatroom's options from positionals.
+      args: args[0] === "--" ? args.slice(1) : args,
       strict: true,
       allowPositionals: true,
       options: {

@@ -7,6 +7,7 @@
  */
 import {
   type DirectMessage,
+  isRoomName,
   type RoomMessage,
   type ServerFrame,
   splitServerFrames,
@@ -47,7 +48,7 @@ export function parseServerFrame(
     case "welcome": {
       const history = messageList(value.history);
       if (
-        typeof value.username !== "string" || typeof value.room !== "string" ||
+        typeof value.username !== "string" || !isRoom(value.room) ||
         !isStringArray(value.rooms) || !isStringArray(value.users) ||
         history === undefined
       ) return undefined;
@@ -64,20 +65,20 @@ export function parseServerFrame(
       const history = messageList(value.history ?? []);
       const users = value.users ?? [];
       if (
-        typeof value.room !== "string" || !isStringArray(users) ||
+        !isRoom(value.room) || !isStringArray(users) ||
         history === undefined
       ) return undefined;
       return { type: "joined", room: value.room, users, history };
     }
     case "left":
-      return typeof value.room === "string"
+      return isRoom(value.room)
         ? { type: "left", room: value.room }
         : undefined;
     case "rooms": {
       if (!Array.isArray(value.rooms)) return undefined;
       const rooms: { name: string; users: number }[] = [];
       for (const item of value.rooms) {
-        if (!isObject(item) || typeof item.name !== "string") continue;
+        if (!isObject(item) || !isRoom(item.name)) continue;
         rooms.push({
           name: item.name,
           users: typeof item.users === "number" ? item.users : 0,
@@ -91,7 +92,7 @@ export function parseServerFrame(
       return parseDirectMessage(value);
     case "join":
     case "leave":
-      if (typeof value.room !== "string" || typeof value.user !== "string") {
+      if (!isRoom(value.room) || typeof value.user !== "string") {
         return undefined;
       }
       return {
@@ -101,13 +102,13 @@ export function parseServerFrame(
         ts: typeof value.ts === "string" ? value.ts : "",
       };
     case "who":
-      if (typeof value.room !== "string" || !isStringArray(value.users)) {
+      if (!isRoom(value.room) || !isStringArray(value.users)) {
         return undefined;
       }
       return { type: "who", room: value.room, users: value.users };
     case "history": {
       const messages = messageList(value.messages);
-      if (typeof value.room !== "string" || messages === undefined) {
+      if (!isRoom(value.room) || messages === undefined) {
         return undefined;
       }
       return {
@@ -138,7 +139,7 @@ export function parseServerFrame(
 export function parseRoomMessage(value: unknown): RoomMessage | undefined {
   if (
     !isObject(value) || value.type !== "message" ||
-    !isMessageId(value.id) || typeof value.room !== "string" ||
+    !isMessageId(value.id) || !isRoom(value.room) ||
     typeof value.from !== "string" || typeof value.text !== "string"
   ) return undefined;
   return {
@@ -187,6 +188,11 @@ function messageList(value: unknown): RoomMessage[] | undefined {
 function isMessageId(value: unknown): boolean {
   return (typeof value === "string" && /^\d{1,20}$/.test(value)) ||
     (typeof value === "number" && Number.isSafeInteger(value) && value >= 0);
+}
+
+/** A room name as the server makes them (so a hostile one never reaches the screen). */
+function isRoom(value: unknown): value is string {
+  return typeof value === "string" && isRoomName(value);
 }
 
 function isStringArray(value: unknown): value is string[] {

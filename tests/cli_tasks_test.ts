@@ -45,6 +45,10 @@ Deno.test("deno task cli runs the client from source", async () => {
   ]);
   assert.equal(code, 0);
   assert.equal(stdout.trim(), "chatroom 0.1.0");
+  // `deno task cli -- ARGS` hands the `--` on to the client, which skips it.
+  const dashed = await run(Deno.execPath(), ["task", "cli", "--", "--version"]);
+  assert.equal(dashed.code, 0);
+  assert.equal(dashed.stdout.trim(), "chatroom 0.1.0");
 });
 
 Deno.test("cli, compile and install use the same entry point with the client's minimal permissions", async () => {

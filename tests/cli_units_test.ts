@@ -45,6 +45,9 @@ Deno.test("the command line is parsed strictly, flags winning over the environme
       passwordStdin: true,
     });
   });
+  await t.step("skips the -- that deno task cli -- ... hands on", () => {
+    assert.equal(parseCliArgs(["--", "login", "--user", "bob"]).user, "bob");
+  });
   await t.step("trims --user as a typed answer is", () => {
     assert.equal(parseCliArgs(["--user", "  bob "]).user, "bob");
   });
@@ -190,6 +193,24 @@ Deno.test("server frames are split on newlines and checked field by field", () =
   const history = frames[2];
   assert.ok(history?.type === "history");
   assert.equal(history.gap, true);
+});
+
+Deno.test("a room name the server would never make is not taken from a frame (no control sequence reaches the screen)", () => {
+  const hostile = "r\x1b[2J";
+  const frames = parseServerText(
+    [
+      JSON.stringify({ type: "left", room: hostile }),
+      JSON.stringify({ type: "who", room: hostile, users: [] }),
+      JSON.stringify({ type: "joined", room: hostile, users: [], history: [] }),
+      JSON.stringify({
+        type: "rooms",
+        rooms: [{ name: hostile, users: 1 }, { name: "dev", users: 2 }],
+      }),
+    ].join("\n"),
+  );
+  assert.deepEqual(frames, [
+    { type: "rooms", rooms: [{ name: "dev", users: 2 }] },
+  ]);
 });
 
 Deno.test("the failure of fetch is described in a few words", () => {
