@@ -8,7 +8,11 @@
  */
 import { loginUser, registerUser, validateToken } from "./api.ts";
 import { type CliArgs, parseCliArgs, USAGE } from "./args.ts";
-import { ChatSession, type SessionEnd } from "./chat_session.ts";
+import {
+  ChatSession,
+  type PendingMessage,
+  type SessionEnd,
+} from "./chat_session.ts";
 import {
   CliError,
   EXIT_INTERRUPTED,
@@ -57,16 +61,18 @@ export async function runApp(args: string[], io: AppIo): Promise<number> {
     case "register":
       await registerFlow(parsed, io);
       return EXIT_OK;
-    case "login":
+    case "login": {
       // An expired session goes back to login, as in the menu: the password
       // is asked again (the next stdin line with --password-stdin); input
       // that ends there is a failure, exit 1.
+      const unsent: Unsent = { username: "", messages: [] };
       for (;;) {
-        const end = await loginFlow(parsed, io);
+        const end = await loginFlow(parsed, io, unsent);
         if (end === "quit") return EXIT_OK;
         if (end === "interrupted") return EXIT_INTERRUPTED;
-        io.err(`chatroom: ${SESSION_EXPIRED}`);
+        sessionExpired(io, unsent);
       }
+    }
     case "menu":
       return await menuFlow(parsed, io);
   }
@@ -80,6 +86,7 @@ export async function runApp(args: string[], io: AppIo): Promise<number> {
  * `login` and `register` subcommands).
  */
 async function menuFlow(args: CliArgs, io: AppIo): Promise<number> {
+  const unsent: Unsent = { username: "", messages: [] };
   for (;;) {
     io.out("1) login");
     io.out("2) register");
@@ -88,10 +95,10 @@ async function menuFlow(args: CliArgs, io: AppIo): Promise<number> {
     const picked = choice.trim().toLowerCase();
     try {
       if (picked === "1" || picked === "login") {
-        const end = await loginFlow(args, io);
+        const end = await loginFlow(args, io, unsent);
         if (end === "quit") return EXIT_OK;
         if (end === "interrupted") return EXIT_INTERRUPTED;
-        io.err(`chatroom: ${SESSION_EXPIRED}`);
+        sessionExpired(io, unsent);
       } else if (picked === "2" || picked === "register") {
         await registerFlow(args, io);
       } else if (picked !== "") {
@@ -111,11 +118,30 @@ async function registerFlow(args: CliArgs, io: AppIo): Promise<void> {
   io.out(`registered ${username}; you can now log in`);
 }
 
-async function loginFlow(args: CliArgs, io: AppIo): Promise<SessionEnd> {
+/** Messages a session that expired left unconfirmed, for the next login. */
+interface Unsent {
+  username: string;
+  messages: [string, PendingMessage][];
+}
+
+async function loginFlow(
+  args: CliArgs,
+  io: AppIo,
+  unsent: Unsent,
+): Promise<SessionEnd> {
   const credentials = await askCredentials(args, io);
   const login = await loginUser(args.authUrl, credentials);
   io.out(`logged in as ${login.username}`);
+  // Messages typed before an expiry go out now, with their client_id (the
+  // server stores each once), if this is the same user again.
+  const same = unsent.username.toLowerCase() === login.username.toLowerCase();
+  if (!same && unsent.messages.length > 0) {
+    io.err(
+      `chatroom: ${unsent.messages.length} unsent message(s) of ${unsent.username} dropped`,
+    );
+  }
   const session = new ChatSession({
+    pending: same ? unsent.messages : [],
     chatUrl: login.chatUrl,
     token: login.token,
     username: login.username,
@@ -125,7 +151,19 @@ async function loginFlow(args: CliArgs, io: AppIo): Promise<SessionEnd> {
     checkSession: () =>
       validateToken(args.authUrl, login.token, { timeoutMs: 5_000 }),
   });
-  return await session.run();
+  const end = await session.run();
+  unsent.username = login.username;
+  unsent.messages = end === "expired" ? session.pending : [];
+  return end;
+}
+
+function sessionExpired(io: AppIo, unsent: Unsent): void {
+  io.err(`chatroom: ${SESSION_EXPIRED}`);
+  if (unsent.messages.length > 0) {
+    io.err(
+      `chatroom: ${unsent.messages.length} message(s) not sent yet: they go out when you log in again as ${unsent.username}`,
+    );
+  }
 }
 
 async function askCredentials(

@@ -65,6 +65,17 @@ export interface ChatSessionOptions {
   maxBackoffMs?: number;
   /** How long `/quit` waits for the echoes of messages still pending. */
   quitGraceMs?: number;
+  /** How long a connection may take to open before it counts as failed. */
+  connectTimeoutMs?: number;
+  /**
+   * Messages of an earlier session of the same user that were never
+   * confirmed (it expired): sent with their `client_id` once connected.
+   */
+  pending?: Iterable<[string, PendingMessage]>;
+  /** Silence from the server after which the client sends a `ping`. */
+  heartbeatMs?: number;
+  /** How long the server has to say anything after that `ping`, or the connection counts as lost. */
+  heartbeatTimeoutMs?: number;
 }
 
 /** Lines of `/help`. */
@@ -88,7 +99,13 @@ const DEFAULT_HISTORY_PAGE = 20;
  */
 const SEND_WINDOW = 8;
 
-interface PendingMessage {
+/** Whether a frame is something said (rated as messages), or a command. */
+function saying(frame: ClientFrame): boolean {
+  return frame.type === "message" || frame.type === "dm";
+}
+
+/** A message typed and not yet confirmed by the server. */
+export interface PendingMessage {
   room: string;
   text: string;
 }
@@ -126,11 +143,14 @@ export class ChatSession {
    */
   #asked: ClientFrame[] = [];
   /**
-   * Joins, leaves and resyncs refused for the server's rate, in the order
-   * they were sent: sent again, in that order, once its wait is over.
+   * What is still to be sent on this socket, in the order it was typed (or,
+   * after a reconnect, the resync first, then the unconfirmed messages): at
+   * most {@linkcode SEND_WINDOW} frames wait for their answer at once, so
+   * pasted or piped lines never run into the server's rates.
    */
-  #retries: ClientFrame[] = [];
-  #retryTimer: ReturnType<typeof setTimeout> | undefined;
+  #outbox: ClientFrame[] = [];
+  /** Frames refused for the server's rate: first again once the wait is over. */
+  #requeue: ClientFrame[] = [];
   /** Rooms rejoined after a reconnect, whose `joined` is not announced. */
   #quietJoins = new Set<string>();
   /** Rooms left again after a reconnect, whose `left` is not announced. */
@@ -139,27 +159,25 @@ export class ChatSession {
   /** Own messages not yet echoed, by `client_id`, oldest first. */
   #pending = new Map<string, PendingMessage>();
   #pendingShown = new Set<string>();
-  /** Pending messages sent on this socket and not echoed yet. */
-  #inFlight = new Set<string>();
   /**
-   * Pending messages the server refused for another reason than its rate
-   * (a room left in between...): not sent again on this connection, only
-   * once more after a reconnect, so a refusal never turns into a loop.
-   */
-  #refused = new Set<string>();
-  /**
-   * Set by a `rate_limited` answer while messages are pending: from then on
-   * one message at a time, each after the previous echo, until none is left.
+   * Set by a `rate_limited` answer: from then on one frame at a time, each
+   * after the previous answer and the server's wait, until the outbox is empty.
    */
   #paced = false;
   /** Running while the server's `retry_after_ms` is not over: nothing is sent. */
   #holdTimer: ReturnType<typeof setTimeout> | undefined;
-  /** While paced, the wait between two messages: the server's last `retry_after_ms`. */
+  /** While paced, the wait between two frames: the longest `retry_after_ms` seen. */
   #paceMs = 0;
-  /** Pings sent by `/quit` whose pong has not come yet. */
-  #pongsAwaited = 0;
-  /** Called on a welcome, a pong or a close: what `#quit` waits on. */
+  /** Called on every frame and on a close: what `#quit` waits on. */
   #wake: (() => void) | null = null;
+  /** Fails a connection attempt that does not open in time. */
+  #connectTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Checks that an open connection is alive (see {@linkcode ChatSessionOptions.heartbeatMs}). */
+  #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
+  /** When the server last said anything on this socket. */
+  #lastHeard = 0;
+  /** When the heartbeat's `ping` went out, while its answer is awaited. */
+  #probeAt: number | undefined;
 
   /** Builds a session; nothing happens until {@linkcode ChatSession.run}. */
   constructor(options: ChatSessionOptions) {
@@ -172,8 +190,13 @@ export class ChatSession {
       initialBackoffMs: 500,
       maxBackoffMs: 30_000,
       quitGraceMs: 3_000,
+      connectTimeoutMs: 10_000,
+      heartbeatMs: 15_000,
+      heartbeatTimeoutMs: 10_000,
+      pending: [],
       ...options,
     };
+    this.#pending = new Map(this.#opts.pending);
     this.#me = options.username;
   }
 
@@ -183,8 +206,17 @@ export class ChatSession {
    * reached at all.
    */
   run(): Promise<SessionEnd> {
+    if (this.#pending.size > 0) {
+      this.#updatePending();
+      this.#showPendingAsPending();
+    }
     this.#connect();
     return this.#done.promise;
+  }
+
+  /** The messages not confirmed by the server (to hand on after an expiry). */
+  get pending(): [string, PendingMessage][] {
+    return [...this.#pending];
   }
 
   /** The socket opened: start reading the user's lines and sending them. */
@@ -192,13 +224,27 @@ export class ChatSession {
     this.#openedThisSocket = true;
     this.#everOpened = true;
     this.#lastError = "";
+    clearTimeout(this.#connectTimer);
+    this.#lastHeard = Date.now();
+    this.#probeAt = undefined;
+    const ws = this.#ws;
+    const { heartbeatMs, heartbeatTimeoutMs } = this.#opts;
+    clearInterval(this.#heartbeatTimer);
+    this.#heartbeatTimer = setInterval(
+      () => ws !== null && this.#heartbeat(ws),
+      Math.max(10, Math.min(heartbeatMs, heartbeatTimeoutMs) / 4),
+    );
     this.#lineLoop ??= this.#readLines();
   }
 
   /** A server text frame arrived: split it, check each object, show it. */
   onMessage(event: MessageEvent): void {
+    this.#lastHeard = Date.now();
     if (typeof event.data !== "string") return;
     for (const frame of parseServerText(event.data)) this.handleFrame(frame);
+    // Answers free places in the window; `/quit` may be waiting for them.
+    this.#pump();
+    this.#wake?.();
   }
 
   /** The socket failed; the close that follows decides what to do. */
@@ -213,15 +259,26 @@ export class ChatSession {
     this.#openedThisSocket = false;
     this.#ready = false;
     this.#syncing.clear();
+    // Unconfirmed messages stay pending and go again after the reconnect;
+    // commands not sent yet are dropped (a direct message is said so).
+    const unsent = this.#outbox.concat(this.#requeue)
+      .filter((f) => f.type === "dm").length;
+    if (unsent > 0) {
+      this.#print(hint(
+        `${unsent} direct message(s) not sent: the connection was lost`,
+        this.#view(),
+      ));
+    }
     this.#asked = [];
-    this.#clearRetries();
+    this.#outbox = [];
+    this.#requeue = [];
     this.#quietJoins.clear();
     this.#quietLeaves.clear();
-    this.#pongsAwaited = 0;
-    this.#inFlight.clear();
-    this.#refused.clear();
     clearTimeout(this.#holdTimer);
     this.#holdTimer = undefined;
+    clearTimeout(this.#connectTimer);
+    clearInterval(this.#heartbeatTimer);
+    this.#heartbeatTimer = undefined;
     this.#wake?.();
     if (this.#ending) return;
     void this.#afterClose(event.code, opened);
@@ -291,8 +348,7 @@ export class ChatSession {
       }
       case "pong":
         this.#answered((f) => f.type === "ping");
-        if (this.#pongsAwaited > 0) this.#pongsAwaited--;
-        return this.#wake?.();
+        return;
       case "error":
         return this.#onError(frame);
     }
@@ -313,66 +369,40 @@ export class ChatSession {
   /** An error: it is about the oldest frame still waiting for its answer. */
   #onError(error: Extract<IncomingFrame, { type: "error" }>): void {
     const asked = this.#asked.shift();
-    const limited = error.error === "rate_limited";
-    const wait = Math.min(Math.max(error.retry_after_ms ?? 1000, 50), 60_000);
+    if (error.error === "rate_limited" && asked !== undefined) {
+      // Not lost: sent again, first, once the wait is over. Shown once; while
+      // paced, a refusal just means "again, later".
+      const wait = Math.min(Math.max(error.retry_after_ms ?? 1000, 50), 60_000);
+      const quiet = this.#paced || asked.type === "ping";
+      if (asked.type !== "ping") this.#requeue.push(asked);
+      this.#holdSending(wait);
+      if (quiet) return;
+      return this.#print(renderError(error, this.#view()));
+    }
     switch (asked?.type) {
       case "message": {
+        // Refused for good (a room left in between, a server error): not
+        // sent again, and no longer pending.
         const id = asked.client_id ?? "";
-        if (limited) {
-          // Shown once; while paced, a refusal just means "again, later".
-          const quiet = this.#paced;
-          this.#holdSending(wait);
-          if (quiet) return;
-        } else if (this.#inFlight.delete(id)) {
-          // It stays pending, but is not sent again on this connection.
-          this.#refused.add(id);
-          this.#pump();
-          this.#wake?.();
-        }
+        this.#pending.delete(id);
+        this.#pendingShown.delete(id);
+        this.#updatePending();
         break;
       }
       case "join":
-      case "leave":
-        if (limited) return this.#retryLater(asked, wait);
-        if (asked.type === "join") {
-          // Not joined after all: the room leaves the list (and the prompt).
-          this.#rooms = this.#rooms.filter((r) => r !== asked.room);
-          this.#quietJoins.delete(asked.room);
-          this.#updatePrompt();
-        }
+        // Not joined after all: the room leaves the list (and the prompt).
+        this.#rooms = this.#rooms.filter((r) => r !== asked.room);
+        this.#quietJoins.delete(asked.room);
+        this.#updatePrompt();
         break;
       case "history":
         if (asked.after !== undefined && asked.room !== undefined) {
-          if (limited) return this.#retryLater(asked, wait);
           // No answer is coming: stop holding back the room's live messages.
           this.#endSync(asked.room);
         }
         break;
-      case "ping":
-        if (this.#pongsAwaited > 0) this.#pongsAwaited--;
-        this.#wake?.();
-        break;
     }
     this.#print(renderError(error, this.#view()));
-  }
-
-  /** Sends a refused join, leave or resync again once the server's wait is over. */
-  #retryLater(frame: ClientFrame, ms: number): void {
-    this.#retries.push(frame);
-    // Errors come in order: a later one names the later end of the wait.
-    clearTimeout(this.#retryTimer);
-    this.#retryTimer = setTimeout(() => {
-      this.#retryTimer = undefined;
-      const frames = this.#retries;
-      this.#retries = [];
-      for (const f of frames) this.#send(f);
-    }, ms * 1.1);
-  }
-
-  #clearRetries(): void {
-    clearTimeout(this.#retryTimer);
-    this.#retryTimer = undefined;
-    this.#retries = [];
   }
 
   /** Acts on one typed line: a slash command or a message. */
@@ -404,6 +434,15 @@ export class ChatSession {
       return;
     }
     this.#ws = ws;
+    const timeout = this.#opts.connectTimeoutMs;
+    this.#connectTimer = setTimeout(
+      () =>
+        this.#abandon(
+          ws,
+          `no answer within ${Math.round(timeout / 100) / 10} s`,
+        ),
+      timeout,
+    );
     ws.onopen = (e) => ws === this.#ws && this.onOpen(e);
     ws.onmessage = (e) => ws === this.#ws && this.onMessage(e);
     ws.onerror = (e) => ws === this.#ws && this.onError(e);
@@ -448,6 +487,7 @@ export class ChatSession {
   }
 
   #describeConnectError(): string {
+    if (this.#lastError.startsWith("no answer")) return this.#lastError;
     const status = /status code:? (\d{3})/i.exec(this.#lastError)?.[1];
     if (status !== undefined) return `it answered HTTP ${status}`;
     const reason = describeNetworkError(this.#lastError);
@@ -462,7 +502,8 @@ export class ChatSession {
     this.#ending = true;
     clearTimeout(this.#reconnectTimer);
     clearTimeout(this.#holdTimer);
-    this.#clearRetries();
+    clearTimeout(this.#connectTimer);
+    clearInterval(this.#heartbeatTimer);
     this.#readAbort.abort(new Error("Session over"));
     this.#lines().setFooter([]);
     const ws = this.#ws;
@@ -496,6 +537,56 @@ export class ChatSession {
     return true;
   }
 
+  /** Queues a frame behind what was typed before it; false when offline. */
+  #enqueue(frame: ClientFrame): boolean {
+    if (!this.#ready) return false;
+    this.#outbox.push(frame);
+    this.#pump();
+    return true;
+  }
+
+  /**
+   * Gives up on a socket that does not answer (a frozen or unreachable
+   * server never sends a close): it is handled as closed, code 1006.
+   */
+  #abandon(ws: WebSocket, why: string): void {
+    if (ws !== this.#ws) return;
+    this.#lastError = why;
+    ws.onopen = null;
+    ws.onmessage = null;
+    ws.onerror = null;
+    ws.onclose = null;
+    try {
+      ws.close();
+    } catch {
+      // Not open yet or already closing: nothing more to do.
+    }
+    this.onClose(new CloseEvent("close", { code: 1006, reason: why }));
+  }
+
+  /** Pings a silent server, and gives up on one that does not answer. */
+  #heartbeat(ws: WebSocket): void {
+    if (ws !== this.#ws) return;
+    const { heartbeatMs, heartbeatTimeoutMs } = this.#opts;
+    const now = Date.now();
+    if (this.#probeAt !== undefined && this.#lastHeard >= this.#probeAt) {
+      this.#probeAt = undefined;
+    }
+    const since = this.#probeAt ?? this.#lastHeard + heartbeatMs;
+    if (now - since >= heartbeatTimeoutMs) {
+      return this.#abandon(
+        ws,
+        `no answer from the chat server for ${
+          Math.round((now - this.#lastHeard) / 1000)
+        } s`,
+      );
+    }
+    if (
+      this.#probeAt === undefined && now - this.#lastHeard >= heartbeatMs &&
+      this.#send({ type: "ping" })
+    ) this.#probeAt = now;
+  }
+
   // --- frames ---------------------------------------------------------------
 
   #onWelcome(username: string, history: RoomMessage[]): void {
@@ -515,28 +606,40 @@ export class ChatSession {
         this.#view(),
       ));
     }
+    // First the resync (rejoin, leave the lobby again, ask what was missed),
+    // then every message not confirmed yet, with its client_id.
+    const outbox: ClientFrame[] = [];
     wanted.forEach((room, index) => {
       if (room === LOBBY && index === 0) return;
       if (reconnect) this.#quietJoins.add(room);
       this.#rooms = this.#rooms.filter((r) => r !== room).concat(room);
-      this.#send({ type: "join", room });
+      outbox.push({ type: "join", room });
     });
     if (!wanted.includes(LOBBY)) {
       if (reconnect) this.#quietLeaves.add(LOBBY);
       this.#rooms = this.#rooms.filter((r) => r !== LOBBY);
-      this.#send({ type: "leave", room: LOBBY });
+      outbox.push({ type: "leave", room: LOBBY });
     }
     for (const room of wanted) {
       const last = this.#lastId.get(room);
       if (last === undefined) continue;
       this.#syncing.set(room, []);
-      this.#send({
+      outbox.push({
         type: "history",
         room,
         after: String(last),
         limit: MAX_HISTORY_LIMIT,
       });
     }
+    for (const [clientId, message] of this.#pending) {
+      outbox.push({
+        type: "message",
+        text: message.text,
+        room: message.room,
+        client_id: clientId,
+      });
+    }
+    this.#outbox = outbox;
     if (wanted.includes(LOBBY) && !this.#syncing.has(LOBBY)) {
       this.#showMessages(LOBBY, history);
     }
@@ -567,10 +670,6 @@ export class ChatSession {
       this.#answered((f) => f.type === "message" && f.client_id === id);
       this.#pending.delete(message.client_id);
       this.#pendingShown.delete(message.client_id);
-      this.#inFlight.delete(message.client_id);
-      this.#refused.delete(message.client_id);
-      this.#pump();
-      this.#wake?.();
       this.#updatePending();
     }
     const held = this.#syncing.get(message.room);
@@ -610,7 +709,7 @@ export class ChatSession {
     if (messages.length >= MAX_HISTORY_LIMIT && last !== undefined) {
       // A full page: more may be missing, so ask for the next one first.
       if (
-        this.#send({
+        this.#ready && this.#send({
           type: "history",
           room,
           after: String(last),
@@ -686,7 +785,7 @@ export class ChatSession {
         }
         this.#rooms = this.#rooms.filter((r) => r !== room).concat(room);
         this.#updatePrompt();
-        if (!this.#send({ type: "join", room })) {
+        if (!this.#enqueue({ type: "join", room })) {
           this.#print(
             status(`will join #${room} when reconnected`, view),
           );
@@ -703,14 +802,14 @@ export class ChatSession {
         }
         this.#rooms = this.#rooms.filter((r) => r !== room);
         this.#updatePrompt();
-        if (!this.#send({ type: "leave", room })) {
+        if (!this.#enqueue({ type: "leave", room })) {
           this.#print(status(`left #${room}`, view));
         }
         return;
       }
       case "/rooms":
         if (args.length !== 0) return this.#hint("usage: /rooms");
-        if (!this.#send({ type: "rooms" })) return this.#offline();
+        if (!this.#enqueue({ type: "rooms" })) return this.#offline();
         return;
       case "/who": {
         const room = (args[0] ?? current)?.toLowerCase();
@@ -720,7 +819,7 @@ export class ChatSession {
         if (room === undefined) {
           return this.#hint("you are in no room: /join one first");
         }
-        if (!this.#send({ type: "who", room })) return this.#offline();
+        if (!this.#enqueue({ type: "who", room })) return this.#offline();
         return;
       }
       case "/msg": {
@@ -731,7 +830,9 @@ export class ChatSession {
           return this.#hint("usage: /msg USER TEXT");
         }
         if (!this.#checkLength(body)) return;
-        if (!this.#send({ type: "dm", to, text: body })) return this.#offline();
+        if (!this.#enqueue({ type: "dm", to, text: body })) {
+          return this.#offline();
+        }
         return;
       }
       case "/history": {
@@ -750,7 +851,7 @@ export class ChatSession {
           return this.#hint("you are in no room: /join one first");
         }
         const before = this.#oldestId.get(current);
-        const sent = this.#send({
+        const sent = this.#enqueue({
           type: "history",
           room: current,
           limit: n,
@@ -775,48 +876,56 @@ export class ChatSession {
     const clientId = crypto.randomUUID();
     this.#pending.set(clientId, { room, text });
     this.#updatePending();
-    if (this.#ready) this.#pump();
-    else this.#showPendingAsPending();
+    // Offline, it goes out after the reconnect, with every other pending one.
+    const frame: ClientFrame = {
+      type: "message",
+      text,
+      room,
+      client_id: clientId,
+    };
+    if (!this.#enqueue(frame)) this.#showPendingAsPending();
   }
 
   /**
-   * Sends pending messages, oldest first, while fewer than the window are
-   * waiting for their echo and no `retry_after_ms` runs; while paced, one
-   * at a time and one per `#paceMs`.
+   * Sends from the outbox, in order, while fewer than the window wait for
+   * their answer and no `retry_after_ms` runs; while paced, one at a time,
+   * one per `#paceMs`.
    */
   #pump(): void {
     if (!this.#ready || this.#holdTimer !== undefined) return;
-    if (this.#paced && this.#pending.size === this.#refused.size) {
+    const window = this.#paced ? 1 : SEND_WINDOW;
+    while (this.#outbox.length > 0 && this.#asked.length < window) {
+      // Messages and commands are not in flight together: a message refused
+      // for its rate goes again later, and must not land after a `/leave`
+      // of its room typed after it (nor a command's answer after later lines).
+      const kind = saying(this.#outbox[0]!);
+      if (this.#asked.some((f) => saying(f) !== kind)) return;
+      const frame = this.#outbox.shift()!;
+      // A message confirmed meanwhile (an echo to an earlier send) is done.
+      if (frame.type === "message" && !this.#pending.has(frame.client_id!)) {
+        continue;
+      }
+      if (!this.#send(frame)) {
+        this.#outbox.unshift(frame);
+        return;
+      }
+      if (this.#paced) return this.#hold(this.#paceMs);
+    }
+    if (this.#paced && this.#outbox.length === 0 && this.#asked.length === 0) {
       this.#paced = false;
       this.#paceMs = 0;
-    }
-    const window = this.#paced ? 1 : SEND_WINDOW;
-    for (const [clientId, message] of this.#pending) {
-      if (this.#inFlight.size >= window) return;
-      if (this.#inFlight.has(clientId) || this.#refused.has(clientId)) continue;
-      if (
-        !this.#send({
-          type: "message",
-          text: message.text,
-          room: message.room,
-          client_id: clientId,
-        })
-      ) return;
-      this.#inFlight.add(clientId);
-      if (this.#paced) return this.#hold(this.#paceMs);
     }
   }
 
   /**
-   * The server refused a message for its rate: what is still unconfirmed
-   * goes again, one at a time, once the wait it named is over (resending an
-   * accepted one is harmless: its client_id gets the same echo back).
+   * The server refused a frame for its rate: nothing more goes out until the
+   * wait it named is over; then the refused frames go first, and the rest
+   * follows one at a time.
    */
   #holdSending(retryAfterMs: number): void {
     this.#paced = true;
-    this.#inFlight.clear();
     // The longest wait the server named (a first one may be the rest of a
-    // period), a little over, so that the next message is not early.
+    // period), a little over, so that the next frame is not early.
     const wait = retryAfterMs * 1.1;
     this.#paceMs = Math.max(this.#paceMs, wait);
     this.#hold(wait);
@@ -826,6 +935,8 @@ export class ChatSession {
     clearTimeout(this.#holdTimer);
     this.#holdTimer = setTimeout(() => {
       this.#holdTimer = undefined;
+      this.#outbox.unshift(...this.#requeue);
+      this.#requeue = [];
       this.#pump();
     }, ms);
   }
@@ -853,9 +964,10 @@ export class ChatSession {
         () => this.#ready || this.#ws === null,
         Date.now() + grace,
       );
-      // Messages still waiting behind the window or a rate limit go out as
-      // echoes come back: wait as long as they keep being confirmed.
-      const waiting = () => this.#pending.size - this.#refused.size;
+      // What still waits behind the window or a rate limit goes out as
+      // answers come back: wait as long as they keep coming.
+      const waiting = () =>
+        this.#outbox.length + this.#requeue.length + this.#asked.length;
       while (this.#ready && waiting() > 0) {
         const left = waiting();
         await this.#until(
@@ -864,9 +976,12 @@ export class ChatSession {
         );
         if (waiting() >= left) break;
       }
-      if (this.#ready && this.#send({ type: "ping" })) {
-        this.#pongsAwaited++;
-        await this.#until(() => this.#pongsAwaited === 0, Date.now() + grace);
+      const ping: ClientFrame = { type: "ping" };
+      if (this.#ready && this.#send(ping)) {
+        await this.#until(
+          () => !this.#asked.includes(ping),
+          Date.now() + grace,
+        );
       }
     }
     if (this.#pending.size > 0) {

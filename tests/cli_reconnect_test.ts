@@ -135,6 +135,50 @@ Deno.test("an expired session sends the client back to login instead of retrying
       },
     );
 
+    await t.step(
+      "a message typed before the expiry is sent once after the new login",
+      async () => {
+        offsetMs = 0;
+        await register(servers.authUrl, "bob");
+        const bob = await Peer.connect(
+          servers.chat.url,
+          (await login(servers.authUrl, "bob")).token,
+        );
+        const cli = loginProcess(servers.authUrl, "alice");
+        await cli.write(PASSWORD);
+        await cli.stdout.next("connected as alice");
+        const port = servers.chat.port;
+        await Promise.all([servers.chat.shutdown(), bob.closed()]);
+        await cli.stdout.next("connection lost");
+        await cli.write("typed before the expiry");
+        await cli.stdout.next(/typed before the expiry \(pending\)$/);
+        offsetMs = 2 * 86_400_000;
+        assert.equal((await servers.restartChat()).port, port);
+        await cli.stderr.next("session expired, please log in again");
+        await cli.stderr.next(
+          "1 message(s) not sent yet: they go out when you log in again as alice",
+        );
+        offsetMs = 0;
+        const bob2 = await Peer.connect(
+          servers.chat.url,
+          (await login(servers.authUrl, "bob")).token,
+        );
+        await cli.write(PASSWORD);
+        await cli.stdout.next("connected as alice");
+        const got = await bob2.next((f) =>
+          f.type === "message" && f.from === "alice"
+        );
+        assert.equal(got.text, "typed before the expiry");
+        await cli.write("/quit");
+        assert.equal(await cli.exit(), 0, cli.stderr.text);
+        assert.equal(
+          bob2.frames.filter((f) => f.type === "message").length,
+          1,
+        );
+        await bob2.close();
+      },
+    );
+
     await t.step("chatroom login whose input ends there exits 1", async () => {
       offsetMs = 0;
       const cli = loginProcess(servers.authUrl, "alice");

@@ -1,0 +1,193 @@
+/**
+ * The client against servers that stop answering: a chat server frozen with
+ * SIGSTOP (its sockets stay open, nothing comes back), and an address that
+ * accepts connections but never answers the WebSocket handshake. The session
+ * runs in this process (its timeouts shortened); the servers are real.
+ */
+import assert from "node:assert/strict";
+import { ChatSession } from "../cli/chat_session.ts";
+import { CliError } from "../cli/cli_error.ts";
+import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
+import { LineWatcher, REPO_ROOT } from "./_harness.ts";
+
+/** What the session prints, line by line, with a wait for a line to come. */
+class Screen implements SyncWriter {
+  readonly lines: string[] = [];
+  #partial = "";
+  #cursor = 0;
+  #wake: (() => void) | null = null;
+
+  writeSync(p: Uint8Array): number {
+    const parts = (this.#partial + new TextDecoder().decode(p)).split("\n");
+    this.#partial = parts.pop()!;
+    this.lines.push(...parts);
+    this.#wake?.();
+    return p.length;
+  }
+
+  /** The next line (after the last one matched) that contains `text`. */
+  async next(text: string, timeoutMs = 8_000): Promise<string> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      while (this.#cursor < this.lines.length) {
+        const line = this.lines[this.#cursor++]!;
+        if (line.includes(text)) return line;
+      }
+      const left = deadline - Date.now();
+      if (left <= 0) {
+        throw new Error(
+          `no line with ${text} within ${timeoutMs} ms:\n${
+            this.lines.join("\n")
+          }`,
+        );
+      }
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await new Promise<void>((resolve) => {
+        this.#wake = resolve;
+        timer = setTimeout(resolve, left);
+      });
+      clearTimeout(timer);
+      this.#wake = null;
+    }
+  }
+}
+
+/** Typed input: each `type` call is one line. */
+function keyboard() {
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const input = new ReadableStream<Uint8Array>({
+    start(c) {
+      controller = c;
+    },
+  });
+  return {
+    input,
+    type: (line: string) =>
+      controller.enqueue(new TextEncoder().encode(`${line}\n`)),
+  };
+}
+
+Deno.test("a chat address that accepts but never answers the handshake: one line and the session ends, no hang", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) held.push(conn);
+  })();
+  const screen = new Screen();
+  const keys = keyboard();
+  const lines = new LineReader({ input: keys.input, output: screen });
+  try {
+    const chatUrl = `ws://127.0.0.1:${listener.addr.port}/ws`;
+    const session = new ChatSession({
+      chatUrl,
+      token: "t",
+      username: "alice",
+      lines,
+      color: false,
+      checkSession: () => Promise.resolve("valid"),
+      connectTimeoutMs: 300,
+    });
+    const started = Date.now();
+    const err = await session.run().catch((e) => e);
+    assert.ok(err instanceof CliError, String(err));
+    assert.equal(
+      err.message,
+      `cannot reach the chat server at ${chatUrl} (no answer within 0.3 s)`,
+    );
+    assert.ok(Date.now() - started < 5_000);
+    assert.equal(held.length, 1, "it did connect, and got no answer");
+  } finally {
+    lines.close();
+    listener.close();
+    await accepting.catch(() => {});
+    for (const conn of held) conn.close();
+  }
+});
+
+Deno.test("a chat server that stops answering (SIGSTOP) is noticed by the heartbeat; the client reconnects once it runs again", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "chatroom_liveness_" });
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "main.ts"],
+    cwd: REPO_ROOT,
+    env: {
+      AUTH_PORT: "0",
+      CHAT_PORT: "0",
+      DATA_DIR: dataDir,
+      RATE_LIMITS: "off",
+      NO_COLOR: "1",
+    },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stdout = new LineWatcher(child.stdout);
+  const stderr = new LineWatcher(child.stderr);
+  const screen = new Screen();
+  const keys = keyboard();
+  const lines = new LineReader({ input: keys.input, output: screen });
+  let stopped = false;
+  try {
+    const authLine = await stdout.waitFor(/^auth: listening on /);
+    await stdout.waitFor(/^chat: listening on /);
+    const authUrl = authLine.split(" ").pop()!;
+    const credentials = JSON.stringify({
+      username: "alice",
+      password: "correct horse battery",
+    });
+    const reg = await fetch(`${authUrl}/register`, {
+      method: "POST",
+      body: credentials,
+    });
+    await reg.body?.cancel();
+    const login = await (await fetch(`${authUrl}/login`, {
+      method: "POST",
+      body: credentials,
+    })).json();
+    const session = new ChatSession({
+      chatUrl: login.chat_url,
+      token: login.token,
+      username: "alice",
+      lines,
+      color: false,
+      checkSession: () => Promise.resolve("valid"),
+      heartbeatMs: 200,
+      heartbeatTimeoutMs: 300,
+      initialBackoffMs: 50,
+      random: () => 0.5,
+    });
+    const ended = session.run();
+    await screen.next("connected as alice");
+
+    child.kill("SIGSTOP");
+    stopped = true;
+    const frozenAt = Date.now();
+    keys.type("typed while frozen");
+    await screen.next("connection lost, reconnecting");
+    // Silence for heartbeatMs, then heartbeatTimeoutMs for the ping's answer.
+    assert.ok(Date.now() - frozenAt < 3_000);
+
+    child.kill("SIGCONT");
+    stopped = false;
+    await screen.next("reconnected");
+    keys.type("/quit");
+    assert.equal(await ended, "quit");
+    // The line typed while frozen was sent again and confirmed.
+    assert.ok(
+      !screen.lines.some((l) => l.includes("not confirmed")),
+      screen.lines.join("\n"),
+    );
+    assert.ok(
+      screen.lines.some((l) =>
+        l.includes("<alice> typed while frozen") && !l.includes("pending")
+      ),
+      screen.lines.join("\n"),
+    );
+  } finally {
+    lines.close();
+    if (stopped) child.kill("SIGCONT");
+    child.kill("SIGTERM");
+    await child.status;
+    await Promise.all([stdout.done, stderr.done]);
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
