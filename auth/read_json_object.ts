@@ -72,8 +72,6 @@ export async function discardBody(req: Request): Promise<void> {
   }
 }
 
-const TIMED_OUT = Symbol("timed out");
-
 async function readLimited(
   req: Request,
   limits: BodyLimits,
@@ -87,18 +85,22 @@ async function readLimited(
   }
   if (req.body === null) return new Uint8Array();
   const reader = req.body.getReader();
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const deadline = new Promise<typeof TIMED_OUT>((resolve) => {
-    timer = setTimeout(() => resolve(TIMED_OUT), timeoutMs);
-  });
+  // One timer per body (not a race per chunk): at the deadline the read is
+  // cancelled, which ends the pending read.
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    reader.cancel().catch(() => {});
+  }, timeoutMs);
   const chunks: Uint8Array[] = [];
   let total = 0;
   try {
     while (true) {
-      let result: ReadableStreamReadResult<Uint8Array> | typeof TIMED_OUT;
+      let result: ReadableStreamReadResult<Uint8Array>;
       try {
-        result = await Promise.race([reader.read(), deadline]);
+        result = await reader.read();
       } catch {
+        if (timedOut) throw stalled(timeoutMs);
         // The client went away mid-body, or its framing broke: no answer
         // will reach it, and this is not the server's error.
         throw new HttpError(
@@ -108,17 +110,7 @@ async function readLimited(
           { headers: { connection: "close" } },
         );
       }
-      if (result === TIMED_OUT) {
-        await reader.cancel().catch(() => {});
-        throw new HttpError(
-          408,
-          "request_timeout",
-          `Cannot read the request: the body did not arrive within ${
-            timeoutMs / 1000
-          } s`,
-          { headers: { connection: "close" } },
-        );
-      }
+      if (timedOut) throw stalled(timeoutMs);
       if (result.done) break;
       total += result.value.length;
       if (total > maxBytes) {
@@ -139,6 +131,17 @@ async function readLimited(
     offset += chunk.length;
   }
   return bytes;
+}
+
+function stalled(timeoutMs: number): HttpError {
+  return new HttpError(
+    408,
+    "request_timeout",
+    `Cannot read the request: the body did not arrive within ${
+      timeoutMs / 1000
+    } s`,
+    { headers: { connection: "close" } },
+  );
 }
 
 function tooLarge(maxBytes: number): HttpError {
