@@ -10,8 +10,8 @@ import { loginUser, registerUser, validateToken } from "./api.ts";
 import { type CliArgs, parseCliArgs, USAGE } from "./args.ts";
 import {
   ChatSession,
-  type PendingMessage,
   type SessionEnd,
+  type SessionState,
 } from "./chat_session.ts";
 import {
   CliError,
@@ -65,7 +65,7 @@ export async function runApp(args: string[], io: AppIo): Promise<number> {
       // An expired session goes back to login, as in the menu: the password
       // is asked again (the next stdin line with --password-stdin); input
       // that ends there is a failure, exit 1.
-      const unsent: Unsent = { username: "", messages: [] };
+      const unsent: Unsent = { username: "", state: undefined };
       for (;;) {
         const end = await loginFlow(parsed, io, unsent);
         if (end === "quit") return EXIT_OK;
@@ -86,7 +86,7 @@ export async function runApp(args: string[], io: AppIo): Promise<number> {
  * `login` and `register` subcommands).
  */
 async function menuFlow(args: CliArgs, io: AppIo): Promise<number> {
-  const unsent: Unsent = { username: "", messages: [] };
+  const unsent: Unsent = { username: "", state: undefined };
   for (;;) {
     io.out("1) login");
     io.out("2) register");
@@ -118,10 +118,10 @@ async function registerFlow(args: CliArgs, io: AppIo): Promise<void> {
   io.out(`registered ${username}; you can now log in`);
 }
 
-/** Messages a session that expired left unconfirmed, for the next login. */
+/** Where a session that expired left off, for the next login of its user. */
 interface Unsent {
   username: string;
-  messages: [string, PendingMessage][];
+  state: SessionState | undefined;
 }
 
 async function loginFlow(
@@ -132,16 +132,18 @@ async function loginFlow(
   const credentials = await askCredentials(args, io);
   const login = await loginUser(args.authUrl, credentials);
   io.out(`logged in as ${login.username}`);
-  // Messages typed before an expiry go out now, with their client_id (the
-  // server stores each once), if this is the same user again.
+  // The same user again after an expiry takes up where the session left
+  // off: its rooms, what they missed, and its unconfirmed messages (sent
+  // with their client_id: the server stores each once).
   const same = unsent.username.toLowerCase() === login.username.toLowerCase();
-  if (!same && unsent.messages.length > 0) {
+  const pending = unsent.state?.pending.length ?? 0;
+  if (!same && pending > 0) {
     io.err(
-      `chatroom: ${unsent.messages.length} unsent message(s) of ${unsent.username} dropped`,
+      `chatroom: ${pending} unsent message(s) of ${unsent.username} dropped`,
     );
   }
   const session = new ChatSession({
-    pending: same ? unsent.messages : [],
+    ...(same && unsent.state !== undefined && { resume: unsent.state }),
     chatUrl: login.chatUrl,
     token: login.token,
     username: login.username,
@@ -153,15 +155,16 @@ async function loginFlow(
   });
   const end = await session.run();
   unsent.username = login.username;
-  unsent.messages = end === "expired" ? session.pending : [];
+  unsent.state = end === "expired" ? session.state : undefined;
   return end;
 }
 
 function sessionExpired(io: AppIo, unsent: Unsent): void {
   io.err(`chatroom: ${SESSION_EXPIRED}`);
-  if (unsent.messages.length > 0) {
+  const pending = unsent.state?.pending.length ?? 0;
+  if (pending > 0) {
     io.err(
-      `chatroom: ${unsent.messages.length} message(s) not sent yet: they go out when you log in again as ${unsent.username}`,
+      `chatroom: ${pending} message(s) not sent yet: they go out when you log in again as ${unsent.username}`,
     );
   }
 }

@@ -68,10 +68,11 @@ export interface ChatSessionOptions {
   /** How long a connection may take to open before it counts as failed. */
   connectTimeoutMs?: number;
   /**
-   * Messages of an earlier session of the same user that were never
-   * confirmed (it expired): sent with their `client_id` once connected.
+   * Where an earlier session of the same user left off when it expired: its
+   * rooms are joined again, what they missed is fetched, and its unconfirmed
+   * messages are sent with their `client_id`, as after a reconnect.
    */
-  pending?: Iterable<[string, PendingMessage]>;
+  resume?: SessionState;
   /** Silence from the server after which the client sends a `ping`. */
   heartbeatMs?: number;
   /** How long the server has to say anything after that `ping`, or the connection counts as lost. */
@@ -104,6 +105,13 @@ function saying(frame: ClientFrame): boolean {
   return frame.type === "message" || frame.type === "dm";
 }
 
+/** What a session hands on to the next login of its user (see `resume`). */
+export interface SessionState {
+  rooms: string[];
+  lastId: [string, bigint][];
+  pending: [string, PendingMessage][];
+}
+
 /** A message typed and not yet confirmed by the server. */
 export interface PendingMessage {
   room: string;
@@ -120,6 +128,8 @@ export class ChatSession {
   #ready = false;
   #firstWelcome = Promise.withResolvers<void>();
   #welcomes = 0;
+  /** Started from an expired session's state: the first welcome resyncs too. */
+  #resuming = false;
   #lineLoop: Promise<void> | null = null;
   #attempt = 0;
   #reconnectTimer: ReturnType<typeof setTimeout> | undefined;
@@ -193,10 +203,16 @@ export class ChatSession {
       connectTimeoutMs: 10_000,
       heartbeatMs: 15_000,
       heartbeatTimeoutMs: 10_000,
-      pending: [],
+      resume: { rooms: [LOBBY], lastId: [], pending: [] },
       ...options,
     };
-    this.#pending = new Map(this.#opts.pending);
+    const resume = options.resume;
+    if (resume !== undefined) {
+      this.#resuming = true;
+      this.#rooms = [...resume.rooms];
+      this.#lastId = new Map(resume.lastId);
+      this.#pending = new Map(resume.pending);
+    }
     this.#me = options.username;
   }
 
@@ -214,9 +230,13 @@ export class ChatSession {
     return this.#done.promise;
   }
 
-  /** The messages not confirmed by the server (to hand on after an expiry). */
-  get pending(): [string, PendingMessage][] {
-    return [...this.#pending];
+  /** Where this session is: its rooms, what it has shown, what is unconfirmed. */
+  get state(): SessionState {
+    return {
+      rooms: [...this.#rooms],
+      lastId: [...this.#lastId],
+      pending: [...this.#pending],
+    };
   }
 
   /** The socket opened: start reading the user's lines and sending them. */
@@ -260,12 +280,13 @@ export class ChatSession {
     this.#ready = false;
     this.#syncing.clear();
     // Unconfirmed messages stay pending and go again after the reconnect;
-    // commands not sent yet are dropped (a direct message is said so).
-    const unsent = this.#outbox.concat(this.#requeue)
+    // commands not answered are dropped (direct messages are said so: they
+    // have no client_id, so sending one again could deliver it twice).
+    const unsent = this.#outbox.concat(this.#requeue, this.#asked)
       .filter((f) => f.type === "dm").length;
     if (unsent > 0) {
       this.#print(hint(
-        `${unsent} direct message(s) not sent: the connection was lost`,
+        `${unsent} direct message(s) may not have been sent: the connection was lost`,
         this.#view(),
       ));
     }
@@ -276,6 +297,9 @@ export class ChatSession {
     this.#quietLeaves.clear();
     clearTimeout(this.#holdTimer);
     this.#holdTimer = undefined;
+    // A new connection starts unpaced: a refusal there paces it again.
+    this.#paced = false;
+    this.#paceMs = 0;
     clearTimeout(this.#connectTimer);
     clearInterval(this.#heartbeatTimer);
     this.#heartbeatTimer = undefined;
@@ -369,12 +393,13 @@ export class ChatSession {
   /** An error: it is about the oldest frame still waiting for its answer. */
   #onError(error: Extract<IncomingFrame, { type: "error" }>): void {
     const asked = this.#asked.shift();
+    if (error.error === "rate_limited" && asked?.type === "ping") return;
     if (error.error === "rate_limited" && asked !== undefined) {
       // Not lost: sent again, first, once the wait is over. Shown once; while
       // paced, a refusal just means "again, later".
       const wait = Math.min(Math.max(error.retry_after_ms ?? 1000, 50), 60_000);
-      const quiet = this.#paced || asked.type === "ping";
-      if (asked.type !== "ping") this.#requeue.push(asked);
+      const quiet = this.#paced;
+      this.#requeue.push(asked);
       this.#holdSending(wait);
       if (quiet) return;
       return this.#print(renderError(error, this.#view()));
@@ -500,6 +525,7 @@ export class ChatSession {
   #finish(end: SessionEnd | CliError): void {
     if (this.#ending) return;
     this.#ending = true;
+    this.#wake?.();
     clearTimeout(this.#reconnectTimer);
     clearTimeout(this.#holdTimer);
     clearTimeout(this.#connectTimer);
@@ -595,6 +621,9 @@ export class ChatSession {
     this.#wake?.();
     this.#attempt = 0;
     const reconnect = this.#welcomes > 0;
+    // Rooms taken up again (after a reconnect or an expiry) come back quietly.
+    const quiet = reconnect || this.#resuming;
+    this.#resuming = false;
     this.#welcomes++;
     const wanted = [...this.#rooms];
     // The server put this connection in the lobby only; make it match.
@@ -611,12 +640,12 @@ export class ChatSession {
     const outbox: ClientFrame[] = [];
     wanted.forEach((room, index) => {
       if (room === LOBBY && index === 0) return;
-      if (reconnect) this.#quietJoins.add(room);
+      if (quiet) this.#quietJoins.add(room);
       this.#rooms = this.#rooms.filter((r) => r !== room).concat(room);
       outbox.push({ type: "join", room });
     });
     if (!wanted.includes(LOBBY)) {
-      if (reconnect) this.#quietLeaves.add(LOBBY);
+      if (quiet) this.#quietLeaves.add(LOBBY);
       this.#rooms = this.#rooms.filter((r) => r !== LOBBY);
       outbox.push({ type: "leave", room: LOBBY });
     }
@@ -708,14 +737,15 @@ export class ChatSession {
     const last = this.#lastId.get(room);
     if (messages.length >= MAX_HISTORY_LIMIT && last !== undefined) {
       // A full page: more may be missing, so ask for the next one first.
-      if (
-        this.#ready && this.#send({
+      if (this.#ready) {
+        this.#outbox.unshift({
           type: "history",
           room,
           after: String(last),
           limit: MAX_HISTORY_LIMIT,
-        })
-      ) return;
+        });
+        return this.#pump();
+      }
     }
     this.#endSync(room);
   }
@@ -893,6 +923,13 @@ export class ChatSession {
    */
   #pump(): void {
     if (!this.#ready || this.#holdTimer !== undefined) return;
+    if (this.#requeue.length > 0) {
+      // The frames refused for the rate go again first, in the order sent,
+      // once every answer to what was in flight with them is in.
+      if (this.#asked.length > 0) return;
+      this.#outbox.unshift(...this.#requeue);
+      this.#requeue = [];
+    }
     const window = this.#paced ? 1 : SEND_WINDOW;
     while (this.#outbox.length > 0 && this.#asked.length < window) {
       // Messages and commands are not in flight together: a message refused
@@ -935,8 +972,6 @@ export class ChatSession {
     clearTimeout(this.#holdTimer);
     this.#holdTimer = setTimeout(() => {
       this.#holdTimer = undefined;
-      this.#outbox.unshift(...this.#requeue);
-      this.#requeue = [];
       this.#pump();
     }, ms);
   }

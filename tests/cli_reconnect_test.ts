@@ -136,7 +136,7 @@ Deno.test("an expired session sends the client back to login instead of retrying
     );
 
     await t.step(
-      "a message typed before the expiry is sent once after the new login",
+      "the new login takes up the rooms, and sends a message typed before the expiry once",
       async () => {
         offsetMs = 0;
         await register(servers.authUrl, "bob");
@@ -147,6 +147,8 @@ Deno.test("an expired session sends the client back to login instead of retrying
         const cli = loginProcess(servers.authUrl, "alice");
         await cli.write(PASSWORD);
         await cli.stdout.next("connected as alice");
+        await cli.write("/join dev");
+        await cli.stdout.next("now in #dev");
         const port = servers.chat.port;
         await Promise.all([servers.chat.shutdown(), bob.closed()]);
         await cli.stdout.next("connection lost");
@@ -163,16 +165,22 @@ Deno.test("an expired session sends the client back to login instead of retrying
           servers.chat.url,
           (await login(servers.authUrl, "bob")).token,
         );
+        bob2.send({ type: "join", room: "dev" });
+        await bob2.next((f) => f.type === "joined");
+        await bob2.say("while alice was away", "dev");
         await cli.write(PASSWORD);
         await cli.stdout.next("connected as alice");
+        await cli.stdout.next("<bob> while alice was away");
         const got = await bob2.next((f) =>
           f.type === "message" && f.from === "alice"
         );
         assert.equal(got.text, "typed before the expiry");
+        assert.equal(got.room, "dev");
         await cli.write("/quit");
         assert.equal(await cli.exit(), 0, cli.stderr.text);
         assert.equal(
-          bob2.frames.filter((f) => f.type === "message").length,
+          bob2.frames.filter((f) => f.type === "message" && f.from === "alice")
+            .length,
           1,
         );
         await bob2.close();
