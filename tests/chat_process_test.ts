@@ -82,8 +82,10 @@ Deno.test("deno task start runs both servers on port 0, hands out the real chat 
     assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
     assert.match(stderr.lines.join("\n"), /start: ignoring --auth-url/);
   } finally {
+    // `deno task` passes SIGTERM on to the server it runs (SIGKILL would
+    // leave that server behind): a test that failed early still stops it.
     try {
-      child.kill("SIGKILL");
+      child.kill("SIGTERM");
     } catch {
       // Already gone.
     }
