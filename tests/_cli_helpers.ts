@@ -219,6 +219,22 @@ export class LineStream {
   }
 }
 
+/**
+ * Registers alice and bob; bob is connected as a {@linkcode Peer}, alice runs
+ * `chatroom login` (still waiting for her password).
+ */
+export async function bobAndAlice(
+  servers: Servers,
+): Promise<{ bob: Peer; cli: CliProcess }> {
+  await register(servers.authUrl, "alice");
+  await register(servers.authUrl, "bob");
+  const bob = await Peer.connect(
+    servers.chat.url,
+    (await login(servers.authUrl, "bob")).token,
+  );
+  return { bob, cli: loginProcess(servers.authUrl, "alice") };
+}
+
 /** The real `chatroom` client running as a subprocess. */
 /** `chatroom login --auth-url URL --user NAME --password-stdin`, not yet given the password. */
 export function loginProcess(

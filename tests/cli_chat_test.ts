@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import {
+  bobAndAlice,
   CliProcess,
   login,
   loginProcess,
@@ -142,13 +143,7 @@ Deno.test("piped lines past the server's message rate all arrive, in order, pace
     },
   });
   try {
-    await register(servers.authUrl, "alice");
-    await register(servers.authUrl, "bob");
-    const bob = await Peer.connect(
-      servers.chat.url,
-      (await login(servers.authUrl, "bob")).token,
-    );
-    const cli = loginProcess(servers.authUrl, "alice");
+    const { bob, cli } = await bobAndAlice(servers);
     const lines = Array.from({ length: 25 }, (_, i) => `line ${i + 1}`);
     await cli.write(PASSWORD, ...lines);
     await cli.closeStdin();
@@ -183,13 +178,7 @@ Deno.test("piped commands and direct messages past the server's rates all get th
     },
   });
   try {
-    await register(servers.authUrl, "alice");
-    await register(servers.authUrl, "bob");
-    const bob = await Peer.connect(
-      servers.chat.url,
-      (await login(servers.authUrl, "bob")).token,
-    );
-    const cli = loginProcess(servers.authUrl, "alice");
+    const { bob, cli } = await bobAndAlice(servers);
     const whos = Array.from({ length: 30 }, () => "/who");
     const dms = Array.from({ length: 10 }, (_, i) => `/msg bob dm ${i + 1}`);
     await cli.write(PASSWORD, ...whos, ...dms, "after all that");

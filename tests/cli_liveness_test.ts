@@ -9,47 +9,27 @@ import { ChatSession } from "../cli/chat_session.ts";
 import { CliError } from "../cli/cli_error.ts";
 import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
 import { LineWatcher, REPO_ROOT } from "./_harness.ts";
+import { LineStream } from "./_cli_helpers.ts";
 
-/** What the session prints, line by line, with a wait for a line to come. */
-class Screen implements SyncWriter {
-  readonly lines: string[] = [];
-  #partial = "";
-  #cursor = 0;
-  #wake: (() => void) | null = null;
-
-  writeSync(p: Uint8Array): number {
-    const parts = (this.#partial + new TextDecoder().decode(p)).split("\n");
-    this.#partial = parts.pop()!;
-    this.lines.push(...parts);
-    this.#wake?.();
-    return p.length;
-  }
-
-  /** The next line (after the last one matched) that contains `text`. */
-  async next(text: string, timeoutMs = 8_000): Promise<string> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      while (this.#cursor < this.lines.length) {
-        const line = this.lines[this.#cursor++]!;
-        if (line.includes(text)) return line;
-      }
-      const left = deadline - Date.now();
-      if (left <= 0) {
-        throw new Error(
-          `no line with ${text} within ${timeoutMs} ms:\n${
-            this.lines.join("\n")
-          }`,
-        );
-      }
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      await new Promise<void>((resolve) => {
-        this.#wake = resolve;
-        timer = setTimeout(resolve, left);
-      });
-      clearTimeout(timer);
-      this.#wake = null;
-    }
-  }
+/** What the session prints, as lines to await (see {@linkcode LineStream}). */
+function screen(): { writer: SyncWriter; out: LineStream } {
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const out = new LineStream(
+    new ReadableStream<Uint8Array>({
+      start(c) {
+        controller = c;
+      },
+    }),
+  );
+  return {
+    writer: {
+      writeSync(p: Uint8Array): number {
+        controller.enqueue(p.slice());
+        return p.length;
+      },
+    },
+    out,
+  };
 }
 
 /** Typed input: each `type` call is one line. */
@@ -73,9 +53,9 @@ Deno.test("a chat address that accepts but never answers the handshake: one line
   const accepting = (async () => {
     for await (const conn of listener) held.push(conn);
   })();
-  const screen = new Screen();
+  const { writer } = screen();
   const keys = keyboard();
-  const lines = new LineReader({ input: keys.input, output: screen });
+  const lines = new LineReader({ input: keys.input, output: writer });
   try {
     const chatUrl = `ws://127.0.0.1:${listener.addr.port}/ws`;
     const session = new ChatSession({
@@ -122,9 +102,9 @@ Deno.test("a chat server that stops answering (SIGSTOP) is noticed by the heartb
   }).spawn();
   const stdout = new LineWatcher(child.stdout);
   const stderr = new LineWatcher(child.stderr);
-  const screen = new Screen();
+  const { writer, out } = screen();
   const keys = keyboard();
-  const lines = new LineReader({ input: keys.input, output: screen });
+  const lines = new LineReader({ input: keys.input, output: writer });
   let stopped = false;
   try {
     const authLine = await stdout.waitFor(/^auth: listening on /);
@@ -156,31 +136,31 @@ Deno.test("a chat server that stops answering (SIGSTOP) is noticed by the heartb
       random: () => 0.5,
     });
     const ended = session.run();
-    await screen.next("connected as alice");
+    await out.next("connected as alice");
 
     child.kill("SIGSTOP");
     stopped = true;
     const frozenAt = Date.now();
     keys.type("typed while frozen");
-    await screen.next("connection lost, reconnecting");
+    await out.next("connection lost, reconnecting");
     // Silence for heartbeatMs, then heartbeatTimeoutMs for the ping's answer.
     assert.ok(Date.now() - frozenAt < 3_000);
 
     child.kill("SIGCONT");
     stopped = false;
-    await screen.next("reconnected");
+    await out.next("reconnected");
     keys.type("/quit");
     assert.equal(await ended, "quit");
     // The line typed while frozen was sent again and confirmed.
     assert.ok(
-      !screen.lines.some((l) => l.includes("not confirmed")),
-      screen.lines.join("\n"),
+      !out.lines.some((l) => l.includes("not confirmed")),
+      out.lines.join("\n"),
     );
     assert.ok(
-      screen.lines.some((l) =>
+      out.lines.some((l) =>
         l.includes("<alice> typed while frozen") && !l.includes("pending")
       ),
-      screen.lines.join("\n"),
+      out.lines.join("\n"),
     );
   } finally {
     lines.close();
