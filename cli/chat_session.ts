@@ -107,7 +107,12 @@ function saying(frame: ClientFrame): boolean {
 
 /** What a session hands on to the next login of its user (see `resume`). */
 export interface SessionState {
+  /** The rooms as typed (the prompt's). */
   rooms: string[];
+  /** The rooms the server had confirmed. */
+  serverRooms: string[];
+  /** What was typed and not answered yet, in order. */
+  outbox: ClientFrame[];
   lastId: [string, bigint][];
   pending: [string, PendingMessage][];
 }
@@ -140,6 +145,12 @@ export class ChatSession {
 
   /** The rooms this session is in, in join order: the last is current. */
   #rooms: string[] = [LOBBY];
+  /**
+   * The rooms the server has confirmed (`joined`/`left` answers), in join
+   * order: what a reconnect restores before the frames still queued (which
+   * may leave or join rooms in turn) go out again.
+   */
+  #serverRooms: string[] = [LOBBY];
   /** Per room, the id of the newest message shown (0n: none, but joined). */
   #lastId = new Map<string, bigint>();
   /** Per room, the id of the oldest message shown, for `/history`. */
@@ -159,6 +170,8 @@ export class ChatSession {
    * pasted or piped lines never run into the server's rates.
    */
   #outbox: ClientFrame[] = [];
+  /** `/history` pages, whose `before` is filled in when they are sent. */
+  #olderPages = new WeakSet<ClientFrame>();
   /** Frames refused for the server's rate: first again once the wait is over. */
   #requeue: ClientFrame[] = [];
   /** Rooms rejoined after a reconnect, whose `joined` is not announced. */
@@ -178,6 +191,8 @@ export class ChatSession {
   #holdTimer: ReturnType<typeof setTimeout> | undefined;
   /** While paced, the wait between two frames: the longest `retry_after_ms` seen. */
   #paceMs = 0;
+  /** Answers and errors received (to see that the server keeps answering). */
+  #answers = 0;
   /** Called on every frame and on a close: what `#quit` waits on. */
   #wake: (() => void) | null = null;
   /** Fails a connection attempt that does not open in time. */
@@ -203,13 +218,21 @@ export class ChatSession {
       connectTimeoutMs: 10_000,
       heartbeatMs: 15_000,
       heartbeatTimeoutMs: 10_000,
-      resume: { rooms: [LOBBY], lastId: [], pending: [] },
+      resume: {
+        rooms: [LOBBY],
+        serverRooms: [LOBBY],
+        outbox: [],
+        lastId: [],
+        pending: [],
+      },
       ...options,
     };
     const resume = options.resume;
     if (resume !== undefined) {
       this.#resuming = true;
       this.#rooms = [...resume.rooms];
+      this.#serverRooms = [...resume.serverRooms];
+      this.#outbox = [...resume.outbox];
       this.#lastId = new Map(resume.lastId);
       this.#pending = new Map(resume.pending);
     }
@@ -234,6 +257,8 @@ export class ChatSession {
   get state(): SessionState {
     return {
       rooms: [...this.#rooms],
+      serverRooms: [...this.#serverRooms],
+      outbox: [...this.#outbox],
       lastId: [...this.#lastId],
       pending: [...this.#pending],
     };
@@ -279,19 +304,24 @@ export class ChatSession {
     this.#openedThisSocket = false;
     this.#ready = false;
     this.#syncing.clear();
-    // Unconfirmed messages stay pending and go again after the reconnect;
-    // commands not answered are dropped (direct messages are said so: they
-    // have no client_id, so sending one again could deliver it twice).
-    const unsent = this.#outbox.concat(this.#requeue, this.#asked)
-      .filter((f) => f.type === "dm").length;
-    if (unsent > 0) {
+    // What was not answered goes again after the reconnect, in the order
+    // typed: messages (with their client_id, stored once), joins and leaves
+    // (the same twice is harmless), questions. Not a direct message already
+    // sent: it has no client_id, so it could arrive twice. Pings and resync
+    // requests are made anew.
+    const lost = this.#asked.filter((f) => f.type === "dm").length;
+    if (lost > 0) {
       this.#print(hint(
-        `${unsent} direct message(s) may not have been sent: the connection was lost`,
+        `${lost} direct message(s) may not have been sent: the connection was lost`,
         this.#view(),
       ));
     }
+    this.#outbox = [...this.#asked, ...this.#requeue, ...this.#outbox].filter(
+      (f) => f.type !== "dm" || !this.#asked.includes(f),
+    ).filter((f) =>
+      f.type !== "ping" && !(f.type === "history" && f.after !== undefined)
+    );
     this.#asked = [];
-    this.#outbox = [];
     this.#requeue = [];
     this.#quietJoins.clear();
     this.#quietLeaves.clear();
@@ -318,7 +348,7 @@ export class ChatSession {
         return this.#onJoined(frame.room, frame.users, frame.history);
       case "left":
         this.#answered((f) => f.type === "leave" && f.room === frame.room);
-        this.#rooms = this.#rooms.filter((r) => r !== frame.room);
+        this.#serverRooms = this.#serverRooms.filter((r) => r !== frame.room);
         if (!this.#quietLeaves.delete(frame.room)) {
           this.#print(status(`you left #${frame.room}`, this.#view()));
         }
@@ -385,6 +415,7 @@ export class ChatSession {
   #answered(matches: (frame: ClientFrame) => boolean): ClientFrame | undefined {
     const index = this.#asked.findIndex(matches);
     if (index === -1) return undefined;
+    this.#answers++;
     const frame = this.#asked[index];
     this.#asked.splice(0, index + 1);
     return frame;
@@ -393,6 +424,7 @@ export class ChatSession {
   /** An error: it is about the oldest frame still waiting for its answer. */
   #onError(error: Extract<IncomingFrame, { type: "error" }>): void {
     const asked = this.#asked.shift();
+    if (asked !== undefined) this.#answers++;
     if (error.error === "rate_limited" && asked?.type === "ping") return;
     if (error.error === "rate_limited" && asked !== undefined) {
       // Not lost: sent again, first, once the wait is over. Shown once; while
@@ -563,9 +595,15 @@ export class ChatSession {
     return true;
   }
 
-  /** Queues a frame behind what was typed before it; false when offline. */
+  /**
+   * Queues a frame behind what was typed before it. Offline, a question
+   * (`who`, `rooms`, `history`) is not kept (false); anything else waits for
+   * the reconnect (true).
+   */
   #enqueue(frame: ClientFrame): boolean {
-    if (!this.#ready) return false;
+    const question = frame.type === "who" || frame.type === "rooms" ||
+      frame.type === "history";
+    if (!this.#ready && question) return false;
     this.#outbox.push(frame);
     this.#pump();
     return true;
@@ -625,9 +663,10 @@ export class ChatSession {
     const quiet = reconnect || this.#resuming;
     this.#resuming = false;
     this.#welcomes++;
-    const wanted = [...this.#rooms];
-    // The server put this connection in the lobby only; make it match.
-    this.#rooms = [LOBBY];
+    // The rooms the server had confirmed; this connection is in the lobby
+    // only. What was typed since (and not answered) is still in the outbox.
+    const wanted = [...this.#serverRooms];
+    this.#serverRooms = [LOBBY];
     if (reconnect) this.#print(status("reconnected", this.#view()));
     else {
       this.#print(status(
@@ -635,40 +674,32 @@ export class ChatSession {
         this.#view(),
       ));
     }
-    // First the resync (rejoin, leave the lobby again, ask what was missed),
-    // then every message not confirmed yet, with its client_id.
-    const outbox: ClientFrame[] = [];
-    wanted.forEach((room, index) => {
-      if (room === LOBBY && index === 0) return;
-      if (quiet) this.#quietJoins.add(room);
-      this.#rooms = this.#rooms.filter((r) => r !== room).concat(room);
-      outbox.push({ type: "join", room });
-    });
+    // First the resync: leave the lobby again (before the joins: it would
+    // take one of the places), rejoin, ask each room what was missed; then
+    // the outbox, in the order typed (unconfirmed messages with their
+    // client_id).
+    const resync: ClientFrame[] = [];
     if (!wanted.includes(LOBBY)) {
       if (quiet) this.#quietLeaves.add(LOBBY);
-      this.#rooms = this.#rooms.filter((r) => r !== LOBBY);
-      outbox.push({ type: "leave", room: LOBBY });
+      resync.push({ type: "leave", room: LOBBY });
+    }
+    for (const room of wanted) {
+      if (room === LOBBY) continue;
+      if (quiet) this.#quietJoins.add(room);
+      resync.push({ type: "join", room });
     }
     for (const room of wanted) {
       const last = this.#lastId.get(room);
       if (last === undefined) continue;
       this.#syncing.set(room, []);
-      outbox.push({
+      resync.push({
         type: "history",
         room,
         after: String(last),
         limit: MAX_HISTORY_LIMIT,
       });
     }
-    for (const [clientId, message] of this.#pending) {
-      outbox.push({
-        type: "message",
-        text: message.text,
-        room: message.room,
-        client_id: clientId,
-      });
-    }
-    this.#outbox = outbox;
+    this.#outbox = [...resync, ...this.#outbox];
     if (wanted.includes(LOBBY) && !this.#syncing.has(LOBBY)) {
       this.#showMessages(LOBBY, history);
     }
@@ -678,8 +709,11 @@ export class ChatSession {
   }
 
   #onJoined(room: string, users: string[], history: RoomMessage[]): void {
-    this.#rooms = this.#rooms.filter((r) => r !== room).concat(room);
-    this.#updatePrompt();
+    // The typed room list already has it (where the user put it: a later
+    // /leave or /join may have moved it since).
+    this.#serverRooms = this.#serverRooms.filter((r) => r !== room).concat(
+      room,
+    );
     if (this.#quietJoins.delete(room)) {
       if (!this.#syncing.has(room)) this.#showMessages(room, history);
       return;
@@ -815,10 +849,9 @@ export class ChatSession {
         }
         this.#rooms = this.#rooms.filter((r) => r !== room).concat(room);
         this.#updatePrompt();
-        if (!this.#enqueue({ type: "join", room })) {
-          this.#print(
-            status(`will join #${room} when reconnected`, view),
-          );
+        this.#enqueue({ type: "join", room });
+        if (!this.#ready) {
+          this.#print(status(`will join #${room} when reconnected`, view));
         }
         return;
       }
@@ -832,9 +865,8 @@ export class ChatSession {
         }
         this.#rooms = this.#rooms.filter((r) => r !== room);
         this.#updatePrompt();
-        if (!this.#enqueue({ type: "leave", room })) {
-          this.#print(status(`left #${room}`, view));
-        }
+        this.#enqueue({ type: "leave", room });
+        if (!this.#ready) this.#print(status(`left #${room}`, view));
         return;
       }
       case "/rooms":
@@ -860,8 +892,9 @@ export class ChatSession {
           return this.#hint("usage: /msg USER TEXT");
         }
         if (!this.#checkLength(body)) return;
-        if (!this.#enqueue({ type: "dm", to, text: body })) {
-          return this.#offline();
+        this.#enqueue({ type: "dm", to, text: body });
+        if (!this.#ready) {
+          this.#print(status(`will send it to ${to} when reconnected`, view));
         }
         return;
       }
@@ -880,14 +913,11 @@ export class ChatSession {
         if (current === undefined) {
           return this.#hint("you are in no room: /join one first");
         }
-        const before = this.#oldestId.get(current);
-        const sent = this.#enqueue({
-          type: "history",
-          room: current,
-          limit: n,
-          ...(before !== undefined && { before }),
-        });
-        if (!sent) return this.#offline();
+        // Where the page starts is decided when it is sent (an earlier
+        // page may still be on its way).
+        const page: ClientFrame = { type: "history", room: current, limit: n };
+        this.#olderPages.add(page);
+        if (!this.#enqueue(page)) return this.#offline();
         return;
       }
       default:
@@ -913,7 +943,8 @@ export class ChatSession {
       room,
       client_id: clientId,
     };
-    if (!this.#enqueue(frame)) this.#showPendingAsPending();
+    this.#enqueue(frame);
+    if (!this.#ready) this.#showPendingAsPending();
   }
 
   /**
@@ -941,6 +972,10 @@ export class ChatSession {
       // A message confirmed meanwhile (an echo to an earlier send) is done.
       if (frame.type === "message" && !this.#pending.has(frame.client_id!)) {
         continue;
+      }
+      if (frame.type === "history" && this.#olderPages.has(frame)) {
+        const before = this.#oldestId.get(frame.room ?? "");
+        if (before !== undefined) frame.before = before;
       }
       if (!this.#send(frame)) {
         this.#outbox.unshift(frame);
@@ -994,30 +1029,27 @@ export class ChatSession {
     // input that ends right after `/who` still gets its answer shown. A
     // socket still opening gets its welcome first (waiting messages go then).
     const grace = this.#opts.quitGraceMs;
-    if (this.#ws?.readyState === WebSocket.OPEN) {
+    // Reconnecting, or still opening: the welcome gets the grace to come.
+    if (!this.#ready) await this.#until(() => this.#ready, Date.now() + grace);
+    // What still waits behind the window or a rate limit goes out as answers
+    // come back: wait as long as they keep coming (a refusal for the rate
+    // counts: what it refused goes again once the wait it named is over).
+    const waiting = () =>
+      this.#outbox.length + this.#requeue.length + this.#asked.length;
+    while (this.#ready && waiting() > 0) {
+      const seen = this.#answers;
       await this.#until(
-        () => this.#ready || this.#ws === null,
+        () => this.#answers !== seen || waiting() === 0 || !this.#ready,
+        Date.now() + grace + (this.#paced ? this.#paceMs : 0),
+      );
+      if (this.#answers === seen) break;
+    }
+    const ping: ClientFrame = { type: "ping" };
+    if (this.#ready && this.#send(ping)) {
+      await this.#until(
+        () => !this.#asked.includes(ping),
         Date.now() + grace,
       );
-      // What still waits behind the window or a rate limit goes out as
-      // answers come back: wait as long as they keep coming.
-      const waiting = () =>
-        this.#outbox.length + this.#requeue.length + this.#asked.length;
-      while (this.#ready && waiting() > 0) {
-        const left = waiting();
-        await this.#until(
-          () => waiting() < left || !this.#ready,
-          Date.now() + grace,
-        );
-        if (waiting() >= left) break;
-      }
-      const ping: ClientFrame = { type: "ping" };
-      if (this.#ready && this.#send(ping)) {
-        await this.#until(
-          () => !this.#asked.includes(ping),
-          Date.now() + grace,
-        );
-      }
     }
     if (this.#pending.size > 0) {
       this.#print(hint(

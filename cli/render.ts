@@ -118,7 +118,7 @@ export function renderPresence(
 /** `! rate_limited: Too many messages (retry in 1.5s)`. */
 export function renderError(frame: ErrorFrame, view: ViewOptions): string {
   const retry = frame.retry_after_ms !== undefined
-    ? ` (retry in ${(frame.retry_after_ms / 1000).toFixed(1)}s)`
+    ? ` (retry in ${(Math.ceil(frame.retry_after_ms / 100) / 10).toFixed(1)}s)`
     : "";
   const text = `! ${sanitize(frame.error)}${
     frame.message === "" ? "" : `: ${sanitize(frame.message)}`

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import {
+  bobAndAlice,
   CliProcess,
   login,
   loginProcess,
@@ -254,6 +255,141 @@ Deno.test("when the server no longer keeps all that was missed, the client says 
     await servers.close();
   }
 });
+
+Deno.test("a drop in the middle of a paced burst loses nothing: what was typed before a /leave still lands in its room, in order", async () => {
+  // A burst of 2 messages, then 10 a second: the burst is paced.
+  const servers = await startServers({
+    chatLimits: { messageBurst: 2, messagesPerSecond: 10 },
+  });
+  try {
+    const { bob, cli } = await bobAndAlice(servers);
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    const lines = Array.from({ length: 12 }, (_, i) => `A${i + 1}`);
+    await cli.write(...lines, "/leave lobby", "/join dev", "in dev");
+    await bob.next((f) => f.type === "message" && f.text === "A3");
+    // The server goes away with most of the burst, the leave and the join
+    // still queued; it comes back at once.
+    await Promise.all([servers.chat.shutdown(), bob.closed()]);
+    await cli.stdout.next("connection lost");
+    await servers.restartChat();
+    await cli.stdout.next("reconnected");
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    const out = cli.stdout.lines.join("\n");
+    assert.ok(!out.includes("not confirmed"), out);
+    assert.ok(!out.includes("unknown_room"), out);
+
+    const reader = await Peer.connect(
+      servers.chat.url,
+      (await login(servers.authUrl, "bob")).token,
+    );
+    assert.deepEqual(await texts(reader, "lobby", "alice"), lines);
+    assert.deepEqual(await texts(reader, "dev", "alice"), ["in dev"]);
+    await reader.close();
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("end of input while reconnecting waits for the reconnect and sends what was typed", async () => {
+  const servers = await startServers();
+  try {
+    const { bob, cli } = await bobAndAlice(servers);
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    await Promise.all([servers.chat.shutdown(), bob.closed()]);
+    await cli.stdout.next("connection lost");
+    await cli.write("typed offline 1", "typed offline 2");
+    await cli.closeStdin();
+    await servers.restartChat();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    assert.ok(!cli.stdout.text.includes("not confirmed"), cli.stdout.text);
+    const reader = await Peer.connect(
+      servers.chat.url,
+      (await login(servers.authUrl, "bob")).token,
+    );
+    assert.deepEqual(await texts(reader, "lobby", "alice"), [
+      "typed offline 1",
+      "typed offline 2",
+    ]);
+    await reader.close();
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("the answers to earlier commands do not move the current room; a reconnect leaves the lobby before rejoining (the room cap)", async () => {
+  const servers = await startServers({
+    chatLimits: { maxRoomsPerConnection: 2, messageBurst: 2 },
+  });
+  try {
+    const { bob, cli } = await bobAndAlice(servers);
+    bob.send({ type: "leave", room: "lobby" });
+    bob.send({ type: "join", room: "a" });
+    bob.send({ type: "join", room: "b" });
+    await bob.next((f) => f.type === "joined" && f.room === "b");
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    // Paced lines in b, then a /leave b and a /join b typed before their
+    // answers: the current room stays b all along.
+    await cli.write(
+      "/leave lobby",
+      "/join a",
+      "/join b",
+      "b1",
+      "b2",
+      "b3",
+      "/leave b",
+      "/join b",
+      "b4",
+    );
+    for (const text of ["b1", "b2", "b3", "b4"]) {
+      const got = await bob.next((f) => f.type === "message");
+      assert.equal(got.text, text);
+      assert.equal(got.room, "b");
+    }
+    // Two rooms of two, the lobby left: a reconnect must not let the lobby
+    // take one of the places.
+    await Promise.all([servers.chat.shutdown(), bob.closed()]);
+    await cli.stdout.next("connection lost");
+    await servers.restartChat();
+    const bob2 = await Peer.connect(
+      servers.chat.url,
+      (await login(servers.authUrl, "bob")).token,
+    );
+    bob2.send({ type: "join", room: "b" });
+    await bob2.next((f) => f.type === "joined");
+    await cli.stdout.next("reconnected");
+    await cli.write("after the reconnect", "/who");
+    await cli.stdout.next("in #b: ");
+    const got = await bob2.next((f) =>
+      f.type === "message" && f.from === "alice"
+    );
+    assert.equal(got.text, "after the reconnect");
+    assert.equal(got.room, "b");
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    const out = cli.stdout.lines.join("\n");
+    assert.ok(!out.includes("at most 2 rooms"), out);
+    assert.ok(!out.includes("unknown_room"), out);
+    await bob2.close();
+  } finally {
+    await servers.close();
+  }
+});
+
+/** The texts `from` said in `room`, oldest first, from the server's history. */
+async function texts(
+  peer: Peer,
+  room: string,
+  from: string,
+): Promise<unknown[]> {
+  peer.send({ type: "history", room, limit: 500 });
+  const page = await peer.next((f) => f.type === "history" && f.room === room);
+  return (page.messages as Record<string, unknown>[])
+    .filter((m) => m.from === from).map((m) => m.text);
+}
 
 /** The delay in a status line such as `reconnecting in 0.5s...`. */
 function seconds(line: string): number {
