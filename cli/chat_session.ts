@@ -113,6 +113,8 @@ export interface SessionState {
   serverRooms: string[];
   /** What was typed and not answered yet, in order. */
   outbox: ClientFrame[];
+  /** Per room, the oldest message shown (where `/history` goes on). */
+  oldestId: [string, string][];
   lastId: [string, bigint][];
   pending: [string, PendingMessage][];
 }
@@ -222,6 +224,7 @@ export class ChatSession {
         rooms: [LOBBY],
         serverRooms: [LOBBY],
         outbox: [],
+        oldestId: [],
         lastId: [],
         pending: [],
       },
@@ -233,6 +236,12 @@ export class ChatSession {
       this.#rooms = [...resume.rooms];
       this.#serverRooms = [...resume.serverRooms];
       this.#outbox = [...resume.outbox];
+      this.#oldestId = new Map(resume.oldestId);
+      for (const frame of this.#outbox) {
+        if (frame.type === "history" && frame.after === undefined) {
+          this.#olderPages.add(frame);
+        }
+      }
       this.#lastId = new Map(resume.lastId);
       this.#pending = new Map(resume.pending);
     }
@@ -259,6 +268,7 @@ export class ChatSession {
       rooms: [...this.#rooms],
       serverRooms: [...this.#serverRooms],
       outbox: [...this.#outbox],
+      oldestId: [...this.#oldestId],
       lastId: [...this.#lastId],
       pending: [...this.#pending],
     };
@@ -316,7 +326,8 @@ export class ChatSession {
         this.#view(),
       ));
     }
-    this.#outbox = [...this.#asked, ...this.#requeue, ...this.#outbox].filter(
+    // Refused frames were sent before those still awaiting an answer.
+    this.#outbox = [...this.#requeue, ...this.#asked, ...this.#outbox].filter(
       (f) => f.type !== "dm" || !this.#asked.includes(f),
     ).filter((f) =>
       f.type !== "ping" && !(f.type === "history" && f.after !== undefined)
@@ -357,9 +368,13 @@ export class ChatSession {
         return this.#onRoomMessage(frame);
       case "dm":
         if (frame.from.toLowerCase() === this.#me.toLowerCase()) {
-          this.#answered((f) =>
-            f.type === "dm" && f.text === frame.text &&
-            f.to.toLowerCase() === frame.to.toLowerCase()
+          // Only as the oldest awaited answer: the same text to the same
+          // user from another terminal of mine must not settle others.
+          this.#answered(
+            (f) =>
+              f.type === "dm" && f.text === frame.text &&
+              f.to.toLowerCase() === frame.to.toLowerCase(),
+            true,
           );
         }
         return this.#print(renderDirectMessage(frame, this.#view()));
@@ -412,8 +427,13 @@ export class ChatSession {
    * An answer came: the frame it answers is no longer waiting, nor is any
    * sent before it (answers come in order). Returns that frame, if found.
    */
-  #answered(matches: (frame: ClientFrame) => boolean): ClientFrame | undefined {
-    const index = this.#asked.findIndex(matches);
+  #answered(
+    matches: (frame: ClientFrame) => boolean,
+    headOnly = false,
+  ): ClientFrame | undefined {
+    const index = headOnly
+      ? (this.#asked.length > 0 && matches(this.#asked[0]!) ? 0 : -1)
+      : this.#asked.findIndex(matches);
     if (index === -1) return undefined;
     this.#answers++;
     const frame = this.#asked[index];
@@ -449,6 +469,7 @@ export class ChatSession {
       case "join":
         // Not joined after all: the room leaves the list (and the prompt).
         this.#rooms = this.#rooms.filter((r) => r !== asked.room);
+        this.#serverRooms = this.#serverRooms.filter((r) => r !== asked.room);
         this.#quietJoins.delete(asked.room);
         this.#updatePrompt();
         break;
@@ -663,10 +684,11 @@ export class ChatSession {
     const quiet = reconnect || this.#resuming;
     this.#resuming = false;
     this.#welcomes++;
-    // The rooms the server had confirmed; this connection is in the lobby
-    // only. What was typed since (and not answered) is still in the outbox.
+    // The rooms the server had confirmed, which the resync restores (this
+    // connection is in the lobby only): they stay the rooms to restore if
+    // the connection drops again before the answers. What was typed since
+    // (and not answered) is still in the outbox.
     const wanted = [...this.#serverRooms];
-    this.#serverRooms = [LOBBY];
     if (reconnect) this.#print(status("reconnected", this.#view()));
     else {
       this.#print(status(
@@ -866,7 +888,11 @@ export class ChatSession {
         this.#rooms = this.#rooms.filter((r) => r !== room);
         this.#updatePrompt();
         this.#enqueue({ type: "leave", room });
-        if (!this.#ready) this.#print(status(`left #${room}`, view));
+        if (!this.#ready) {
+          // Said now; the server's answer after the reconnect is not.
+          this.#quietLeaves.add(room);
+          this.#print(status(`left #${room}`, view));
+        }
         return;
       }
       case "/rooms":
@@ -974,7 +1000,17 @@ export class ChatSession {
         continue;
       }
       if (frame.type === "history" && this.#olderPages.has(frame)) {
-        const before = this.#oldestId.get(frame.room ?? "");
+        // One page of a room at a time: the next starts where it ends.
+        const room = frame.room;
+        if (
+          this.#asked.some((f) =>
+            f.type === "history" && f.room === room && this.#olderPages.has(f)
+          )
+        ) {
+          this.#outbox.unshift(frame);
+          return;
+        }
+        const before = this.#oldestId.get(room ?? "");
         if (before !== undefined) frame.before = before;
       }
       if (!this.#send(frame)) {
@@ -1029,27 +1065,43 @@ export class ChatSession {
     // input that ends right after `/who` still gets its answer shown. A
     // socket still opening gets its welcome first (waiting messages go then).
     const grace = this.#opts.quitGraceMs;
-    // Reconnecting, or still opening: the welcome gets the grace to come.
-    if (!this.#ready) await this.#until(() => this.#ready, Date.now() + grace);
-    // What still waits behind the window or a rate limit goes out as answers
-    // come back: wait as long as they keep coming (a refusal for the rate
-    // counts: what it refused goes again once the wait it named is over).
     const waiting = () =>
       this.#outbox.length + this.#requeue.length + this.#asked.length;
-    while (this.#ready && waiting() > 0) {
-      const seen = this.#answers;
-      await this.#until(
-        () => this.#answers !== seen || waiting() === 0 || !this.#ready,
-        Date.now() + grace + (this.#paced ? this.#paceMs : 0),
-      );
-      if (this.#answers === seen) break;
+    // A drop on the way gives the reconnect its grace again (a few times).
+    for (let attempt = 0; attempt < 3 && !this.#ending; attempt++) {
+      // Reconnecting, or still opening: the welcome gets the grace to come.
+      if (!this.#ready) {
+        await this.#until(() => this.#ready, Date.now() + grace);
+        if (!this.#ready) break;
+      }
+      // What still waits behind the window or a rate limit goes out as
+      // answers come back: wait as long as they keep coming (a refusal for
+      // the rate counts: what it refused goes again once the wait is over).
+      while (this.#ready && waiting() > 0) {
+        const seen = this.#answers;
+        await this.#until(
+          () => this.#answers !== seen || waiting() === 0 || !this.#ready,
+          Date.now() + grace + (this.#paced ? this.#paceMs : 0),
+        );
+        if (this.#answers === seen) break;
+      }
+      if (!this.#ready) continue;
+      const ping: ClientFrame = { type: "ping" };
+      if (this.#send(ping)) {
+        await this.#until(
+          () => !this.#asked.includes(ping),
+          Date.now() + grace,
+        );
+      }
+      if (this.#ready) break;
     }
-    const ping: ClientFrame = { type: "ping" };
-    if (this.#ready && this.#send(ping)) {
-      await this.#until(
-        () => !this.#asked.includes(ping),
-        Date.now() + grace,
-      );
+    const dms = [...this.#outbox, ...this.#requeue, ...this.#asked]
+      .filter((f) => f.type === "dm").length;
+    if (dms > 0) {
+      this.#print(hint(
+        `${dms} direct message(s) not confirmed by the server`,
+        this.#view(),
+      ));
     }
     if (this.#pending.size > 0) {
       this.#print(hint(

@@ -302,6 +302,27 @@ Deno.test("a /join the server refuses leaves the room out; joins refused for the
   }
 });
 
+Deno.test("two /history typed at once show two pages, one after the other", async () => {
+  const servers = await startServers();
+  try {
+    const { bob, cli } = await bobAndAlice(servers);
+    // 54 messages: the welcome shows the newest 50 (m5 to m54).
+    for (let i = 1; i <= 54; i++) await bob.say(`m${i}`);
+    await cli.write(PASSWORD);
+    await cli.stdout.next("<bob> m54");
+    await cli.write("/history 2", "/history 2", "/history 2");
+    await cli.stdout.next("no older messages in #lobby");
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    const shown = cli.stdout.lines.filter((l) => /<bob> m[1-4]$/.test(l))
+      .map((l) => l.split(" ").pop());
+    assert.deepEqual(shown, ["m3", "m4", "m1", "m2"]);
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("wrong password and taken username are one line on stderr and exit 1", async (t) => {
   const servers = await startServers();
   try {
