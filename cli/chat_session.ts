@@ -327,9 +327,11 @@ export class ChatSession {
       ));
     }
     // Refused frames were sent before those still awaiting an answer.
-    this.#outbox = [...this.#requeue, ...this.#asked, ...this.#outbox].filter(
-      (f) => f.type !== "dm" || !this.#asked.includes(f),
-    ).filter((f) =>
+    this.#outbox = [
+      ...this.#requeue,
+      ...this.#asked.filter((f) => f.type !== "dm"),
+      ...this.#outbox,
+    ].filter((f) =>
       f.type !== "ping" && !(f.type === "history" && f.after !== undefined)
     );
     this.#asked = [];
