@@ -367,9 +367,9 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   async function logout(req: Request, address: string): Promise<Response> {
     const token = bearerToken(req);
     await drainBody(req, bodyLimits);
-    const hash = token === undefined ? "" : tokenHash(token);
-    const session = token === undefined ? undefined : store.getSession(hash);
-    if (token === undefined || session === undefined) {
+    const hash = token === undefined ? undefined : tokenHash(token);
+    const session = hash === undefined ? undefined : store.getSession(hash);
+    if (token === undefined || hash === undefined || session === undefined) {
       event("logout", "fail", undefined, address, "reason=invalid_token");
       throw invalidToken(false);
     }
