@@ -1097,19 +1097,18 @@ export class ChatSession {
       }
       if (this.#ready) break;
     }
+    // Leaving with something unconfirmed is a failure a script must see:
+    // one line on stderr and exit 1 (not 0).
     const dms = [...this.#outbox, ...this.#requeue, ...this.#asked]
       .filter((f) => f.type === "dm").length;
-    if (dms > 0) {
-      this.#print(hint(
-        `${dms} direct message(s) not confirmed by the server`,
-        this.#view(),
-      ));
-    }
-    if (this.#pending.size > 0) {
-      this.#print(hint(
-        `${this.#pending.size} message(s) not confirmed by the server`,
-        this.#view(),
-      ));
+    const lost = [
+      ...(this.#pending.size > 0 ? [`${this.#pending.size} message(s)`] : []),
+      ...(dms > 0 ? [`${dms} direct message(s)`] : []),
+    ];
+    if (lost.length > 0) {
+      return this.#finish(
+        new CliError(`${lost.join(" and ")} not confirmed by the server`),
+      );
     }
     this.#finish("quit");
   }

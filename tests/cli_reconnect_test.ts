@@ -319,6 +319,26 @@ Deno.test("end of input while reconnecting waits for the reconnect and sends wha
   }
 });
 
+Deno.test("end of input with the chat server gone for good: one line on stderr and exit 1, not 0", async () => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    const cli = loginProcess(servers.authUrl, "alice");
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    await servers.chat.shutdown();
+    await cli.stdout.next("connection lost");
+    await cli.write("never delivered 1", "never delivered 2");
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 1);
+    assert.deepEqual(cli.stderr.lines, [
+      "chatroom: 2 message(s) not confirmed by the server",
+    ]);
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("the answers to earlier commands do not move the current room; a reconnect leaves the lobby before rejoining (the room cap)", async () => {
   const servers = await startServers({
     chatLimits: { maxRoomsPerConnection: 2, messageBurst: 2 },
