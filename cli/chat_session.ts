@@ -127,7 +127,7 @@ export interface PendingMessage {
 
 /** A chat session; {@linkcode ChatSession.run} resolves when it ends. */
 export class ChatSession {
-  #opts: Required<ChatSessionOptions>;
+  #opts: Required<Omit<ChatSessionOptions, "resume">>;
   #me: string;
   #ws: WebSocket | null = null;
   #openedThisSocket = false;
@@ -220,14 +220,6 @@ export class ChatSession {
       connectTimeoutMs: 10_000,
       heartbeatMs: 15_000,
       heartbeatTimeoutMs: 10_000,
-      resume: {
-        rooms: [LOBBY],
-        serverRooms: [LOBBY],
-        outbox: [],
-        oldestId: [],
-        lastId: [],
-        pending: [],
-      },
       ...options,
     };
     const resume = options.resume;
