@@ -60,6 +60,13 @@ const RUNNING_MARK = ".running";
  * messages; the hole shows as `gap` to a client that asks across it.
  */
 const CRASH_ID_JUMP = 1_000_000;
+/**
+ * Written when a run starts after a crash, and kept: where each room's ids
+ * went on from, and the base of rooms with no file. Later runs, clean ones
+ * included, never go below it: a room nobody wrote to since the crash has on
+ * disk only what it had before, under ids the crashed run handed out again.
+ */
+const FLOORS_FILE = ".id_floors.json";
 const TAIL_CHUNK = 64 * 1024;
 
 /** The history of every room, with batched persistence. */
@@ -73,7 +80,10 @@ export class HistoryStore {
   /** The sender's `client_id` of the messages that had one. */
   #clientIds = new WeakMap<RoomMessage, string>();
   /** Where a room's ids start: {@linkcode CRASH_ID_JUMP} after a crash. */
+  /** Where a room with nothing on disk starts its ids. */
   #idBase = 0;
+  /** Per room, the ids the room's ids go on above (see `FLOORS_FILE`). */
+  #floors = new Map<string, number>();
   #dirty = new Set<Room>();
   #timer: ReturnType<typeof setTimeout> | undefined;
   #flushing: Promise<void> = Promise.resolve();
@@ -95,13 +105,20 @@ export class HistoryStore {
     const store = new HistoryStore(dir, options);
     await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
     const mark = `${dir}/${RUNNING_MARK}`;
+    const floorsPath = `${dir}/${FLOORS_FILE}`;
+    const floors = await readFloors(floorsPath);
+    store.#idBase = floors.base;
+    store.#floors = floors.rooms;
+    let crashed = false;
     try {
       // The crashed run's own base counts too: after two crashes in a row,
       // the second run's ids (base + disk) must not come round again.
       const previous = Number((await Deno.readTextFile(mark)).trim());
-      store.#idBase =
-        (Number.isSafeInteger(previous) && previous > 0 ? previous : 0) +
-        CRASH_ID_JUMP;
+      crashed = true;
+      store.#idBase = Math.max(
+        Number.isSafeInteger(previous) && previous > 0 ? previous : 0,
+        floors.base,
+      ) + CRASH_ID_JUMP;
     } catch (err) {
       if (!(err instanceof Deno.errors.NotFound)) throw err;
     }
@@ -118,8 +135,31 @@ export class HistoryStore {
       loads.push(store.#load(name));
     }
     await Promise.all(loads);
-    if (store.#idBase > 0) {
+    if (crashed) {
       for (const r of store.#rooms.values()) r.lastId += store.#idBase;
+      // Before any id is handed out: a clean run after this one must not go
+      // back to what is on disk for the rooms nobody writes to meanwhile.
+      store.#floors = new Map(
+        [...store.#rooms.values()].map((r) => [r.name, r.lastId]),
+      );
+      await writeAtomic(
+        floorsPath,
+        `${
+          JSON.stringify(
+            {
+              version: 1,
+              base: store.#idBase,
+              rooms: Object.fromEntries(store.#floors),
+            },
+            null,
+            2,
+          )
+        }\n`,
+      );
+    } else {
+      for (const r of store.#rooms.values()) {
+        r.lastId = Math.max(r.lastId, store.#floor(r.name));
+      }
     }
     await Deno.writeTextFile(mark, String(store.#idBase), { mode: 0o600 });
     await syncDir(dir);
@@ -150,7 +190,7 @@ export class HistoryStore {
   ): { message: RoomMessage; line: string; own: string } {
     let r = this.#rooms.get(room);
     if (r === undefined) {
-      r = newRoom(room, this.#idBase);
+      r = newRoom(room, this.#floor(room));
       this.#rooms.set(room, r);
     }
     r.lastId++;
@@ -236,7 +276,8 @@ export class HistoryStore {
     const afterId = Number(after);
     const start = firstIndexAbove(messages, afterId);
     const next = messages[start];
-    const lastId = this.#rooms.get(room)?.lastId ?? 0;
+    // A room with nothing kept may still have lost messages to a crash.
+    const lastId = this.#rooms.get(room)?.lastId ?? this.#floor(room);
     // Ids are consecutive, except across a crash: a hole right after `after`
     // is history no longer kept, or lost.
     const gap = next !== undefined
@@ -274,6 +315,11 @@ export class HistoryStore {
         }`,
       );
     }
+  }
+
+  /** The id a room's ids go on above when it has none of its own. */
+  #floor(room: string): number {
+    return Math.max(this.#idBase, this.#floors.get(room) ?? 0);
   }
 
   /** A message as its file keeps it: the sender's echo, with its client_id. */
@@ -480,6 +526,45 @@ async function readTailLines(
   } finally {
     file.close();
   }
+}
+
+/** Reads `FLOORS_FILE` (none: base 0); a damaged one stops the start. */
+async function readFloors(
+  path: string,
+): Promise<{ base: number; rooms: Map<string, number> }> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) {
+      return { base: 0, rooms: new Map() };
+    }
+    throw err;
+  }
+  const damaged = new Error(
+    `Cannot read the history file ${path}: it is not the ids' floors this server writes after a crash; fix it rather than remove it (ids could come round again)`,
+  );
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    throw damaged;
+  }
+  if (typeof value !== "object" || value === null) throw damaged;
+  const { base, rooms }: Record<string, unknown> = { ...value };
+  if (!isId(base) || typeof rooms !== "object" || rooms === null) {
+    throw damaged;
+  }
+  const floors = new Map<string, number>();
+  for (const [room, id] of Object.entries(rooms)) {
+    if (!isId(id)) throw damaged;
+    floors.set(room, id);
+  }
+  return { base, rooms: floors };
+}
+
+function isId(value: unknown): value is number {
+  return typeof value === "number" && Number.isSafeInteger(value) && value >= 0;
 }
 
 async function writeAll(file: Deno.FsFile, data: Uint8Array): Promise<void> {

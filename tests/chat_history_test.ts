@@ -209,6 +209,60 @@ Deno.test("after two crashes in a row, ids still never come round again", async 
   }
 });
 
+Deno.test("a clean restart after a crash does not give out the crashed run's ids again, in rooms nobody wrote to since nor in rooms with no file", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const store = await HistoryStore.open(dir, { keep: 10 });
+    for (let i = 1; i <= 3; i++) store.append("dev", "alice", `m${i}`);
+    await store.close();
+    // Run 2 handed out dev 4 and 5 and ghost 1 (a room with no file yet),
+    // then crashed before writing them.
+    await Deno.writeTextFile(`${dir}/.running`, "0");
+    const recovered = await HistoryStore.open(dir, { keep: 10 });
+    // Nobody writes to dev or ghost in run 3, which closes cleanly.
+    assert.equal(recovered.after("ghost", "1", 10).gap, true);
+    await recovered.close();
+    const clean = await HistoryStore.open(dir, { keep: 10 });
+    assert.equal(clean.after("dev", "5", 10).gap, true);
+    assert.equal(clean.after("ghost", "1", 10).gap, true);
+    assert.equal(clean.append("dev", "bob", "x").message.id, "1000004");
+    assert.equal(clean.append("ghost", "bob", "y").message.id, "1000001");
+    await clean.close();
+    const floors = JSON.parse(
+      await Deno.readTextFile(`${dir}/.id_floors.json`),
+    );
+    assert.deepEqual(floors, {
+      version: 1,
+      base: 1_000_000,
+      rooms: { dev: 1_000_003 },
+    });
+    // The floors stay: the next clean start goes on from the files.
+    const next = await HistoryStore.open(dir, { keep: 10 });
+    assert.equal(next.append("dev", "bob", "z").message.id, "1000005");
+    await next.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a damaged id floors file stops the start with its name and is left as it is", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/.id_floors.json`;
+    for (const text of ["{", '{"version":1,"base":-1,"rooms":{}}', "[]"]) {
+      await Deno.writeTextFile(path, text);
+      await assert.rejects(
+        HistoryStore.open(dir),
+        (err: Error) =>
+          err.message.startsWith(`Cannot read the history file ${path}`),
+      );
+      assert.equal(await Deno.readTextFile(path), text);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a write that failed halfway is not appended twice: the retry rewrites the file, which opens again", async () => {
   const dir = await Deno.makeTempDir();
   const logs: string[] = [];
