@@ -82,7 +82,7 @@ export interface ChatSessionOptions {
 /** Lines of `/help`. */
 export const CHAT_HELP = [
   "/join ROOM        join a room (created if new) and make it the current one",
-  "/leave ROOM       leave a room",
+  "/leave [ROOM]     leave a room (the current one without ROOM)",
   "/rooms            list the rooms",
   "/who [ROOM]       who is in the current room (or ROOM)",
   "/msg USER TEXT    send a direct message",
@@ -157,6 +157,8 @@ export class ChatSession {
   #lastId = new Map<string, bigint>();
   /** Per room, the id of the oldest message shown, for `/history`. */
   #oldestId = new Map<string, string>();
+  /** Per room, the `after` id whose gap the user has been told about. */
+  #gapTold = new Map<string, string>();
   /** Rooms waiting for their `history after` answer, with held-back messages. */
   #syncing = new Map<string, RoomMessage[]>();
   /**
@@ -402,12 +404,11 @@ export class ChatSession {
         );
         // `before` pages are asked by `/history`; without a request, a resync.
         const older = asked?.type === "history" && asked.after === undefined;
-        return this.#onHistory(
-          frame.room,
-          frame.messages,
-          frame.gap === true,
+        return this.#onHistory(frame.room, frame.messages, {
+          gap: frame.gap === true,
           older,
-        );
+          after: asked?.type === "history" ? asked.after : undefined,
+        });
       }
       case "pong":
         this.#answered((f) => f.type === "ping");
@@ -762,8 +763,11 @@ export class ChatSession {
   #onHistory(
     room: string,
     messages: RoomMessage[],
-    gap: boolean,
-    older: boolean,
+    { gap, older, after }: {
+      gap: boolean;
+      older: boolean;
+      after: string | undefined;
+    },
   ): void {
     if (older) {
       if (messages.length === 0) {
@@ -772,12 +776,15 @@ export class ChatSession {
       }
       this.#print(status(`earlier in #${room}:`, this.#view()));
       for (const message of messages) {
-        this.#print(renderRoomMessage(message, this.#view()));
+        this.#print(renderRoomMessage(message, this.#messageView()));
       }
       this.#oldestId.set(room, messages[0]!.id);
       return;
     }
-    if (gap) {
+    // The same gap is told once: with nothing newer seen since, every later
+    // resync asks from the same id and hears about it again.
+    if (gap && (after === undefined || this.#gapTold.get(room) !== after)) {
+      if (after !== undefined) this.#gapTold.set(room, after);
       this.#print(status(
         `some messages of #${room} from while you were away are no longer kept by the server`,
         this.#view(),
@@ -814,7 +821,7 @@ export class ChatSession {
       if (last !== undefined && id <= last) continue;
       last = id;
       if (!this.#oldestId.has(room)) this.#oldestId.set(room, message.id);
-      this.#print(renderRoomMessage(message, this.#view()));
+      this.#print(renderRoomMessage(message, this.#messageView()));
     }
     this.#lastId.set(room, last ?? 0n);
   }
@@ -994,11 +1001,14 @@ export class ChatSession {
         continue;
       }
       if (frame.type === "history" && this.#olderPages.has(frame)) {
-        // One page of a room at a time: the next starts where it ends.
+        // One page of a room at a time: the next starts where it ends. A
+        // join's answer brings the room's recent messages: the page starts
+        // before those.
         const room = frame.room;
         if (
           this.#asked.some((f) =>
-            f.type === "history" && f.room === room && this.#olderPages.has(f)
+            (f.type === "join" || f.type === "history") && f.room === room &&
+            (f.type === "join" || this.#olderPages.has(f))
           )
         ) {
           this.#outbox.unshift(frame);
@@ -1132,6 +1142,16 @@ export class ChatSession {
       currentRoom: this.#currentRoom(),
       me: this.#me,
     };
+  }
+
+  /**
+   * The view for room messages: `#room` is left out for the room the server
+   * takes as current when the message comes (the last it confirmed joining),
+   * not the one typed last: with lines typed ahead, an echo arrives before
+   * the answer to a `/leave` typed after its line.
+   */
+  #messageView(): ViewOptions {
+    return { ...this.#view(), currentRoom: this.#serverRooms.at(-1) };
   }
 
   #prompt(): string {

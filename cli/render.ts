@@ -23,8 +23,9 @@ const NICK_COLORS = [31, 32, 33, 35, 36, 91, 92, 93, 94, 95, 96] as const;
 const DIM = 2;
 const BOLD = 1;
 const RED = 31;
-// deno-lint-ignore no-control-regex
-const CONTROL_CHARS = /[\u0000-\u001f\u007f-\u009f]/g;
+const CONTROL_CHARS =
+  // deno-lint-ignore no-control-regex
+  /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
 
 /** The ANSI colour of a nick: the same for a user every time, everywhere. */
 export function nickColor(name: string): number {
@@ -58,7 +59,10 @@ export function formatClock(ts: string, now: Date = new Date()): string {
 
 /**
  * Replaces control characters in text from the network, so that nobody can
- * move the cursor, recolour or clear another user's terminal.
+ * move the cursor, recolour or clear another user's terminal, and the
+ * characters that reorder text (bidirectional overrides and isolates) or
+ * break lines (U+2028, U+2029), so that nobody can make a line read as
+ * something it is not.
  */
 export function sanitize(text: string): string {
   return text.replace(CONTROL_CHARS, (c) => c === "\t" ? " " : "\ufffd");

@@ -323,6 +323,70 @@ Deno.test("two /history typed at once show two pages, one after the other", asyn
   }
 });
 
+Deno.test("/join and /history typed at once: the page starts before what the join showed, nothing twice", async () => {
+  const servers = await startServers();
+  try {
+    const { bob, cli } = await bobAndAlice(servers);
+    bob.send({ type: "join", room: "aaa" });
+    await bob.next((f) => f.type === "joined");
+    for (let i = 1; i <= 4; i++) await bob.say(`a${i}`, "aaa");
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    await cli.write("/join aaa", "/history");
+    await cli.stdout.next(/no older messages in #aaa|earlier in #aaa/);
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    for (let i = 1; i <= 4; i++) {
+      assert.equal(
+        cli.stdout.count((l) => l.endsWith(`<bob> a${i}`)),
+        1,
+        cli.stdout.text,
+      );
+    }
+    assert.ok(
+      cli.stdout.lines.some((l) => l.endsWith("no older messages in #aaa")),
+    );
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("an echo of a line typed before a /leave shows as in the current room (no #room): the room it was said in", async () => {
+  const servers = await startServers();
+  try {
+    const { bob, cli } = await bobAndAlice(servers);
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    await cli.write(
+      "/join ccc",
+      "hello ccc",
+      "/leave ccc",
+      "back in the lobby",
+    );
+    await cli.stdout.next("you left #ccc");
+    await cli.stdout.next(/<alice> back in the lobby$/);
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    const echo = cli.stdout.lines.find((l) => l.includes("<alice> hello ccc"));
+    assert.match(
+      echo ?? "",
+      /^\[\d\d:\d\d\] <alice> hello ccc$/,
+      cli.stdout.text,
+    );
+    // After the /leave, the lobby is current again: its lines have no tag.
+    assert.ok(
+      cli.stdout.lines.some((l) =>
+        /^\[\d\d:\d\d\] <alice> back in the lobby$/.test(l)
+      ),
+      cli.stdout.text,
+    );
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("wrong password and taken username are one line on stderr and exit 1", async (t) => {
   const servers = await startServers();
   try {

@@ -164,6 +164,18 @@ Deno.test("text from the network cannot send terminal control sequences", () => 
   assert.equal(sanitize("a\x1b[2Jb\x07\r\n"), "a\ufffd[2Jb\ufffd\ufffd\ufffd");
 });
 
+Deno.test("text from the network cannot reorder or break a line (bidi overrides, isolates, line separators)", () => {
+  assert.equal(
+    sanitize("pay \u202egnirts\u202c [\u2066x\u2069] a\u2028b\u2029c"),
+    "pay \ufffdgnirts\ufffd [\ufffdx\ufffd] a\ufffdb\ufffdc",
+  );
+  // Emoji sequences and marks in right-to-left text stay as they are.
+  assert.equal(
+    sanitize("\u{1F469}\u200d\u{1F4BB} \u05e9\u200f"),
+    "\u{1F469}\u200d\u{1F4BB} \u05e9\u200f",
+  );
+});
+
 Deno.test("server frames are split on newlines and checked field by field", () => {
   const frames = parseServerText(
     [
