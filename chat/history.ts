@@ -67,6 +67,12 @@ const CRASH_ID_JUMP = 1_000_000;
  * disk only what it had before, under ids the crashed run handed out again.
  */
 const FLOORS_FILE = ".id_floors.json";
+/**
+ * Held (an OS lock) while a server uses the directory: a second chat server
+ * on the same data would take the first one's running mark for a crash's
+ * and rewrite files the first is appending to.
+ */
+const LOCK_FILE = ".lock";
 const TAIL_CHUNK = 64 * 1024;
 
 /** The history of every room, with batched persistence. */
@@ -88,6 +94,7 @@ export class HistoryStore {
   #timer: ReturnType<typeof setTimeout> | undefined;
   #flushing: Promise<void> = Promise.resolve();
   #closed = false;
+  #lock: Deno.FsFile | undefined;
 
   private constructor(dir: string, options: HistoryOptions) {
     this.#dir = dir;
@@ -104,18 +111,43 @@ export class HistoryStore {
   ): Promise<HistoryStore> {
     const store = new HistoryStore(dir, options);
     await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
+    const lockPath = `${dir}/${LOCK_FILE}`;
+    const lock = await Deno.open(lockPath, {
+      read: true,
+      write: true,
+      create: true,
+      mode: 0o600,
+    });
+    try {
+      if (!await lock.tryLock(true)) {
+        throw new Error(
+          `Cannot use history directory ${dir}: another chat server holds its lock file ${lockPath}`,
+        );
+      }
+      store.#lock = lock;
+      await store.#openLocked();
+    } catch (err) {
+      lock.close();
+      throw err;
+    }
+    return store;
+  }
+
+  /** The rest of {@linkcode HistoryStore.open}, with the directory locked. */
+  async #openLocked(): Promise<void> {
+    const dir = this.#dir;
     const mark = `${dir}/${RUNNING_MARK}`;
     const floorsPath = `${dir}/${FLOORS_FILE}`;
     const floors = await readFloors(floorsPath);
-    store.#idBase = floors.base;
-    store.#floors = floors.rooms;
+    this.#idBase = floors.base;
+    this.#floors = floors.rooms;
     let crashed = false;
     try {
       // The crashed run's own base counts too: after two crashes in a row,
       // the second run's ids (base + disk) must not come round again.
       const previous = Number((await Deno.readTextFile(mark)).trim());
       crashed = true;
-      store.#idBase = Math.max(
+      this.#idBase = Math.max(
         Number.isSafeInteger(previous) && previous > 0 ? previous : 0,
         floors.base,
       ) + CRASH_ID_JUMP;
@@ -132,15 +164,15 @@ export class HistoryStore {
       if (!entry.isFile || !entry.name.endsWith(FILE_SUFFIX)) continue;
       const name = entry.name.slice(0, -FILE_SUFFIX.length);
       if (!/^[a-z0-9_-]{1,32}$/.test(name)) continue;
-      loads.push(store.#load(name));
+      loads.push(this.#load(name));
     }
     await Promise.all(loads);
     if (crashed) {
-      for (const r of store.#rooms.values()) r.lastId += store.#idBase;
+      for (const r of this.#rooms.values()) r.lastId += this.#idBase;
       // Before any id is handed out: a clean run after this one must not go
       // back to what is on disk for the rooms nobody writes to meanwhile.
-      store.#floors = new Map(
-        [...store.#rooms.values()].map((r) => [r.name, r.lastId]),
+      this.#floors = new Map(
+        [...this.#rooms.values()].map((r) => [r.name, r.lastId]),
       );
       await writeAtomic(
         floorsPath,
@@ -148,8 +180,8 @@ export class HistoryStore {
           JSON.stringify(
             {
               version: 1,
-              base: store.#idBase,
-              rooms: Object.fromEntries(store.#floors),
+              base: this.#idBase,
+              rooms: Object.fromEntries(this.#floors),
             },
             null,
             2,
@@ -157,15 +189,14 @@ export class HistoryStore {
         }\n`,
       );
     } else {
-      for (const r of store.#rooms.values()) {
-        r.lastId = Math.max(r.lastId, store.#floor(r.name));
+      for (const r of this.#rooms.values()) {
+        r.lastId = Math.max(r.lastId, this.#floor(r.name));
       }
     }
-    await Deno.writeTextFile(mark, String(store.#idBase), { mode: 0o600 });
+    await Deno.writeTextFile(mark, String(this.#idBase), { mode: 0o600 });
     await syncDir(dir);
     // Compactions found at load happen in the background, off the start-up path.
-    if (store.#dirty.size > 0) store.#schedule();
-    return store;
+    if (this.#dirty.size > 0) this.#schedule();
   }
 
   /** Whether the room has any kept history. */
@@ -303,17 +334,22 @@ export class HistoryStore {
   async close(): Promise<void> {
     if (this.#closed) return this.#flushing;
     this.#closed = true;
-    await this.flush();
-    if (this.#dirty.size > 0) return;
     try {
-      await Deno.remove(`${this.#dir}/${RUNNING_MARK}`);
-      await syncDir(this.#dir);
-    } catch (err) {
-      this.#log(
-        `history: cannot mark ${this.#dir} as closed cleanly: ${
-          err instanceof Error ? err.message : err
-        }`,
-      );
+      await this.flush();
+      if (this.#dirty.size > 0) return;
+      try {
+        await Deno.remove(`${this.#dir}/${RUNNING_MARK}`);
+        await syncDir(this.#dir);
+      } catch (err) {
+        this.#log(
+          `history: cannot mark ${this.#dir} as closed cleanly: ${
+            err instanceof Error ? err.message : err
+          }`,
+        );
+      }
+    } finally {
+      this.#lock?.close();
+      this.#lock = undefined;
     }
   }
 

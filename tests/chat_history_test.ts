@@ -55,7 +55,7 @@ Deno.test("a torn last line from a crash is skipped and the file is repaired", a
     assert.deepEqual(lines.map((l) => JSON.parse(l).id), ["1", "2", "3"]);
     const entries = [];
     for await (const e of Deno.readDir(dir)) entries.push(e.name);
-    assert.deepEqual(entries, ["lobby.jsonl"]);
+    assert.deepEqual(entries.sort(), [".lock", "lobby.jsonl"]);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -163,7 +163,8 @@ Deno.test("after a run that did not close, ids jump past anything it may have ha
     const store = await HistoryStore.open(dir, { keep: 10 });
     for (let i = 1; i <= 3; i++) store.append("dev", "alice", `m${i}`);
     await store.close();
-    assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name), [
+    assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name).sort(), [
+      ".lock",
       "dev.jsonl",
     ]);
     // A run that crashed: its marker is still there; whatever it appended
@@ -263,6 +264,28 @@ Deno.test("a damaged id floors file stops the start with its name and is left as
   }
 });
 
+Deno.test("a second store on a directory in use refuses to open, and leaves the first one's running mark alone", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const first = await HistoryStore.open(dir);
+    first.append("dev", "alice", "one");
+    await assert.rejects(
+      HistoryStore.open(dir),
+      (err: Error) =>
+        err.message ===
+          `Cannot use history directory ${dir}: another chat server holds its lock file ${dir}/.lock`,
+    );
+    assert.equal(await Deno.readTextFile(`${dir}/.running`), "0");
+    assert.ok(!existsSync(`${dir}/.id_floors.json`));
+    await first.close();
+    const again = await HistoryStore.open(dir);
+    assert.equal(again.append("dev", "bob", "two").message.id, "2");
+    await again.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a write that failed halfway is not appended twice: the retry rewrites the file, which opens again", async () => {
   const dir = await Deno.makeTempDir();
   const logs: string[] = [];
@@ -294,3 +317,13 @@ Deno.test("a write that failed halfway is not appended twice: the retry rewrites
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+function existsSync(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return false;
+    throw err;
+  }
+}
