@@ -34,7 +34,8 @@ export class ConfigError extends Error {
 export const SERVER_USAGE =
   `Options (flags win over environment variables, which win over defaults):
   --host HOST        interface to bind (AUTH_HOST / CHAT_HOST, default 127.0.0.1)
-  --port PORT        port of this server, 0 = pick a free one (AUTH_PORT 8000 / CHAT_PORT 8001)
+  --port PORT        port of this server, 0 = pick a free one (AUTH_PORT 8000 / CHAT_PORT 8001);
+                     with 'start': the auth server's, the chat server on the next (0: both free)
   --auth-port PORT   with 'start': the auth server's port
   --chat-port PORT   with 'start': the chat server's port
   --data-dir DIR     data directory (DATA_DIR, default ./data)
@@ -77,21 +78,24 @@ export function parseServerConfig(
     "127.0.0.1";
   const chatHost = (role !== "auth" ? host : undefined) ?? env("CHAT_HOST") ??
     "127.0.0.1";
-  const authPortText = (role === "auth" ? parsed.port : parsed["auth-port"]) ??
-    env("AUTH_PORT") ?? "8000";
-  const chatPortText = (role === "chat" ? parsed.port : parsed["chat-port"]) ??
-    env("CHAT_PORT") ?? "8001";
-  if (role === "start" && parsed.port !== undefined) {
-    throw new ConfigError(
-      "Cannot use --port with start: use --auth-port and --chat-port",
-    );
-  }
-  // With start, AUTH_URL (often set for the client) does not apply: its chat
-  // server uses the auth server it starts. A --auth-url is passed on, so that
-  // the entry point can say it is ignored.
-  const authUrl = role === "start"
-    ? parsed["auth-url"]
-    : parsed["auth-url"] ?? env("AUTH_URL");
+  // With start, --port is both servers': 0 picks two free ports, N is the
+  // auth server's and N + 1 the chat server's (as 8000 and 8001).
+  const [startAuthPort, startChatPort] = role === "start"
+    ? startPorts(parsed.port, parsed["auth-port"], parsed["chat-port"])
+    : [undefined, undefined];
+  const authPortText =
+    (role === "auth" ? parsed.port : startAuthPort ?? parsed["auth-port"]) ??
+      env("AUTH_PORT") ?? "8000";
+  const chatPortText =
+    (role === "chat" ? parsed.port : startChatPort ?? parsed["chat-port"]) ??
+      env("CHAT_PORT") ?? "8001";
+  // AUTH_URL is the chat server's (and the client's, often set in the same
+  // shell): the auth server does not read it, and with start the chat server
+  // uses the auth server it starts. A --auth-url is passed on, so that the
+  // entry point can say it is ignored.
+  const authUrl = role === "chat"
+    ? parsed["auth-url"] ?? env("AUTH_URL")
+    : parsed["auth-url"];
   const chatPublicUrl = parsed["chat-url"] ?? env("CHAT_PUBLIC_URL");
   if (authUrl !== undefined) checkUrl("auth URL", authUrl, ["http:", "https:"]);
   if (chatPublicUrl !== undefined) {
@@ -111,9 +115,11 @@ export function parseServerConfig(
     dataDir: parsed["data-dir"] ?? env("DATA_DIR") ?? "./data",
     authUrl,
     chatPublicUrl,
+    // The chat server alone has no sessions of its own to time.
     sessionTtlSeconds: parsePositiveInt(
       "session TTL",
-      parsed["session-ttl"] ?? env("SESSION_TTL") ?? "86400",
+      parsed["session-ttl"] ??
+        (role === "chat" ? undefined : env("SESSION_TTL")) ?? "86400",
     ),
     rateLimits: rateLimitsText === "on",
     allowedOrigins: (env("ALLOWED_ORIGINS") ?? "").split(",").map((s) =>
@@ -141,6 +147,27 @@ export function httpAddress(host: string, port: number): string {
     ? `[${host}]`
     : host;
   return `http://${shown}:${port}`;
+}
+
+/** `--port` of start as the two servers' ports, or none given. */
+function startPorts(
+  port: string | undefined,
+  authPort: string | undefined,
+  chatPort: string | undefined,
+): [string, string] | [undefined, undefined] {
+  if (port === undefined) return [undefined, undefined];
+  if (authPort !== undefined || chatPort !== undefined) {
+    throw new ConfigError(
+      "Cannot use --port with --auth-port or --chat-port: --port sets both",
+    );
+  }
+  const n = parsePort("port", port);
+  if (n === 65535) {
+    throw new ConfigError(
+      `Cannot use port "${port}" with start: the chat server takes the next port; use 0 to 65534`,
+    );
+  }
+  return n === 0 ? ["0", "0"] : [String(n), String(n + 1)];
 }
 
 function parsePort(what: string, text: string): number {

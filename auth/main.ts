@@ -29,6 +29,13 @@ try {
   Deno.exit(2);
 }
 
+if (config.chatPublicUrl === undefined && config.chatPort === 0) {
+  // Only `deno task start` knows the port a chat server picked.
+  console.error(
+    "auth: CHAT_PORT is 0 and no chat URL is set: /login cannot hand out the chat server's address; set CHAT_PUBLIC_URL or --chat-url",
+  );
+}
+
 let server;
 try {
   server = await createAuthServer(

@@ -116,7 +116,12 @@ export async function createChatServer(
   } catch (err) {
     await manager.close();
     await history.close();
-    throw err;
+    const shown = hostname.includes(":") ? `[${hostname}]` : hostname;
+    throw new Error(
+      `Cannot listen on http://${shown}:${port}: ${
+        err instanceof Error ? err.message : err
+      }`,
+    );
   }
   const addr = server.addr;
   const host = addr.hostname.includes(":")

@@ -105,3 +105,26 @@ Deno.test("deno task chat refuses bad configuration with exit code 2", async () 
   assert.equal(out.code, 2);
   assert.match(new TextDecoder().decode(out.stderr), /chat port "99999"/);
 });
+
+Deno.test("a chat server whose port is taken says which address, and gives its data directory back", async () => {
+  const { createChatServer } = await import("../chat/server.ts");
+  const dataDir = await Deno.makeTempDir();
+  const taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  try {
+    const port = taken.addr.port;
+    await assert.rejects(
+      createChatServer({ port, dataDir, authUrl: "http://127.0.0.1:9" }),
+      new RegExp(`^Error: Cannot listen on http://127\\.0\\.0\\.1:${port}: `),
+    );
+    // Closed cleanly (its running mark is gone), and unlocked.
+    assert.deepEqual(
+      [...Deno.readDirSync(`${dataDir}/history`)].map((e) => e.name),
+      [".lock"],
+    );
+    const { HistoryStore } = await import("../chat/history.ts");
+    await (await HistoryStore.open(`${dataDir}/history`)).close();
+  } finally {
+    taken.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});

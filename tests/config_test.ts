@@ -1,0 +1,78 @@
+import assert from "node:assert/strict";
+import { ConfigError, parseServerConfig } from "../config.ts";
+
+function envOf(vars: Record<string, string>) {
+  return (name: string) => vars[name];
+}
+
+Deno.test("flags win over environment variables, which win over the defaults", () => {
+  const env = envOf({ AUTH_PORT: "9100", CHAT_PORT: "9101", DATA_DIR: "/e" });
+  const defaults = parseServerConfig("start", [], envOf({}));
+  assert.equal(defaults.authPort, 8000);
+  assert.equal(defaults.chatPort, 8001);
+  assert.equal(defaults.dataDir, "./data");
+  const fromEnv = parseServerConfig("start", [], env);
+  assert.deepEqual([fromEnv.authPort, fromEnv.chatPort], [9100, 9101]);
+  const fromFlags = parseServerConfig("auth", [
+    "--port",
+    "9200",
+    "--data-dir",
+    "/f",
+  ], env);
+  assert.equal(fromFlags.authPort, 9200);
+  assert.equal(fromFlags.dataDir, "/f");
+  assert.equal(parseServerConfig("chat", ["--port", "0"], env).chatPort, 0);
+});
+
+Deno.test("start takes --port: 0 picks both ports, N puts the chat server on N + 1", async (t) => {
+  const env = envOf({ AUTH_PORT: "9100", CHAT_PORT: "9101" });
+  await t.step("0", () => {
+    const config = parseServerConfig("start", ["--port", "0"], env);
+    assert.deepEqual([config.authPort, config.chatPort], [0, 0]);
+  });
+  await t.step("N", () => {
+    const config = parseServerConfig("start", ["--port", "9000"], env);
+    assert.deepEqual([config.authPort, config.chatPort], [9000, 9001]);
+  });
+  await t.step(
+    "with --auth-port or --chat-port, or at 65535: a usage error",
+    () => {
+      for (
+        const args of [
+          ["--port", "0", "--chat-port", "1"],
+          ["--port", "0", "--auth-port", "1"],
+          ["--port", "65535"],
+          ["--port", "x"],
+        ]
+      ) {
+        assert.throws(() => parseServerConfig("start", args, env), ConfigError);
+      }
+    },
+  );
+});
+
+Deno.test("a server does not stop for a variable it does not read (AUTH_URL for auth, SESSION_TTL for chat)", () => {
+  const env = envOf({ AUTH_URL: "not a url", SESSION_TTL: "abc" });
+  assert.equal(
+    parseServerConfig("auth", [], envOf({ AUTH_URL: "xx" })).authUrl,
+    undefined,
+  );
+  assert.equal(
+    parseServerConfig("start", [], envOf({ AUTH_URL: "xx" })).authUrl,
+    undefined,
+  );
+  assert.throws(
+    () => parseServerConfig("chat", [], env),
+    /auth URL "not a url"/,
+  );
+  assert.equal(
+    parseServerConfig("chat", [], envOf({ SESSION_TTL: "abc" }))
+      .sessionTtlSeconds,
+    86400,
+  );
+  assert.throws(() => parseServerConfig("auth", [], env), /session TTL "abc"/);
+  assert.throws(
+    () => parseServerConfig("chat", ["--auth-url", "ftp://x"], envOf({})),
+    ConfigError,
+  );
+});
