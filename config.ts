@@ -122,9 +122,10 @@ export function parseServerConfig(
         (role === "chat" ? undefined : env("SESSION_TTL")) ?? "86400",
     ),
     rateLimits: rateLimitsText === "on",
-    allowedOrigins: (env("ALLOWED_ORIGINS") ?? "").split(",").map((s) =>
-      s.trim()
-    ).filter((s) => s !== ""),
+    // The auth server does not read it.
+    allowedOrigins: role === "auth"
+      ? []
+      : parseOrigins(env("ALLOWED_ORIGINS") ?? ""),
   };
 }
 
@@ -168,6 +169,37 @@ function startPorts(
     );
   }
   return n === 0 ? ["0", "0"] : [String(n), String(n + 1)];
+}
+
+/**
+ * `ALLOWED_ORIGINS` as the origins browsers send (`*`: any): an entry that is
+ * not one would never match, so it is refused rather than ignored.
+ */
+function parseOrigins(text: string): string[] {
+  const origins = [];
+  for (const entry of text.split(",").map((s) => s.trim())) {
+    if (entry === "") continue;
+    if (entry === "*") {
+      origins.push(entry);
+      continue;
+    }
+    let url: URL | undefined;
+    try {
+      url = new URL(entry);
+    } catch {
+      url = undefined;
+    }
+    if (
+      url === undefined || url.origin === "null" || url.pathname !== "/" ||
+      url.search !== "" || url.hash !== "" || url.username !== ""
+    ) {
+      throw new ConfigError(
+        `Cannot use ALLOWED_ORIGINS entry "${entry}": expected an origin such as https://chat.example.com`,
+      );
+    }
+    origins.push(url.origin);
+  }
+  return origins;
 }
 
 function parsePort(what: string, text: string): number {

@@ -76,3 +76,37 @@ Deno.test("a server does not stop for a variable it does not read (AUTH_URL for 
     ConfigError,
   );
 });
+
+Deno.test("ALLOWED_ORIGINS entries are origins as browsers send them; anything else is a usage error", () => {
+  const config = parseServerConfig(
+    "chat",
+    [],
+    envOf({
+      ALLOWED_ORIGINS: " https://Chat.Example.com/ ,http://localhost:5173,*",
+    }),
+  );
+  assert.deepEqual(config.allowedOrigins, [
+    "https://chat.example.com",
+    "http://localhost:5173",
+    "*",
+  ]);
+  for (
+    const bad of [
+      "not an origin",
+      "chat.example.com",
+      "https://a.com/path",
+      "file:///x",
+    ]
+  ) {
+    assert.throws(
+      () => parseServerConfig("start", [], envOf({ ALLOWED_ORIGINS: bad })),
+      new RegExp(`ALLOWED_ORIGINS entry "${bad.replace(/[.*/]/g, "\\$&")}"`),
+    );
+  }
+  // The auth server does not read it.
+  assert.deepEqual(
+    parseServerConfig("auth", [], envOf({ ALLOWED_ORIGINS: "bad" }))
+      .allowedOrigins,
+    [],
+  );
+});
