@@ -55,6 +55,11 @@ function fail(err: unknown): never {
     console.error(`chatroom: ${err.message}`);
     exit(err.exitCode);
   }
+  if (err instanceof Deno.errors.BrokenPipe) {
+    // Whatever read the output is gone (`chatroom ... | head -1`).
+    console.error("chatroom: the output was closed");
+    exit(EXIT_ERROR);
+  }
   const message = err instanceof Error ? err.message : String(err);
   console.error(`chatroom: unexpected error: ${message.split("\n")[0]}`);
   exit(EXIT_ERROR);

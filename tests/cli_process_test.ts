@@ -1,8 +1,13 @@
 import assert from "node:assert/strict";
 import {
+  CLI_PERMISSIONS,
   CliProcess,
   loginProcess,
   looksLikeStackTrace,
+  PASSWORD,
+  register,
+  REPO_ROOT,
+  startServers,
 } from "./_cli_helpers.ts";
 
 /** A local port where nothing listens. */
@@ -145,4 +150,53 @@ Deno.test("end of input at a prompt reached from the menu exits 0; in a subcomma
       "chatroom: no username given: the input ended",
     ]);
   });
+});
+
+Deno.test("when whatever reads the output goes away, the client ends with one line, not an unexpected error", async () => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        ...CLI_PERMISSIONS,
+        "cli/main.ts",
+        "login",
+        "--auth-url",
+        servers.authUrl,
+        "--user",
+        "alice",
+        "--password-stdin",
+      ],
+      cwd: REPO_ROOT,
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1" },
+    }).spawn();
+    const stdin = child.stdin.getWriter();
+    await stdin.write(new TextEncoder().encode(`${PASSWORD}\n`));
+    const out = child.stdout.getReader();
+    let seen = "";
+    while (!seen.includes("connected as alice")) {
+      const { value, done } = await out.read();
+      if (done) throw new Error(`output ended: ${seen}`);
+      seen += new TextDecoder().decode(value);
+    }
+    await out.cancel();
+    // Output from now on has nowhere to go.
+    await stdin.write(new TextEncoder().encode("/help\n"));
+    const [status, stderr] = await Promise.all([
+      child.status,
+      new Response(child.stderr).text(),
+    ]);
+    await stdin.close().catch(() => {});
+    assert.equal(status.code, 1);
+    assert.equal(
+      stderr.trim().split("\n").pop(),
+      "chatroom: the output was closed",
+    );
+  } finally {
+    await servers.close();
+  }
 });
