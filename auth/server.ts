@@ -86,13 +86,14 @@ export async function createAuthServer(
       }`,
     );
   }
-  const realPort = httpServer.addr.port;
+  // The address bound (`localhost` becomes 127.0.0.1), as the chat server says.
+  const { hostname: boundHost, port: realPort } = httpServer.addr;
   const { promise: finished, resolve: resolveFinished } = Promise
     .withResolvers<void>();
   let closing: Promise<void> | undefined;
   return {
-    url: httpAddress(hostname, realPort),
-    hostname,
+    url: httpAddress(boundHost, realPort),
+    hostname: boundHost,
     port: realPort,
     store,
     finished,

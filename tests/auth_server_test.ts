@@ -1070,3 +1070,25 @@ Deno.test("a login hands out the chat URL the function gives at that moment", as
     assert.equal(field(answer, "chat_url"), "ws://127.0.0.1:4242/ws");
   });
 });
+
+Deno.test("the auth server's address is the one it bound (localhost is 127.0.0.1), as the chat server's is", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+  try {
+    const server = await createAuthServer({
+      hostname: "localhost",
+      port: 0,
+      dataDir,
+      chatUrl: "ws://x/ws",
+    });
+    try {
+      assert.equal(server.hostname, "127.0.0.1");
+      assert.equal(server.url, `http://127.0.0.1:${server.port}`);
+      const res = await fetch(`${server.url}/health`);
+      assert.deepEqual(await res.json(), { status: "ok" });
+    } finally {
+      await server.shutdown();
+    }
+  } finally {
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
