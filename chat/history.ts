@@ -85,8 +85,10 @@ export class HistoryStore {
   #rooms = new Map<string, Room>();
   /** The sender's `client_id` of the messages that had one. */
   #clientIds = new WeakMap<RoomMessage, string>();
-  /** Where a room's ids start: {@linkcode CRASH_ID_JUMP} after a crash. */
-  /** Where a room with nothing on disk starts its ids. */
+  /**
+   * Where a room with nothing on disk starts its ids: 0, or since a crash
+   * the base of the run that recovered from it.
+   */
   #idBase = 0;
   /** Per room, the ids the room's ids go on above (see `FLOORS_FILE`). */
   #floors = new Map<string, number>();
@@ -307,14 +309,22 @@ export class HistoryStore {
     const afterId = Number(after);
     const start = firstIndexAbove(messages, afterId);
     const next = messages[start];
-    // A room with nothing kept may still have lost messages to a crash.
-    const lastId = this.#rooms.get(room)?.lastId ?? this.#floor(room);
-    // Ids are consecutive, except across a crash: a hole right after `after`
-    // is history no longer kept, or lost.
-    const gap = next !== undefined
-      ? Number(next.id) > afterId + 1
-      : lastId > afterId;
-    return { messages: messages.slice(start, start + limit), gap };
+    // Ids are consecutive, except where they jumped at the last crash's
+    // recovery: the crashed run may have handed out some of the skipped
+    // ids and lost them. A client that had seen nothing of a room that had
+    // nothing on disk then (a room new since) has lost nothing there.
+    // (The page says so once it reaches the jump.)
+    const page = messages.slice(start, start + limit);
+    const jump = this.#jump(room);
+    const acrossJump = afterId < jump.to &&
+      !(afterId === 0 && jump.from === 0) &&
+      (page.length < limit || Number(page.at(-1)!.id) > jump.from);
+    const seen = afterId >= jump.from && afterId < jump.to ? jump.to : afterId;
+    const lastId = this.#rooms.get(room)?.lastId ?? jump.to;
+    // Otherwise a hole right after what was seen is history no longer kept.
+    const gap = acrossJump ||
+      (next !== undefined ? Number(next.id) > seen + 1 : lastId > seen);
+    return { messages: page, gap };
   }
 
   /** Writes every queued message now. */
@@ -355,7 +365,19 @@ export class HistoryStore {
 
   /** The id a room's ids go on above when it has none of its own. */
   #floor(room: string): number {
-    return Math.max(this.#idBase, this.#floors.get(room) ?? 0);
+    return this.#jump(room).to;
+  }
+
+  /**
+   * The ids a room skipped at the last crash's recovery: from its last id on
+   * disk then (0 for a room with no file) to the one its ids went on above.
+   */
+  #jump(room: string): { from: number; to: number } {
+    const floor = this.#floors.get(room);
+    if (floor === undefined || floor < this.#idBase) {
+      return { from: 0, to: this.#idBase };
+    }
+    return { from: floor - this.#idBase, to: floor };
   }
 
   /** A message as its file keeps it: the sender's echo, with its client_id. */

@@ -228,6 +228,16 @@ Deno.test("a clean restart after a crash does not give out the crashed run's ids
     assert.equal(clean.after("ghost", "1", 10).gap, true);
     assert.equal(clean.append("dev", "bob", "x").message.id, "1000004");
     assert.equal(clean.append("ghost", "bob", "y").message.id, "1000001");
+    // No false alarms: a client that had seen nothing of a room new since
+    // the crash, or has seen past the jump, has lost nothing.
+    assert.equal(clean.after("quiet", "0", 10).gap, false);
+    assert.equal(clean.after("ghost", "0", 10).gap, false);
+    assert.equal(clean.after("dev", "1000004", 10).gap, false);
+    assert.equal(clean.append("brand-new", "bob", "z").message.id, "1000001");
+    assert.equal(clean.after("brand-new", "0", 10).gap, false);
+    // A client that saw dev's messages before the crash is told.
+    assert.equal(clean.after("dev", "3", 10).gap, true);
+    assert.equal(clean.after("dev", "0", 10).gap, true);
     await clean.close();
     const floors = JSON.parse(
       await Deno.readTextFile(`${dir}/.id_floors.json`),
