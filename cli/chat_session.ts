@@ -117,6 +117,8 @@ export interface SessionState {
   oldestId: [string, string][];
   lastId: [string, bigint][];
   pending: [string, PendingMessage][];
+  /** Per room, the `after` id whose gap the user was told about. */
+  gapTold: [string, string][];
 }
 
 /** A message typed and not yet confirmed by the server. */
@@ -178,6 +180,8 @@ export class ChatSession {
   #olderPages = new WeakSet<ClientFrame>();
   /** Frames refused for the server's rate: first again once the wait is over. */
   #requeue: ClientFrame[] = [];
+  /** The current room when a typed frame was typed, before it took effect. */
+  #typedIn = new WeakMap<ClientFrame, string | undefined>();
   /** Rooms rejoined after a reconnect, whose `joined` is not announced. */
   #quietJoins = new Set<string>();
   /** Rooms left again after a reconnect, whose `left` is not announced. */
@@ -238,6 +242,7 @@ export class ChatSession {
       }
       this.#lastId = new Map(resume.lastId);
       this.#pending = new Map(resume.pending);
+      this.#gapTold = new Map(resume.gapTold);
     }
     this.#me = options.username;
   }
@@ -265,6 +270,7 @@ export class ChatSession {
       oldestId: [...this.#oldestId],
       lastId: [...this.#lastId],
       pending: [...this.#pending],
+      gapTold: [...this.#gapTold],
     };
   }
 
@@ -612,14 +618,16 @@ export class ChatSession {
   }
 
   /**
-   * Queues a frame behind what was typed before it. Offline, a question
-   * (`who`, `rooms`, `history`) is not kept (false); anything else waits for
-   * the reconnect (true).
+   * Queues a typed frame behind what was typed before it; `before` is the
+   * current room before it took effect (see `#messageView`). Offline, a
+   * question (`who`, `rooms`, `history`) is not kept (false); anything else
+   * waits for the reconnect (true).
    */
-  #enqueue(frame: ClientFrame): boolean {
+  #enqueue(frame: ClientFrame, before = this.#currentRoom()): boolean {
     const question = frame.type === "who" || frame.type === "rooms" ||
       frame.type === "history";
     if (!this.#ready && question) return false;
+    this.#typedIn.set(frame, before);
     this.#outbox.push(frame);
     this.#pump();
     return true;
@@ -872,7 +880,7 @@ export class ChatSession {
         }
         this.#rooms = this.#rooms.filter((r) => r !== room).concat(room);
         this.#updatePrompt();
-        this.#enqueue({ type: "join", room });
+        this.#enqueue({ type: "join", room }, current);
         if (!this.#ready) {
           this.#print(status(`will join #${room} when reconnected`, view));
         }
@@ -881,14 +889,14 @@ export class ChatSession {
       case "/leave": {
         const room = (args[0] ?? current)?.toLowerCase();
         if (args.length > 1 || room === undefined || !isRoomName(room)) {
-          return this.#hint("usage: /leave ROOM");
+          return this.#hint("usage: /leave [ROOM]");
         }
         if (!this.#rooms.includes(room)) {
           return this.#hint(`you are not in #${room}`);
         }
         this.#rooms = this.#rooms.filter((r) => r !== room);
         this.#updatePrompt();
-        this.#enqueue({ type: "leave", room });
+        this.#enqueue({ type: "leave", room }, current);
         if (!this.#ready) {
           // Said now; the server's answer after the reconnect is not.
           this.#quietLeaves.add(room);
@@ -1145,13 +1153,22 @@ export class ChatSession {
   }
 
   /**
-   * The view for room messages: `#room` is left out for the room the server
-   * takes as current when the message comes (the last it confirmed joining),
-   * not the one typed last: with lines typed ahead, an echo arrives before
-   * the answer to a `/leave` typed after its line.
+   * The view for room messages: what arrives now comes before the oldest
+   * line still unanswered took effect, so `#room` is left out for the room
+   * current when that line was typed (with lines typed ahead, the echo of a
+   * line comes before the answer to a `/leave` typed after it); with none,
+   * for the current room.
    */
   #messageView(): ViewOptions {
-    return { ...this.#view(), currentRoom: this.#serverRooms.at(-1) };
+    const view = this.#view();
+    for (const frames of [this.#requeue, this.#asked, this.#outbox]) {
+      for (const frame of frames) {
+        if (this.#typedIn.has(frame)) {
+          return { ...view, currentRoom: this.#typedIn.get(frame) };
+        }
+      }
+    }
+    return view;
   }
 
   #prompt(): string {

@@ -257,6 +257,41 @@ Deno.test("when the server no longer keeps all that was missed, the client says 
   }
 });
 
+Deno.test("after a reconnect, #room still marks the rooms that are not the current one (the lobby rejoined last stays current)", async () => {
+  const servers = await startServers();
+  try {
+    const { bob: before, cli } = await bobAndAlice(servers);
+    const bobToken = (await login(servers.authUrl, "bob")).token;
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    await cli.write("/join dev");
+    await cli.stdout.next("now in #dev");
+    await cli.write("/join lobby");
+    await cli.stdout.next("now in #lobby");
+
+    await Promise.all([servers.restartChat(), before.closed()]);
+    await cli.stdout.next("reconnected");
+    const bob = await Peer.connect(servers.chat.url, bobToken);
+    bob.send({ type: "join", room: "dev" });
+    await bob.next((f) => f.type === "joined");
+    await bob.say("in the lobby", "lobby");
+    await bob.say("in dev", "dev");
+    assert.match(
+      await cli.stdout.next(/<bob> in the lobby$/),
+      /^\[\d\d:\d\d\] <bob> in the lobby$/,
+    );
+    assert.match(
+      await cli.stdout.next(/<bob> in dev$/),
+      /^\[\d\d:\d\d\] #dev <bob> in dev$/,
+    );
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    await bob.close();
+  } finally {
+    await servers.close();
+  }
+});
+
 /** `deno task start`'s entry point as a real process, on the given ports. */
 async function startStart(
   dataDir: string,
