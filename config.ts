@@ -44,6 +44,40 @@ export const SERVER_USAGE =
   --session-ttl S    session lifetime in seconds (SESSION_TTL, default 86400)
   --help             show this help`;
 
+/** The environment variables each entry point reads. */
+const READS: Record<ServerRole, ReadonlySet<string>> = {
+  // CHAT_HOST and CHAT_PORT make the default chat address /login hands out.
+  auth: new Set([
+    "AUTH_HOST",
+    "AUTH_PORT",
+    "CHAT_HOST",
+    "CHAT_PORT",
+    "CHAT_PUBLIC_URL",
+    "DATA_DIR",
+    "SESSION_TTL",
+    "RATE_LIMITS",
+  ]),
+  chat: new Set([
+    "CHAT_HOST",
+    "CHAT_PORT",
+    "DATA_DIR",
+    "AUTH_URL",
+    "RATE_LIMITS",
+    "ALLOWED_ORIGINS",
+  ]),
+  start: new Set([
+    "AUTH_HOST",
+    "AUTH_PORT",
+    "CHAT_HOST",
+    "CHAT_PORT",
+    "CHAT_PUBLIC_URL",
+    "DATA_DIR",
+    "SESSION_TTL",
+    "RATE_LIMITS",
+    "ALLOWED_ORIGINS",
+  ]),
+};
+
 /**
  * Parses flags and environment into a {@linkcode ServerConfig}.
  * Throws {@linkcode ConfigError} on unknown flags or bad values.
@@ -73,10 +107,13 @@ export function parseServerConfig(
   } catch (err) {
     throw new ConfigError(err instanceof Error ? err.message : String(err));
   }
+  // A server does not stop for a variable it does not read (AUTH_URL, often
+  // set for the client in the same shell, is the chat server's alone).
+  const read = (name: string) => READS[role].has(name) ? env(name) : undefined;
   const host = parsed.host;
-  const authHost = (role !== "chat" ? host : undefined) ?? env("AUTH_HOST") ??
+  const authHost = (role !== "chat" ? host : undefined) ?? read("AUTH_HOST") ??
     "127.0.0.1";
-  const chatHost = (role !== "auth" ? host : undefined) ?? env("CHAT_HOST") ??
+  const chatHost = (role !== "auth" ? host : undefined) ?? read("CHAT_HOST") ??
     "127.0.0.1";
   // With start, --port is both servers': 0 picks two free ports, N is the
   // auth server's and N + 1 the chat server's (as 8000 and 8001).
@@ -85,23 +122,19 @@ export function parseServerConfig(
     : [undefined, undefined];
   const authPortText =
     (role === "auth" ? parsed.port : startAuthPort ?? parsed["auth-port"]) ??
-      env("AUTH_PORT") ?? "8000";
+      read("AUTH_PORT") ?? "8000";
   const chatPortText =
     (role === "chat" ? parsed.port : startChatPort ?? parsed["chat-port"]) ??
-      env("CHAT_PORT") ?? "8001";
-  // AUTH_URL is the chat server's (and the client's, often set in the same
-  // shell): the auth server does not read it, and with start the chat server
-  // uses the auth server it starts. A --auth-url is passed on, so that the
-  // entry point can say it is ignored.
-  const authUrl = role === "chat"
-    ? parsed["auth-url"] ?? env("AUTH_URL")
-    : parsed["auth-url"];
-  const chatPublicUrl = parsed["chat-url"] ?? env("CHAT_PUBLIC_URL");
+      read("CHAT_PORT") ?? "8001";
+  // With start, the chat server uses the auth server it starts: a
+  // --auth-url is passed on, so that the entry point can say it is ignored.
+  const authUrl = parsed["auth-url"] ?? read("AUTH_URL");
+  const chatPublicUrl = parsed["chat-url"] ?? read("CHAT_PUBLIC_URL");
   if (authUrl !== undefined) checkUrl("auth URL", authUrl, ["http:", "https:"]);
   if (chatPublicUrl !== undefined) {
     checkUrl("chat URL", chatPublicUrl, ["ws:", "wss:"]);
   }
-  const rateLimitsText = (env("RATE_LIMITS") ?? "on").toLowerCase();
+  const rateLimitsText = (read("RATE_LIMITS") ?? "on").toLowerCase();
   if (!["on", "off"].includes(rateLimitsText)) {
     throw new ConfigError(
       `Cannot read RATE_LIMITS "${rateLimitsText}": use on or off`,
@@ -112,20 +145,15 @@ export function parseServerConfig(
     authPort: parsePort("auth port", authPortText),
     chatHost,
     chatPort: parsePort("chat port", chatPortText),
-    dataDir: parsed["data-dir"] ?? env("DATA_DIR") ?? "./data",
+    dataDir: parsed["data-dir"] ?? read("DATA_DIR") ?? "./data",
     authUrl,
     chatPublicUrl,
-    // The chat server alone has no sessions of its own to time.
     sessionTtlSeconds: parsePositiveInt(
       "session TTL",
-      parsed["session-ttl"] ??
-        (role === "chat" ? undefined : env("SESSION_TTL")) ?? "86400",
+      parsed["session-ttl"] ?? read("SESSION_TTL") ?? "86400",
     ),
     rateLimits: rateLimitsText === "on",
-    // The auth server does not read it.
-    allowedOrigins: role === "auth"
-      ? []
-      : parseOrigins(env("ALLOWED_ORIGINS") ?? ""),
+    allowedOrigins: parseOrigins(read("ALLOWED_ORIGINS") ?? ""),
   };
 }
 
@@ -189,15 +217,23 @@ function parseOrigins(text: string): string[] {
     } catch {
       url = undefined;
     }
+    // Browser extensions and app shells (chrome-extension://ID,
+    // tauri://localhost) have origins URL does not serialise: scheme://host.
+    const origin = url === undefined || url.host === ""
+      ? undefined
+      : url.origin !== "null"
+      ? url.origin
+      : `${url.protocol}//${url.host}`;
     if (
-      url === undefined || url.origin === "null" || url.pathname !== "/" ||
-      url.search !== "" || url.hash !== "" || url.username !== ""
+      url === undefined || origin === undefined ||
+      !["", "/"].includes(url.pathname) || url.search !== "" ||
+      url.hash !== "" || url.username !== ""
     ) {
       throw new ConfigError(
         `Cannot use ALLOWED_ORIGINS entry "${entry}": expected an origin such as https://chat.example.com`,
       );
     }
-    origins.push(url.origin);
+    origins.push(origin);
   }
   return origins;
 }

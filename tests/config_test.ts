@@ -71,6 +71,10 @@ Deno.test("a server does not stop for a variable it does not read (AUTH_URL for 
     86400,
   );
   assert.throws(() => parseServerConfig("auth", [], env), /session TTL "abc"/);
+  // Nor for the auth server's port or the address /login hands out.
+  const other = envOf({ AUTH_PORT: "x", CHAT_PUBLIC_URL: "y", AUTH_HOST: "" });
+  assert.equal(parseServerConfig("chat", [], other).chatPort, 8001);
+  assert.throws(() => parseServerConfig("auth", [], other), ConfigError);
   assert.throws(
     () => parseServerConfig("chat", ["--auth-url", "ftp://x"], envOf({})),
     ConfigError,
@@ -82,13 +86,16 @@ Deno.test("ALLOWED_ORIGINS entries are origins as browsers send them; anything e
     "chat",
     [],
     envOf({
-      ALLOWED_ORIGINS: " https://Chat.Example.com/ ,http://localhost:5173,*",
+      ALLOWED_ORIGINS:
+        " https://Chat.Example.com/ ,http://localhost:5173,*,chrome-extension://abcdef,tauri://localhost",
     }),
   );
   assert.deepEqual(config.allowedOrigins, [
     "https://chat.example.com",
     "http://localhost:5173",
     "*",
+    "chrome-extension://abcdef",
+    "tauri://localhost",
   ]);
   for (
     const bad of [
@@ -96,6 +103,8 @@ Deno.test("ALLOWED_ORIGINS entries are origins as browsers send them; anything e
       "chat.example.com",
       "https://a.com/path",
       "file:///x",
+      "null",
+      "chrome-extension://abc/page.html",
     ]
   ) {
     assert.throws(
