@@ -39,7 +39,7 @@ export interface ChatLimits {
   frameBurst: number;
   /** Sustained frames of any kind per second per connection. */
   framesPerSecond: number;
-  /** Rate-limited frames tolerated in a burst before the connection is closed with 1008. */
+  /** Frames sent before the wait a `rate_limited` named, tolerated in a burst before the connection is closed with 1008. */
   floodStrikes: number;
   /** How fast those strikes are forgiven, per second. */
   floodStrikesPerSecond: number;
@@ -151,6 +151,8 @@ interface Conn {
   open: boolean;
   frames: TokenBucket;
   strikes: TokenBucket;
+  /** Until when the last `rate_limited` told this connection to wait (ms). */
+  retryAt: number;
 }
 
 interface Room {
@@ -328,6 +330,7 @@ export class ConnectionManager {
         this.#limits.floodStrikesPerSecond,
         now,
       ),
+      retryAt: 0,
     };
     let settled = false;
     user.pending++;
@@ -556,10 +559,13 @@ export class ConnectionManager {
   }
 
   #limited(conn: Conn, waitMs: number, now: number): void {
-    if (conn.strikes.take(now) > 0) {
+    // Only a frame sent before the wait named last time counts toward the
+    // flood close: a client that waits as told is refused, never closed.
+    if (now < conn.retryAt && conn.strikes.take(now) > 0) {
       this.#drop(conn, CloseCode.policy, "flooding");
       return;
     }
+    conn.retryAt = Math.max(conn.retryAt, now + waitMs);
     this.#sendFrame(conn, {
       type: "error",
       error: "rate_limited",

@@ -554,3 +554,39 @@ Deno.test("a peer that stops answering pings is dropped and its presence cleaned
     await stack.close();
   }
 });
+
+Deno.test("a client that waits retry_after_ms after each refusal is refused, never closed for flooding", async () => {
+  const stack = await startStack({
+    rateLimits: true,
+    chatLimits: {
+      messageBurst: 1,
+      messagesPerSecond: 20,
+      floodStrikes: 2,
+      floodStrikesPerSecond: 0.001,
+    },
+  });
+  try {
+    const alice = await connectAs(stack, "alice");
+    let refused = 0;
+    // Sends the next line at once after an echo, and waits as told after a
+    // refusal: one refusal per line at twice the rate.
+    for (let i = 0; i < 16; i++) {
+      alice.send({ type: "message", text: `line ${i}` });
+      const answer = await alice.next((f) =>
+        f.type === "message" || f.type === "error"
+      );
+      if (answer.type === "error") {
+        assert.equal(answer.error, "rate_limited");
+        refused++;
+        await new Promise((resolve) =>
+          setTimeout(resolve, Number(answer.retry_after_ms))
+        );
+      }
+    }
+    assert.ok(refused >= 5, `refusals: ${refused}`);
+    assert.equal(alice.socket.readyState, WebSocket.OPEN);
+    await alice.close();
+  } finally {
+    await stack.close();
+  }
+});
