@@ -227,8 +227,11 @@ export class ConnectionManager {
   /** At shutdown: the connections whose close handshake is awaited. */
   #awaitingClose: { conns: Set<Conn>; done: () => void } | undefined;
   #nextConnId = 1;
+  /**
+   * The last direct message's id: a number, like a room message's, from the
+   * clock in microseconds, so that ids keep increasing across restarts.
+   */
   #dmSeq = 0;
-  #dmPrefix = Date.now().toString(36);
   #closing = false;
 
   /** Starts the manager and its session re-check timer. */
@@ -688,7 +691,7 @@ export class ConnectionManager {
     const line = JSON.stringify(
       {
         type: "dm",
-        id: `${this.#dmPrefix}-${++this.#dmSeq}`,
+        id: String(this.#dmSeq = Math.max(this.#dmSeq + 1, now * 1000)),
         from: conn.user.name,
         to: target.name,
         text,

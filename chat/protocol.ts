@@ -286,8 +286,9 @@ function optionalRoom(value: unknown): string | undefined {
   if (typeof value !== "string") {
     throw new FrameError("invalid_frame", "room must be a string");
   }
+  // Checked before lower-casing: "\u212a" (the Kelvin sign) lower-cases to "k".
   const room = value.toLowerCase();
-  if (!ROOM_RE.test(room)) {
+  if (!ROOM_RE.test(room) || !/^[A-Za-z0-9_-]*$/.test(value)) {
     throw new FrameError(
       "invalid_frame",
       "room names are 1 to 32 characters of a-z, 0-9, _ and -",

@@ -289,6 +289,12 @@ Deno.test("bad frames get error frames and the connection stays open", async (t)
       ["limit 501", { type: "history", limit: 501 }, "invalid_frame"],
       ["dm to nobody", { type: "dm", to: "nobody", text: "x" }, "unknown_user"],
       ["dm to a bad name", { type: "dm", to: "x", text: "x" }, "invalid_frame"],
+      // U+212A lower-cases to an ASCII "k", but is not one.
+      [
+        "join the Kelvin sign",
+        { type: "join", room: "\u212a" },
+        "invalid_frame",
+      ],
     ];
     for (const [name, frame, code] of cases) {
       await t.step(name, async () => {
@@ -458,12 +464,16 @@ Deno.test("a direct message reaches all of the recipient's and the sender's conn
     const b2 = await TestClient.connect(stack.chat.url, bt);
     const carol = await connectAs(stack, "carol");
     a1.send({ type: "dm", to: "BOB", text: "psst" });
+    a1.send({ type: "dm", to: "bob", text: "again" });
     for (const c of [a1, a2, b1, b2]) {
       const dm = await c.nextOfType("dm");
       assert.equal(dm.from, "alice");
       assert.equal(dm.to, "bob");
       assert.equal(dm.text, "psst");
-      assert.equal(typeof dm.id, "string");
+      // Ids are numbers in a string, increasing, as room messages' are.
+      assert.match(String(dm.id), /^[1-9]\d*$/);
+      const next = await c.nextOfType("dm");
+      assert.ok(BigInt(String(next.id)) > BigInt(String(dm.id)));
     }
     await carol.sync();
     assert.equal(carol.frames.filter((f) => f.type === "dm").length, 0);
