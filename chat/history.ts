@@ -16,8 +16,16 @@ import { DEFAULT_HISTORY_LIMIT, type RoomMessage } from "./protocol.ts";
 
 /** Options of {@linkcode HistoryStore.open}. */
 export interface HistoryOptions {
-  /** Messages kept per room, in memory and on disk. Default 1000. */
+  /**
+   * Messages kept per room, in memory and on disk. Default 1000. Those of
+   * the last `dedupWindowMs` are kept too, however many.
+   */
   keep?: number;
+  /**
+   * How long a sender's `client_id` is remembered, across a restart too:
+   * its message stays in the file that long. Default 10 minutes.
+   */
+  dedupWindowMs?: number;
   /** Longest time a message waits in memory before it is written. Default 1000 ms. */
   flushIntervalMs?: number;
   /** Clock in ms. Default `Date.now`. */
@@ -42,6 +50,8 @@ interface Room {
   pending: string[];
   /** Lines in the file beyond the kept tail; compaction rewrites the file. */
   needsRewrite: boolean;
+  /** At this many messages in memory, the oldest are trimmed (see `#trim`). */
+  trimAt: number;
   linesOnDisk: number;
   /** JSON of the newest messages a `welcome` or `joined` carries; dropped on append. */
   recentJson: string | undefined;
@@ -74,11 +84,14 @@ const FLOORS_FILE = ".id_floors.json";
  */
 const LOCK_FILE = ".lock";
 const TAIL_CHUNK = 64 * 1024;
+/** Most lines of the exactly-once window read at start, per room. */
+const MAX_WINDOW_LINES = 200_000;
 
 /** The history of every room, with batched persistence. */
 export class HistoryStore {
   #dir: string;
   #keep: number;
+  #dedupWindowMs: number;
   #flushIntervalMs: number;
   #now: () => number;
   #log: (line: string) => void;
@@ -101,6 +114,7 @@ export class HistoryStore {
   private constructor(dir: string, options: HistoryOptions) {
     this.#dir = dir;
     this.#keep = options.keep ?? 1000;
+    this.#dedupWindowMs = options.dedupWindowMs ?? 10 * 60_000;
     this.#flushIntervalMs = options.flushIntervalMs ?? 1000;
     this.#now = options.now ?? Date.now;
     this.#log = options.log ?? (() => {});
@@ -236,9 +250,7 @@ export class HistoryStore {
       ts: new Date(this.#now()).toISOString(),
     };
     r.messages.push(message);
-    if (r.messages.length >= this.#keep * 2) {
-      r.messages.splice(0, r.messages.length - this.#keep);
-    }
+    if (r.messages.length >= r.trimAt) this.#trim(r);
     const line = JSON.stringify(message);
     let own = line;
     if (clientId !== undefined) {
@@ -390,10 +402,22 @@ export class HistoryStore {
   #kept(room: string): RoomMessage[] {
     const r = this.#rooms.get(room);
     if (r === undefined) return [];
-    if (r.messages.length > this.#keep) {
-      r.messages.splice(0, r.messages.length - this.#keep);
-    }
+    if (r.messages.length > this.#keep) this.#trim(r);
     return r.messages;
+  }
+
+  /**
+   * Drops the oldest messages beyond the newest `keep`, except those of the
+   * exactly-once window: a restart finds their `client_id`s in the file.
+   */
+  #trim(r: Room): void {
+    const excess = r.messages.length - this.#keep;
+    const cutoff = this.#now() - this.#dedupWindowMs;
+    let n = 0;
+    while (n < excess && Date.parse(r.messages[n]!.ts) <= cutoff) n++;
+    if (n > 0) r.messages.splice(0, n);
+    // A busy window keeps more: try again once as many more came.
+    r.trimAt = Math.max(this.#keep * 2, r.messages.length * 2);
   }
 
   #schedule(): void {
@@ -415,7 +439,11 @@ export class HistoryStore {
     const lines = r.pending;
     r.pending = [];
     try {
-      if (r.needsRewrite || r.linesOnDisk + lines.length > this.#keep * 4) {
+      if (
+        r.needsRewrite ||
+        r.linesOnDisk + lines.length >
+          Math.max(this.#keep, r.messages.length) * 4
+      ) {
         const kept = this.#kept(r.name);
         const text = kept.map((m) => `${this.#storedLine(m)}\n`).join("");
         await writeAtomic(path, text);
@@ -454,7 +482,11 @@ export class HistoryStore {
 
   async #load(name: string): Promise<void> {
     const path = `${this.#dir}/${name}${FILE_SUFFIX}`;
-    const { lines, complete, clean } = await readTailLines(path, this.#keep);
+    const { lines, complete, clean } = await readTailLines(
+      path,
+      this.#keep,
+      this.#now() - this.#dedupWindowMs,
+    );
     const r = newRoom(name);
     for (const [index, line] of lines.entries()) {
       const stored = parseStoredMessage(line, name);
@@ -486,6 +518,7 @@ function newRoom(name: string, lastId = 0): Room {
     lastId,
     pending: [],
     needsRewrite: false,
+    trimAt: 0,
     linesOnDisk: 0,
     recentJson: undefined,
   };
@@ -544,9 +577,14 @@ function parseStoredMessage(
  * `complete` is false when older lines were left unread; `clean` is false when
  * the file does not end with a newline (a torn append).
  */
+/**
+ * The last `count` complete lines of a file, and before them those of
+ * messages sent since `since` (ms), at most {@linkcode MAX_WINDOW_LINES}.
+ */
 async function readTailLines(
   path: string,
   count: number,
+  since: number,
 ): Promise<{ lines: string[]; complete: boolean; clean: boolean }> {
   const file = await Deno.open(path, { read: true });
   try {
@@ -554,7 +592,20 @@ async function readTailLines(
     const chunks: Uint8Array[] = [];
     let pos = size;
     let newlines = 0;
-    while (pos > 0 && newlines <= count) {
+    const decoder = new TextDecoder();
+    // The first whole line read so far is of the window: read on.
+    const firstInWindow = () => {
+      const text = decoder.decode(chunks[0]);
+      const start = text.indexOf("\n") + 1;
+      const end = text.indexOf("\n", start);
+      return !(sentAt(text.slice(start, end === -1 ? undefined : end)) <=
+        since);
+    };
+    while (
+      pos > 0 &&
+      (newlines <= count ||
+        newlines <= MAX_WINDOW_LINES && firstInWindow())
+    ) {
       const len = Math.min(TAIL_CHUNK, pos);
       pos -= len;
       const buf = new Uint8Array(len);
@@ -574,16 +625,29 @@ async function readTailLines(
       bytes.set(c, offset);
       offset += c.length;
     }
-    const text = new TextDecoder().decode(bytes);
+    const text = decoder.decode(bytes);
     const clean = text === "" || text.endsWith("\n");
     const all = text.split("\n");
     all.pop(); // after the last newline: empty, or a torn line
     if (pos > 0) all.shift(); // the first line may start before what was read
-    const lines = all.length > count ? all.slice(all.length - count) : all;
-    return { lines, complete: pos === 0 && all.length <= count, clean };
+    let from = Math.max(0, all.length - count);
+    while (
+      from > 0 && all.length - from < MAX_WINDOW_LINES &&
+      !(sentAt(all[from - 1]!) <= since)
+    ) {
+      from--;
+    }
+    return { lines: all.slice(from), complete: pos === 0 && from === 0, clean };
   } finally {
     file.close();
   }
+}
+
+/** A stored line's `ts` in ms (NaN if none is found). */
+function sentAt(line: string): number {
+  // Inside a JSON string every quote is escaped: this is the key.
+  const match = /"ts":"([^"]{1,40})"/.exec(line);
+  return match === null ? NaN : Date.parse(match[1]!);
 }
 
 /** Reads `FLOORS_FILE` (none: base 0); a damaged one stops the start. */

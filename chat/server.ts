@@ -76,6 +76,8 @@ export async function createChatServer(
   } = options;
   const history = await HistoryStore.open(`${dataDir}/history`, {
     keep: options.historyKeep,
+    dedupWindowMs: options.limits?.dedupWindowMs ??
+      DEFAULT_CHAT_LIMITS.dedupWindowMs,
     flushIntervalMs: options.historyFlushMs,
     now: options.now,
     log,

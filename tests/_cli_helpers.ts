@@ -70,7 +70,11 @@ export async function startServers(
         dataDir,
         authUrl,
         rateLimits: options.chatLimits !== undefined,
-        ...(options.chatLimits !== undefined && { limits: options.chatLimits }),
+        // With historyKeep, exactly that many are kept: no exactly-once window.
+        limits: {
+          ...(options.historyKeep !== undefined && { dedupWindowMs: 0 }),
+          ...options.chatLimits,
+        },
         ...(options.historyKeep !== undefined &&
           { historyKeep: options.historyKeep }),
       });

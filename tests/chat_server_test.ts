@@ -484,7 +484,11 @@ Deno.test("a direct message reaches all of the recipient's and the sender's conn
 });
 
 Deno.test("history pages back with before, resumes with after, and reports a gap", async () => {
-  const stack = await startStack({ historyKeep: 20 });
+  const stack = await startStack({
+    historyKeep: 20,
+    // Exactly 20 kept: no exactly-once window keeping more.
+    chatLimits: { dedupWindowMs: 0 },
+  });
   try {
     const alice = await connectAs(stack, "alice");
     for (let i = 1; i <= 30; i++) {
@@ -625,6 +629,36 @@ Deno.test("a client_id sent before a restart of the chat server is still recogni
     assert.ok(messages.every((m) => !("client_id" in m)), JSON.stringify(h));
     const welcome = bob.frames.find((f) => f.type === "welcome")!;
     assert.ok(!JSON.stringify(welcome).includes("abc"));
+    await again.close();
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("a client_id is recognised after a restart even when more than the kept count of messages came after it", async () => {
+  const stack = await startStack({ historyKeep: 5 });
+  try {
+    const token = await login(stack.auth.url, "alice");
+    const alice = await TestClient.connect(stack.chat.url, token);
+    alice.send({ type: "message", text: "original", client_id: "e1" });
+    const first = await alice.nextOfType("message");
+    for (let i = 0; i < 12; i++) alice.send({ type: "message", text: `m${i}` });
+    await alice.next((f) => f.type === "message" && f.text === "m11");
+    await stack.chat.shutdown();
+    assert.equal((await alice.closed).code, 1001);
+    await stack.restartChat();
+    const bob = await connectAs(stack, "bob");
+    const again = await TestClient.connect(stack.chat.url, token);
+    again.send({ type: "message", text: "resent", client_id: "e1" });
+    const echo = await again.nextOfType("message");
+    assert.equal(echo.id, first.id);
+    assert.equal(echo.text, "original");
+    again.send({ type: "message", text: "after" });
+    await bob.next((f) => f.type === "message" && f.text === "after");
+    assert.ok(
+      !bob.frames.some((f) => f.text === "resent" || f.text === "original"),
+    );
     await again.close();
     await bob.close();
   } finally {
