@@ -5,15 +5,20 @@
  *
  * From a pipe it splits lines and queues them until asked. On a terminal it is
  * a small line editor in raw mode: it echoes (or, for passwords, hides) what is
- * typed, and {@linkcode LineReader.print} writes a line *above* the prompt and
- * the line being typed, then redraws them, so arriving messages never garble
- * the input. Raw mode is on only while a line is being read and is restored in
+ * typed, moves the cursor (arrows, Home, End, Ctrl+A/E/B/F), deletes (Backspace,
+ * Delete, Ctrl+D/U/W) a user-perceived character at a time, recalls earlier
+ * lines (Up, Down), and {@linkcode LineReader.print} writes a line *above* the
+ * prompt and the line being typed, then redraws them, so arriving messages
+ * never garble the input. Widths are terminal columns (CJK and emoji take
+ * two); what it draws is at most a few rows, however long the line or the
+ * footer, and is measured again at the current width when it is redrawn, so a
+ * resized terminal (see {@linkcode LineReader.resized}) keeps it whole. Raw mode is on only while a line is being read and is restored in
  * `finally`, also when Ctrl+C ends the read.
  *
  * @module
  */
 import { Interrupted } from "./cli_error.ts";
-import { visibleLength } from "./render.ts";
+import { displayWidth, splitGraphemes, visibleLength } from "./render.ts";
 
 /** A synchronous byte sink such as `Deno.stdout`. */
 export interface SyncWriter {
@@ -56,6 +61,12 @@ export interface ReadLineOptions {
 }
 
 const encoder = new TextEncoder();
+/** Footer lines shown at most; the rest are counted in the last one. */
+const MAX_FOOTER_ROWS = 5;
+/** Rows the prompt and the line being typed take at most. */
+const MAX_INPUT_ROWS = 3;
+/** Lines recalled with Up. */
+const MAX_HISTORY = 200;
 
 /** One shared line reader over stdin; see the module documentation. */
 export class LineReader {
@@ -79,10 +90,22 @@ export class LineReader {
   #partial = "";
   // Terminal mode: the editor.
   #buffer = "";
+  /** Where the cursor is in `#buffer` (a UTF-16 index at a grapheme boundary). */
+  #cursor = 0;
+  /** Lines entered with echo on, oldest first, and which one Up last showed. */
+  #history: string[] = [];
+  #historyAt = 0;
   #active: ReadLineOptions | null = null;
   #footer: string[] = [];
-  #drawnRowsAbove = -1;
+  /**
+   * What is on screen of the footer and the input: the widths of the footer
+   * rows, and how many columns precede the cursor on the input's rows;
+   * null when nothing is drawn. Rows are counted from these at the width of
+   * the moment, so that a terminal that re-wraps on resize is followed.
+   */
+  #drawn: { footer: number[]; cursor: number } | null = null;
   #escape: "" | "esc" | "csi" = "";
+  #csi = "";
   #lastWasCr = false;
   #raw = false;
 
@@ -129,6 +152,7 @@ export class LineReader {
     return new Promise<string | null>((resolve, reject) => {
       const onAbort = () => {
         this.#buffer = "";
+        this.#cursor = 0;
         this.#finishRead();
         reject(signal?.reason);
       };
@@ -181,6 +205,11 @@ export class LineReader {
     this.#clear();
     this.#footer = [...lines];
     this.#draw();
+  }
+
+  /** The terminal changed size: draws the footer and the input again. */
+  resized(): void {
+    this.#redraw();
   }
 
   /** Stops reading, clears the prompt and restores the terminal. */
@@ -239,13 +268,19 @@ export class LineReader {
 
   #key(char: string): void {
     const code = char.codePointAt(0) ?? 0;
-    // Escape sequences (arrows, function keys) are skipped whole.
     if (this.#escape === "esc") {
-      this.#escape = char === "[" || char === "O" ? "csi" : "";
-      return;
-    }
-    if (this.#escape === "csi") {
-      if (code >= 0x40 && code <= 0x7e) this.#escape = "";
+      if (char === "[" || char === "O") {
+        this.#escape = "csi";
+        this.#csi = char === "O" ? "O" : "";
+        return;
+      }
+      // Esc, or Alt with a key: the key counts on its own.
+      this.#escape = "";
+    } else if (this.#escape === "csi") {
+      if (code >= 0x40 && code <= 0x7e) {
+        this.#escape = "";
+        this.#sequence(this.#csi.replace(/^O/, ""), char);
+      } else if (this.#csi.length < 16) this.#csi += char;
       return;
     }
     const wasCr = this.#lastWasCr;
@@ -261,40 +296,128 @@ export class LineReader {
         if (!wasCr) this.#enter();
         return;
       case "\x7f":
-      case "\b": {
-        const chars = [...this.#buffer];
-        chars.pop();
-        this.#edit(chars.join(""));
-        return;
+      case "\b":
+        return this.#deleteBack();
+      case "\x01": // Ctrl+A
+        return this.#move(0);
+      case "\x05": // Ctrl+E
+        return this.#move(this.#buffer.length);
+      case "\x02": // Ctrl+B
+        return this.#move(this.#graphemeBefore());
+      case "\x06": // Ctrl+F
+        return this.#move(this.#graphemeAfter());
+      case "\x15": // Ctrl+U: what is before the cursor
+        return this.#edit(this.#buffer.slice(this.#cursor), 0);
+      case "\x17": { // Ctrl+W: the word before the cursor
+        const before = this.#buffer.slice(0, this.#cursor)
+          .replace(/\S*\s*$/, "");
+        return this.#edit(
+          before + this.#buffer.slice(this.#cursor),
+          before.length,
+        );
       }
-      case "\x15": // Ctrl+U
-        this.#edit("");
-        return;
-      case "\x17": // Ctrl+W
-        this.#edit(this.#buffer.replace(/\S*\s*$/, ""));
-        return;
       case "\x03": // Ctrl+C
         this.#interrupt();
         return;
-      case "\x04": // Ctrl+D
+      case "\x04": // Ctrl+D: end of input on an empty line, else Delete
         if (this.#buffer === "") this.#endOnce();
+        else this.#deleteForward();
         return;
+      case "\t":
+        return this.#insert(" ");
       default:
         if (code < 0x20 || (code >= 0x7f && code <= 0x9f)) return;
-        this.#edit(this.#buffer + char);
+        this.#insert(char);
     }
   }
 
-  #edit(buffer: string): void {
-    if (buffer === this.#buffer) return;
+  /** A control sequence: `ESC [ params final` or `ESC O final`. */
+  #sequence(params: string, final: string): void {
+    if (final === "D") return this.#move(this.#graphemeBefore());
+    if (final === "C") return this.#move(this.#graphemeAfter());
+    if (final === "H" || (final === "~" && /^[17]$/.test(params))) {
+      return this.#move(0);
+    }
+    if (final === "F" || (final === "~" && /^[48]$/.test(params))) {
+      return this.#move(this.#buffer.length);
+    }
+    if (final === "~" && params === "3") return this.#deleteForward();
+    if (final === "A") return this.#recall(-1);
+    if (final === "B") return this.#recall(1);
+  }
+
+  #insert(text: string): void {
+    this.#edit(
+      this.#buffer.slice(0, this.#cursor) + text +
+        this.#buffer.slice(this.#cursor),
+      this.#cursor + text.length,
+    );
+  }
+
+  #deleteBack(): void {
+    const from = this.#graphemeBefore();
+    this.#edit(
+      this.#buffer.slice(0, from) + this.#buffer.slice(this.#cursor),
+      from,
+    );
+  }
+
+  #deleteForward(): void {
+    const to = this.#graphemeAfter();
+    this.#edit(
+      this.#buffer.slice(0, this.#cursor) + this.#buffer.slice(to),
+      this.#cursor,
+    );
+  }
+
+  /** Where the user-perceived character before the cursor starts. */
+  #graphemeBefore(): number {
+    const before = splitGraphemes(this.#buffer.slice(0, this.#cursor));
+    return this.#cursor - (before.at(-1)?.length ?? 0);
+  }
+
+  /** Where the user-perceived character after the cursor ends. */
+  #graphemeAfter(): number {
+    const after = splitGraphemes(this.#buffer.slice(this.#cursor));
+    return this.#cursor + (after[0]?.length ?? 0);
+  }
+
+  #move(cursor: number): void {
+    if (cursor === this.#cursor) return;
+    this.#cursor = cursor;
+    if (this.#active?.echo) this.#redraw();
+  }
+
+  /** Up (-1) and Down (1) through the lines entered before. */
+  #recall(step: number): void {
+    if (!this.#active?.echo) return;
+    const at = Math.max(
+      0,
+      Math.min(this.#history.length, this.#historyAt + step),
+    );
+    if (at === this.#historyAt) return;
+    this.#historyAt = at;
+    const line = this.#history[at] ?? "";
+    this.#edit(line, line.length);
+  }
+
+  #edit(buffer: string, cursor: number): void {
+    if (buffer === this.#buffer && cursor === this.#cursor) return;
     this.#buffer = buffer;
+    this.#cursor = cursor;
     if (this.#active?.echo) this.#redraw();
   }
 
   #enter(): void {
     const line = this.#buffer;
     this.#buffer = "";
+    this.#cursor = 0;
     const active = this.#active;
+    if (active?.echo && line !== "" && line !== this.#history.at(-1)) {
+      this.#history.push(line);
+      if (this.#history.length > MAX_HISTORY) this.#history.shift();
+    }
+    this.#historyAt = this.#history.length;
     if (active !== null && !active.transient) {
       // The answer stays on screen, as in any shell prompt.
       this.#clear();
@@ -311,6 +434,7 @@ export class LineReader {
 
   #interrupt(): void {
     this.#buffer = "";
+    this.#cursor = 0;
     const waiter = this.#waiter;
     if (waiter === null) {
       this.#interruptPending = true;
@@ -368,36 +492,75 @@ export class LineReader {
     this.#draw();
   }
 
-  // The footer (pending lines, then prompt and input) sits at the bottom;
-  // the cursor stays at the end of the input. #drawnRowsAbove counts the rows
-  // above the cursor that belong to it, -1 when nothing is drawn.
+  // The footer (pending lines, then prompt and input) sits at the bottom,
+  // the cursor where it is in the input. Clearing goes back up to the
+  // footer's first row, counted at the present width (see `#drawn`).
   #clear(): void {
-    if (this.#terminal === null || this.#drawnRowsAbove < 0) return;
-    const up = this.#drawnRowsAbove > 0 ? `\x1b[${this.#drawnRowsAbove}A` : "";
-    this.#write(this.#editorOutput, `\r${up}\x1b[J`);
-    this.#drawnRowsAbove = -1;
+    const drawn = this.#drawn;
+    if (this.#terminal === null || drawn === null) return;
+    const columns = this.#columns();
+    let up = Math.floor(drawn.cursor / columns);
+    for (const width of drawn.footer) {
+      up += Math.max(1, Math.ceil(width / columns));
+    }
+    this.#write(this.#editorOutput, `\r${up > 0 ? `\x1b[${up}A` : ""}\x1b[J`);
+    this.#drawn = null;
   }
 
   #draw(): void {
     if (this.#terminal === null || this.#closed) return;
-    const columns = Math.max(this.#safeColumns(), 10);
+    const columns = this.#columns();
     let text = "";
-    let rows = 0;
-    for (const line of this.#footer) {
-      text += truncateVisible(line, columns - 1) + "\n";
-      rows++;
+    const footer: number[] = [];
+    const lines = this.#footer.length > MAX_FOOTER_ROWS
+      ? [
+        ...this.#footer.slice(0, MAX_FOOTER_ROWS - 1),
+        `… and ${this.#footer.length - MAX_FOOTER_ROWS + 1} more`,
+      ]
+      : this.#footer;
+    for (const line of lines) {
+      const shown = truncateVisible(line, columns - 1);
+      text += shown + "\n";
+      footer.push(visibleLength(shown));
     }
     const active = this.#active;
-    if (active !== null) {
-      const line = `${active.prompt ?? ""}${active.echo ? this.#buffer : ""}`;
-      text += line;
-      const width = visibleLength(line);
-      rows += width > 0 ? Math.floor((width - 1) / columns) : 0;
-    } else if (text === "") {
+    if (active === null) {
+      if (text === "") return;
+      this.#write(this.#editorOutput, text);
+      this.#drawn = { footer, cursor: 0 };
       return;
     }
+    const prompt = truncateVisible(active.prompt ?? "", columns - 1);
+    const promptWidth = visibleLength(prompt);
+    const { shown, cursor } = active.echo
+      ? inputWindow(
+        this.#buffer,
+        this.#cursor,
+        MAX_INPUT_ROWS * columns - promptWidth - 1,
+      )
+      : { shown: "", cursor: 0 };
+    const end = promptWidth + displayWidth(shown);
+    const at = promptWidth + cursor;
+    text += prompt + shown;
+    // At the very end of a full row the cursor waits in its last column:
+    // a new line puts it where the next character goes.
+    if (end > 0 && end % columns === 0 && at === end) text += "\n";
+    const endRow = at === end ? Math.floor(at / columns) : Math.floor(
+      Math.max(0, end - 1) / columns,
+    );
+    const row = Math.floor(at / columns);
+    const col = at % columns;
+    if (at !== end) {
+      text += `\r${endRow > row ? `\x1b[${endRow - row}A` : ""}${
+        col > 0 ? `\x1b[${col}C` : ""
+      }`;
+    }
     this.#write(this.#editorOutput, text);
-    this.#drawnRowsAbove = rows;
+    this.#drawn = { footer, cursor: at };
+  }
+
+  #columns(): number {
+    return Math.max(this.#safeColumns(), 10);
   }
 
   #safeColumns(): number {
@@ -423,7 +586,7 @@ export function writeAllSync(writer: SyncWriter, bytes: Uint8Array): void {
   }
 }
 
-/** Cuts `text` to `columns` visible characters, keeping colour codes whole. */
+/** Cuts `text` to `columns` terminal columns, keeping colour codes whole. */
 export function truncateVisible(text: string, columns: number): string {
   if (visibleLength(text) <= columns) return text;
   let out = "";
@@ -434,11 +597,53 @@ export function truncateVisible(text: string, columns: number): string {
       out += part;
       continue;
     }
-    for (const char of part) {
-      if (shown >= columns - 1) break;
-      out += char;
-      shown++;
+    for (const g of splitGraphemes(part)) {
+      const width = displayWidth(g);
+      if (shown + width > columns - 1) break;
+      out += g;
+      shown += width;
     }
   }
   return out + "…\x1b[0m";
+}
+
+/**
+ * The part of a long input line that fits in `columns`, around the cursor
+ * (`…` where it is cut), and how many columns precede the cursor in it.
+ */
+export function inputWindow(
+  buffer: string,
+  cursor: number,
+  columns: number,
+): { shown: string; cursor: number } {
+  if (displayWidth(buffer) <= columns) {
+    return { shown: buffer, cursor: displayWidth(buffer.slice(0, cursor)) };
+  }
+  const before = splitGraphemes(buffer.slice(0, cursor));
+  const after = splitGraphemes(buffer.slice(cursor));
+  // Room for the two marks; what follows the cursor gets up to a quarter.
+  let room = Math.max(1, columns - 2);
+  const tail: string[] = [];
+  let tailRoom = Math.floor(room / 4);
+  for (const g of after) {
+    const width = displayWidth(g);
+    if (width > tailRoom) break;
+    tail.push(g);
+    tailRoom -= width;
+    room -= width;
+  }
+  const head: string[] = [];
+  for (let i = before.length - 1; i >= 0; i--) {
+    const width = displayWidth(before[i]!);
+    if (width > room) break;
+    head.unshift(before[i]!);
+    room -= width;
+  }
+  const cutBefore = head.length < before.length;
+  const shownBefore = `${cutBefore ? "…" : ""}${head.join("")}`;
+  const cutAfter = tail.length < after.length;
+  return {
+    shown: `${shownBefore}${tail.join("")}${cutAfter ? "…" : ""}`,
+    cursor: displayWidth(shownBefore),
+  };
 }

@@ -78,6 +78,9 @@ Deno.addSignalListener("SIGINT", () => exit(EXIT_INTERRUPTED));
 if (Deno.build.os !== "windows") {
   Deno.addSignalListener("SIGTERM", () => exit(143));
   Deno.addSignalListener("SIGHUP", () => exit(129));
+  if (Deno.stdin.isTerminal()) {
+    Deno.addSignalListener("SIGWINCH", () => reader?.resized());
+  }
 }
 
 try {

@@ -155,7 +155,35 @@ export function paint(text: string, code: number, color: boolean): string {
 /** How many terminal columns `text` takes once colour codes are removed. */
 export function visibleLength(text: string): number {
   // deno-lint-ignore no-control-regex
-  return [...text.replace(/\x1b\[[0-9;]*m/g, "")].length;
+  return displayWidth(text.replace(/\x1b\[[0-9;]*m/g, ""));
+}
+
+const graphemes = new Intl.Segmenter(undefined, { granularity: "grapheme" });
+
+/** `text` cut into user-perceived characters (an emoji with its modifiers is one). */
+export function splitGraphemes(text: string): string[] {
+  return Array.from(graphemes.segment(text), (s) => s.segment);
+}
+
+/** Columns a terminal gives `text` (no escape codes in it). */
+export function displayWidth(text: string): number {
+  let width = 0;
+  // ASCII is one column a character: the common case, without segmenting.
+  if (/^[\x20-\x7e]*$/.test(text)) return text.length;
+  for (const g of splitGraphemes(text)) width += graphemeWidth(g);
+  return width;
+}
+
+// East Asian wide and fullwidth characters, and emoji shown as pictures:
+// two columns (the ranges of wcwidth, in short).
+const WIDE =
+  /^(?:\p{Emoji_Presentation}|[\u1100-\u115f\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uac00-\ud7a3\uf900-\ufaff\ufe30-\ufe4f\uff00-\uff60\uffe0-\uffe6\u{1f300}-\u{1f64f}\u{1f900}-\u{1f9ff}\u{20000}-\u{3fffd}])/u;
+// Marks and format characters take no column of their own.
+const ZERO_WIDTH = /^[\p{M}\p{Cf}]+$/u;
+
+function graphemeWidth(g: string): number {
+  if (ZERO_WIDTH.test(g)) return 0;
+  return WIDE.test(g) || g.includes("\ufe0f") ? 2 : 1;
 }
 
 function stamp(ts: string, view: ViewOptions): string {

@@ -1,0 +1,184 @@
+/**
+ * The line editor on a terminal, checked on a small screen model: what the
+ * bytes it writes leave on the screen, not the bytes themselves.
+ */
+import assert from "node:assert/strict";
+import { LineReader } from "../cli/line_reader.ts";
+import { displayWidth, splitGraphemes } from "../cli/render.ts";
+
+/**
+ * A terminal screen of `columns` columns: text with wrapping, CR, LF (as
+ * CR LF), cursor up/right, erase below, colour codes ignored.
+ */
+class Screen {
+  rows: string[][] = [[]];
+  row = 0;
+  col = 0;
+  constructor(readonly columns: number) {}
+
+  writeSync(bytes: Uint8Array): number {
+    const text = new TextDecoder().decode(bytes);
+    // deno-lint-ignore no-control-regex
+    for (const part of text.split(/(\x1b\[[0-9;]*[A-Za-z]|\r|\n)/)) {
+      if (part === "") continue;
+      if (part === "\r") this.col = 0;
+      else if (part === "\n") this.#down();
+      else if (part.startsWith("\x1b[")) this.#control(part);
+      else for (const g of splitGraphemes(part)) this.#put(g);
+    }
+    return bytes.length;
+  }
+
+  /** The screen's rows as text, without trailing blank rows. */
+  get lines(): string[] {
+    const lines = this.rows.map((r) => r.join(""));
+    while (lines.length > 0 && lines.at(-1) === "") lines.pop();
+    return lines;
+  }
+
+  #down(): void {
+    this.row++;
+    this.col = 0;
+    while (this.rows.length <= this.row) this.rows.push([]);
+  }
+
+  #put(g: string): void {
+    const width = displayWidth(g);
+    if (this.col + width > this.columns) this.#down();
+    const cells = this.rows[this.row]!;
+    while (cells.length < this.col) cells.push(" ");
+    cells[this.col] = g;
+    for (let i = 1; i < width; i++) cells[this.col + i] = "";
+    this.col += width;
+  }
+
+  #control(seq: string): void {
+    const n = Number(seq.slice(2, -1) || "1");
+    const final = seq.at(-1);
+    this.col = Math.min(this.col, this.columns - 1);
+    if (final === "A") this.row = Math.max(0, this.row - n);
+    else if (final === "C") this.col = Math.min(this.columns - 1, this.col + n);
+    else if (final === "J") {
+      this.rows[this.row]!.length = Math.min(
+        this.rows[this.row]!.length,
+        this.col,
+      );
+      this.rows.length = this.row + 1;
+    }
+  }
+}
+
+function terminal(columns: number) {
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const input = new ReadableStream<Uint8Array>({
+    start(c) {
+      controller = c;
+    },
+  });
+  const screen = new Screen(columns);
+  const reader = new LineReader({
+    input,
+    output: screen,
+    terminal: { setRaw: () => {}, columns: () => screen.columns },
+  });
+  const type = async (keys: string) => {
+    controller.enqueue(new TextEncoder().encode(keys));
+    // The reader takes the keys on its next turn.
+    await new Promise((resolve) => setTimeout(resolve, 0));
+  };
+  return { screen, reader, type };
+}
+
+Deno.test("arrows, Home, End, Delete and Backspace edit where the cursor is, one character as seen at a time", async () => {
+  const { screen, reader, type } = terminal(40);
+  const line = reader.readLine({ prompt: "> " });
+  await type("hello world\x1b[D\x1b[D\x1b[D\x1b[D\x1b[Dbig ");
+  assert.deepEqual(screen.lines, ["> hello big world"]);
+  assert.equal(screen.col, "> hello big ".length);
+  await type("\x1b[HX\x1bOF!\x01\x1b[3~");
+  assert.deepEqual(screen.lines, ["> hello big world!"]);
+  // An emoji with its skin tone, a flag and a decomposed é go whole.
+  await type("\x05 👍🏽🇫🇷e\u0301\x7f\x7f\x7f");
+  assert.deepEqual(screen.lines, ["> hello big world! "]);
+  // A lone Esc does not eat the key after it.
+  await type("\x1bok\r");
+  assert.equal(await line, "hello big world! ok");
+  reader.close();
+});
+
+Deno.test("Up and Down recall the lines entered before; passwords are never kept", async () => {
+  const { reader, type } = terminal(40);
+  const first = reader.readLine({ prompt: "> " });
+  await type("one\r");
+  assert.equal(await first, "one");
+  const secret = reader.readLine({ prompt: "Password: ", echo: false });
+  await type("hunter22\r");
+  assert.equal(await secret, "hunter22");
+  const second = reader.readLine({ prompt: "> " });
+  await type("two\r");
+  assert.equal(await second, "two");
+  const third = reader.readLine({ prompt: "> " });
+  await type("\x1b[A\x1b[A\x1b[A\r");
+  assert.equal(await third, "one");
+  const fourth = reader.readLine({ prompt: "> " });
+  await type("\x1b[A\x1b[A\x1b[B!\r");
+  assert.equal(await fourth, "one!");
+  reader.close();
+});
+
+Deno.test("wide characters and lines longer than the screen leave no stale rows when lines arrive above", async () => {
+  const { screen, reader, type } = terminal(20);
+  const line = reader.readLine({ prompt: "#l> " });
+  // 4 + 2 * 10 columns: two rows.
+  await type("漢".repeat(10));
+  assert.deepEqual(screen.lines, ["#l> " + "漢".repeat(8), "漢漢"]);
+  reader.print("[09:00] <bob> hi");
+  await type("\x7f");
+  assert.deepEqual(screen.lines, [
+    "[09:00] <bob> hi",
+    "#l> " + "漢".repeat(8),
+    "漢",
+  ]);
+  // A combining accent takes no column: 16 of them still fit on one row.
+  await type("\x15" + "e\u0301".repeat(16));
+  reader.print("[09:01] <bob> yo");
+  assert.deepEqual(screen.lines, [
+    "[09:00] <bob> hi",
+    "[09:01] <bob> yo",
+    "#l> " + "e\u0301".repeat(16),
+  ]);
+  // A pasted line far wider than the screen is shown as a window of at
+  // most three rows around the cursor.
+  await type("\x15" + "x".repeat(500));
+  reader.print("[09:02] <bob> ok");
+  assert.equal(screen.lines.length, 3 + 3);
+  assert.deepEqual(screen.lines.slice(0, 3), [
+    "[09:00] <bob> hi",
+    "[09:01] <bob> yo",
+    "[09:02] <bob> ok",
+  ]);
+  assert.ok(screen.lines[3]!.startsWith("#l> …xxx"), screen.lines[3]);
+  await type("\r");
+  assert.equal(await line, "x".repeat(500));
+  reader.close();
+});
+
+Deno.test("a footer longer than a few rows is cut, with the rest counted", async () => {
+  const { screen, reader, type } = terminal(30);
+  const line = reader.readLine({ prompt: "> " });
+  reader.setFooter(Array.from({ length: 30 }, (_, i) => `pending ${i}`));
+  await type("abc");
+  reader.print("[09:00] <bob> hi");
+  assert.deepEqual(screen.lines, [
+    "[09:00] <bob> hi",
+    "pending 0",
+    "pending 1",
+    "pending 2",
+    "pending 3",
+    "… and 26 more",
+    "> abc",
+  ]);
+  await type("\r");
+  assert.equal(await line, "abc");
+  reader.close();
+});
