@@ -16,14 +16,12 @@ import { DEFAULT_HISTORY_LIMIT, type RoomMessage } from "./protocol.ts";
 
 /** Options of {@linkcode HistoryStore.open}. */
 export interface HistoryOptions {
-  /**
-   * Messages kept per room, in memory and on disk. Default 1000. Those of
-   * the last `dedupWindowMs` are kept too, however many.
-   */
+  /** Messages kept per room, in memory and on disk. Default 1000. */
   keep?: number;
   /**
    * How long a sender's `client_id` is remembered, across a restart too:
-   * its message stays in the file that long. Default 10 minutes.
+   * a message sent with one stays in the file that long, also past `keep`.
+   * Default 10 minutes.
    */
   dedupWindowMs?: number;
   /** Longest time a message waits in memory before it is written. Default 1000 ms. */
@@ -41,17 +39,29 @@ export interface HistoryPage {
   gap: boolean;
 }
 
+/** A message sent with a `client_id`: its sender's echo line, as stored. */
+interface SentLine {
+  from: string;
+  clientId: string;
+  own: string;
+  at: number;
+}
+
 interface Room {
   name: string;
   /** Kept messages, oldest first; trimmed to `keep` lazily (at most twice that). */
   messages: RoomMessage[];
+  /**
+   * Messages trimmed from `messages` that were sent with a `client_id`
+   * within the exactly-once window, oldest first: they stay in the file (a
+   * restart reads their `client_id`s back) but are no longer history.
+   */
+  sentTail: SentLine[];
   lastId: number;
   /** JSON lines not yet on disk. */
   pending: string[];
   /** Lines in the file beyond the kept tail; compaction rewrites the file. */
   needsRewrite: boolean;
-  /** At this many messages in memory, the oldest are trimmed (see `#trim`). */
-  trimAt: number;
   linesOnDisk: number;
   /** JSON of the newest messages a `welcome` or `joined` carries; dropped on append. */
   recentJson: string | undefined;
@@ -84,8 +94,10 @@ const FLOORS_FILE = ".id_floors.json";
  */
 const LOCK_FILE = ".lock";
 const TAIL_CHUNK = 64 * 1024;
-/** Most lines of the exactly-once window read at start, per room. */
-const MAX_WINDOW_LINES = 200_000;
+/** Most bytes read back for the exactly-once window at start, per room. */
+const MAX_WINDOW_BYTES = 32 * 1024 * 1024;
+/** Most messages of the exactly-once window kept past `keep`, per room. */
+const MAX_SENT_TAIL = 100_000;
 
 /** The history of every room, with batched persistence. */
 export class HistoryStore {
@@ -250,7 +262,7 @@ export class HistoryStore {
       ts: new Date(this.#now()).toISOString(),
     };
     r.messages.push(message);
-    if (r.messages.length >= r.trimAt) this.#trim(r);
+    if (r.messages.length >= this.#keep * 2) this.#trim(r);
     const line = JSON.stringify(message);
     let own = line;
     if (clientId !== undefined) {
@@ -274,6 +286,7 @@ export class HistoryStore {
   ): { from: string; clientId: string; own: string; at: number }[] {
     const sent = [];
     for (const r of this.#rooms.values()) {
+      for (const line of r.sentTail) if (line.at >= since) sent.push(line);
       for (const message of r.messages) {
         const clientId = this.#clientIds.get(message);
         const at = Date.parse(message.ts);
@@ -407,17 +420,36 @@ export class HistoryStore {
   }
 
   /**
-   * Drops the oldest messages beyond the newest `keep`, except those of the
-   * exactly-once window: a restart finds their `client_id`s in the file.
+   * Trims a room's messages to the newest `keep`; those of them sent with a
+   * `client_id` within the exactly-once window move to `sentTail`.
    */
   #trim(r: Room): void {
-    const excess = r.messages.length - this.#keep;
     const cutoff = this.#now() - this.#dedupWindowMs;
+    const trimmed = r.messages.splice(0, r.messages.length - this.#keep);
+    for (const message of trimmed) {
+      const clientId = this.#clientIds.get(message);
+      const at = Date.parse(message.ts);
+      if (clientId !== undefined && at > cutoff) {
+        r.sentTail.push({
+          from: message.from,
+          clientId,
+          own: this.#storedLine(message),
+          at,
+        });
+      }
+    }
+    this.#pruneSentTail(r, cutoff);
+  }
+
+  /** Drops what left the window from `sentTail` (and bounds it). */
+  #pruneSentTail(r: Room, cutoff: number): void {
     let n = 0;
-    while (n < excess && Date.parse(r.messages[n]!.ts) <= cutoff) n++;
-    if (n > 0) r.messages.splice(0, n);
-    // A busy window keeps more: try again once as many more came.
-    r.trimAt = Math.max(this.#keep * 2, r.messages.length * 2);
+    // A clock stepped back may leave a later entry first: the bound holds.
+    while (
+      n < r.sentTail.length &&
+      (!(r.sentTail[n]!.at > cutoff) || r.sentTail.length - n > MAX_SENT_TAIL)
+    ) n++;
+    if (n > 0) r.sentTail.splice(0, n);
   }
 
   #schedule(): void {
@@ -442,13 +474,17 @@ export class HistoryStore {
       if (
         r.needsRewrite ||
         r.linesOnDisk + lines.length >
-          Math.max(this.#keep, r.messages.length) * 4
+          (this.#keep + r.sentTail.length) * 4
       ) {
         const kept = this.#kept(r.name);
-        const text = kept.map((m) => `${this.#storedLine(m)}\n`).join("");
+        this.#pruneSentTail(r, this.#now() - this.#dedupWindowMs);
+        const text = [
+          ...r.sentTail.map((s) => s.own),
+          ...kept.map((m) => this.#storedLine(m)),
+        ];
         await writeAtomic(path, text);
         r.needsRewrite = false;
-        r.linesOnDisk = kept.length;
+        r.linesOnDisk = text.length;
         return;
       }
       if (lines.length === 0) return;
@@ -482,12 +518,14 @@ export class HistoryStore {
 
   async #load(name: string): Promise<void> {
     const path = `${this.#dir}/${name}${FILE_SUFFIX}`;
+    const since = this.#now() - this.#dedupWindowMs;
     const { lines, complete, clean } = await readTailLines(
       path,
       this.#keep,
-      this.#now() - this.#dedupWindowMs,
+      since,
     );
     const r = newRoom(name);
+    let dropped = 0;
     for (const [index, line] of lines.entries()) {
       const stored = parseStoredMessage(line, name);
       // A torn last line is a crash's (and repaired); a complete line that is
@@ -500,12 +538,20 @@ export class HistoryStore {
         );
       }
       const { message, clientId } = stored;
+      r.lastId = Number(message.id);
+      if (lines.length - index > this.#keep) {
+        // Before the kept tail: read for the exactly-once window only.
+        const at = Date.parse(message.ts);
+        if (clientId !== undefined && at > since) {
+          r.sentTail.push({ from: message.from, clientId, own: line, at });
+        } else dropped++;
+        continue;
+      }
       r.messages.push(message);
       if (clientId !== undefined) this.#clientIds.set(message, clientId);
-      r.lastId = Number(message.id);
     }
-    r.linesOnDisk = r.messages.length;
-    if (!complete || !clean) r.needsRewrite = true;
+    r.linesOnDisk = lines.length;
+    if (!complete || !clean || dropped > 0) r.needsRewrite = true;
     if (r.needsRewrite) this.#dirty.add(r);
     this.#rooms.set(name, r);
   }
@@ -516,9 +562,9 @@ function newRoom(name: string, lastId = 0): Room {
     name,
     messages: [],
     lastId,
+    sentTail: [],
     pending: [],
     needsRewrite: false,
-    trimAt: 0,
     linesOnDisk: 0,
     recentJson: undefined,
   };
@@ -573,13 +619,11 @@ function parseStoredMessage(
 }
 
 /**
- * Reads the last `count` complete lines of a file without reading all of it.
- * `complete` is false when older lines were left unread; `clean` is false when
- * the file does not end with a newline (a torn append).
- */
-/**
- * The last `count` complete lines of a file, and before them those of
- * messages sent since `since` (ms), at most {@linkcode MAX_WINDOW_LINES}.
+ * Reads the last `count` complete lines of a file without reading all of it,
+ * and before them those of messages sent after `since` (ms), within
+ * {@linkcode MAX_WINDOW_BYTES}. `complete` is false when older lines were
+ * left unread; `clean` is false when the file does not end with a newline (a
+ * torn append).
  */
 async function readTailLines(
   path: string,
@@ -593,18 +637,19 @@ async function readTailLines(
     let pos = size;
     let newlines = 0;
     const decoder = new TextDecoder();
-    // The first whole line read so far is of the window: read on.
+    // The first whole line read so far is of the window: read on (a line
+    // whose time cannot be read ends the window).
     const firstInWindow = () => {
       const text = decoder.decode(chunks[0]);
       const start = text.indexOf("\n") + 1;
       const end = text.indexOf("\n", start);
-      return !(sentAt(text.slice(start, end === -1 ? undefined : end)) <=
-        since);
+      if (start === 0 || end === -1) return true;
+      return sentAt(text.slice(start, end)) > since;
     };
     while (
       pos > 0 &&
       (newlines <= count ||
-        newlines <= MAX_WINDOW_LINES && firstInWindow())
+        size - pos < MAX_WINDOW_BYTES && firstInWindow())
     ) {
       const len = Math.min(TAIL_CHUNK, pos);
       pos -= len;
@@ -631,12 +676,7 @@ async function readTailLines(
     all.pop(); // after the last newline: empty, or a torn line
     if (pos > 0) all.shift(); // the first line may start before what was read
     let from = Math.max(0, all.length - count);
-    while (
-      from > 0 && all.length - from < MAX_WINDOW_LINES &&
-      !(sentAt(all[from - 1]!) <= since)
-    ) {
-      from--;
-    }
+    while (from > 0 && sentAt(all[from - 1]!) > since) from--;
     return { lines: all.slice(from), complete: pos === 0 && from === 0, clean };
   } finally {
     file.close();
@@ -705,8 +745,16 @@ async function syncDir(path: string): Promise<void> {
   }
 }
 
-async function writeAtomic(path: string, text: string): Promise<void> {
+/**
+ * Replaces a file atomically with `text`, or with `lines` each followed by a
+ * newline (written in pieces: no one string of a whole busy room).
+ */
+async function writeAtomic(
+  path: string,
+  content: string | string[],
+): Promise<void> {
   const tmp = `${path}.${crypto.randomUUID()}.tmp`;
+  const encoder = new TextEncoder();
   try {
     const file = await Deno.open(tmp, {
       write: true,
@@ -715,7 +763,19 @@ async function writeAtomic(path: string, text: string): Promise<void> {
       mode: 0o600,
     });
     try {
-      await writeAll(file, new TextEncoder().encode(text));
+      if (typeof content === "string") {
+        await writeAll(file, encoder.encode(content));
+      } else {
+        let piece = "";
+        for (const line of content) {
+          piece += `${line}\n`;
+          if (piece.length >= 1 << 20) {
+            await writeAll(file, encoder.encode(piece));
+            piece = "";
+          }
+        }
+        await writeAll(file, encoder.encode(piece));
+      }
       await file.sync();
     } finally {
       file.close();

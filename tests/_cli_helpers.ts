@@ -70,11 +70,7 @@ export async function startServers(
         dataDir,
         authUrl,
         rateLimits: options.chatLimits !== undefined,
-        // With historyKeep, exactly that many are kept: no exactly-once window.
-        limits: {
-          ...(options.historyKeep !== undefined && { dedupWindowMs: 0 }),
-          ...options.chatLimits,
-        },
+        ...(options.chatLimits !== undefined && { limits: options.chatLimits }),
         ...(options.historyKeep !== undefined &&
           { historyKeep: options.historyKeep }),
       });

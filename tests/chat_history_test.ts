@@ -16,7 +16,7 @@ function good(id: number): string {
 Deno.test("history keeps the tail of each room across reopen and continues ids", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const store = await HistoryStore.open(dir, { keep: 5, dedupWindowMs: 0 });
+    const store = await HistoryStore.open(dir, { keep: 5 });
     for (let i = 1; i <= 12; i++) store.append("dev", "alice", `m${i}`);
     assert.deepEqual(store.recent("dev", 50).map((m) => m.text), [
       "m8",
@@ -26,7 +26,7 @@ Deno.test("history keeps the tail of each room across reopen and continues ids",
       "m12",
     ]);
     await store.close();
-    const again = await HistoryStore.open(dir, { keep: 5, dedupWindowMs: 0 });
+    const again = await HistoryStore.open(dir, { keep: 5 });
     assert.deepEqual(again.recent("dev", 3).map((m) => m.id), [
       "10",
       "11",

@@ -484,11 +484,7 @@ Deno.test("a direct message reaches all of the recipient's and the sender's conn
 });
 
 Deno.test("history pages back with before, resumes with after, and reports a gap", async () => {
-  const stack = await startStack({
-    historyKeep: 20,
-    // Exactly 20 kept: no exactly-once window keeping more.
-    chatLimits: { dedupWindowMs: 0 },
-  });
+  const stack = await startStack({ historyKeep: 20 });
   try {
     const alice = await connectAs(stack, "alice");
     for (let i = 1; i <= 30; i++) {
