@@ -844,6 +844,7 @@ export class ChatSession {
       let line: string | null;
       try {
         line = await this.#lines().readLine({
+          history: true,
           prompt: this.#prompt(),
           transient: true,
           signal,
@@ -872,8 +873,13 @@ export class ChatSession {
       case "/exit":
         return void this.#quit();
       case "/join": {
+        // Checked before lower-casing, as the server does: "\u212a" (the
+        // Kelvin sign) lower-cases to "k".
         const room = args[0]?.toLowerCase();
-        if (args.length !== 1 || room === undefined || !isRoomName(room)) {
+        if (
+          args.length !== 1 || room === undefined || !isRoomName(room) ||
+          !/^[A-Za-z0-9_-]+$/.test(args[0]!)
+        ) {
           return this.#hint(
             "usage: /join ROOM (1 to 32 characters of a-z, 0-9, _ and -)",
           );

@@ -58,6 +58,8 @@ export interface ReadLineOptions {
   transient?: boolean;
   /** Ends the wait early; the read then rejects with the signal's reason. */
   signal?: AbortSignal;
+  /** Whether the line joins those Up and Down recall (the chat's do). */
+  history?: boolean;
 }
 
 const encoder = new TextEncoder();
@@ -92,9 +94,13 @@ export class LineReader {
   #buffer = "";
   /** Where the cursor is in `#buffer` (a UTF-16 index at a grapheme boundary). */
   #cursor = 0;
-  /** Lines entered with echo on, oldest first, and which one Up last showed. */
+  /**
+   * Lines entered where history was asked for, oldest first; which one Up
+   * last showed; and the line being typed before Up was first pressed.
+   */
   #history: string[] = [];
   #historyAt = 0;
+  #draft = "";
   #active: ReadLineOptions | null = null;
   #footer: string[] = [];
   /**
@@ -103,7 +109,7 @@ export class LineReader {
    * null when nothing is drawn. Rows are counted from these at the width of
    * the moment, so that a terminal that re-wraps on resize is followed.
    */
-  #drawn: { footer: number[]; cursor: number } | null = null;
+  #drawn: { footer: number[]; input: number[]; cursor: number } | null = null;
   #escape: "" | "esc" | "csi" = "";
   #csi = "";
   #lastWasCr = false;
@@ -383,21 +389,24 @@ export class LineReader {
   }
 
   #move(cursor: number): void {
-    if (cursor === this.#cursor) return;
+    // Hidden input (a password) keeps its cursor at the end: a stray arrow
+    // must not put the rest of it in the middle.
+    if (cursor === this.#cursor || !this.#active?.echo) return;
     this.#cursor = cursor;
     if (this.#active?.echo) this.#redraw();
   }
 
   /** Up (-1) and Down (1) through the lines entered before. */
   #recall(step: number): void {
-    if (!this.#active?.echo) return;
+    if (!this.#active?.echo || !this.#active.history) return;
     const at = Math.max(
       0,
       Math.min(this.#history.length, this.#historyAt + step),
     );
     if (at === this.#historyAt) return;
+    if (this.#historyAt === this.#history.length) this.#draft = this.#buffer;
     this.#historyAt = at;
-    const line = this.#history[at] ?? "";
+    const line = this.#history[at] ?? this.#draft;
     this.#edit(line, line.length);
   }
 
@@ -413,11 +422,15 @@ export class LineReader {
     this.#buffer = "";
     this.#cursor = 0;
     const active = this.#active;
-    if (active?.echo && line !== "" && line !== this.#history.at(-1)) {
+    if (
+      active?.echo && active.history && line !== "" &&
+      line !== this.#history.at(-1)
+    ) {
       this.#history.push(line);
       if (this.#history.length > MAX_HISTORY) this.#history.shift();
     }
     this.#historyAt = this.#history.length;
+    this.#draft = "";
     if (active !== null && !active.transient) {
       // The answer stays on screen, as in any shell prompt.
       this.#clear();
@@ -499,7 +512,7 @@ export class LineReader {
     const drawn = this.#drawn;
     if (this.#terminal === null || drawn === null) return;
     const columns = this.#columns();
-    let up = Math.floor(drawn.cursor / columns);
+    let up = cursorAt(drawn.input, drawn.cursor, columns).row;
     for (const width of drawn.footer) {
       up += Math.max(1, Math.ceil(width / columns));
     }
@@ -527,7 +540,7 @@ export class LineReader {
     if (active === null) {
       if (text === "") return;
       this.#write(this.#editorOutput, text);
-      this.#drawn = { footer, cursor: 0 };
+      this.#drawn = { footer, input: [], cursor: 0 };
       return;
     }
     const prompt = truncateVisible(active.prompt ?? "", columns - 1);
@@ -539,24 +552,30 @@ export class LineReader {
         MAX_INPUT_ROWS * columns - promptWidth - 1,
       )
       : { shown: "", cursor: 0 };
-    const end = promptWidth + displayWidth(shown);
-    const at = promptWidth + cursor;
+    // Where each character lands: a wide one that does not fit in a row's
+    // last column goes to the next row, as the terminal does.
+    const input = [
+      ...splitGraphemes(stripColors(prompt)),
+      ...splitGraphemes(shown),
+    ].map(displayWidth);
+    const index = splitGraphemes(stripColors(prompt)).length +
+      splitGraphemes(shown.slice(0, cursorOffset(shown, cursor))).length;
     text += prompt + shown;
-    // At the very end of a full row the cursor waits in its last column:
-    // a new line puts it where the next character goes.
-    if (end > 0 && end % columns === 0 && at === end) text += "\n";
-    const endRow = at === end ? Math.floor(at / columns) : Math.floor(
-      Math.max(0, end - 1) / columns,
-    );
-    const row = Math.floor(at / columns);
-    const col = at % columns;
-    if (at !== end) {
-      text += `\r${endRow > row ? `\x1b[${endRow - row}A` : ""}${
-        col > 0 ? `\x1b[${col}C` : ""
+    const end = cursorAt(input, input.length, columns);
+    const at = cursorAt(input, index, columns);
+    if (index === input.length) {
+      // At the very end of a full row the terminal waits in its last
+      // column: a new line puts the cursor where the next character goes.
+      if (end.pending) text += "\n";
+    } else {
+      // Written to the end, the terminal is on the last character's row.
+      const up = (end.pending ? end.row - 1 : end.row) - at.row;
+      text += `\r${up > 0 ? `\x1b[${up}A` : ""}${
+        at.col > 0 ? `\x1b[${at.col}C` : ""
       }`;
     }
     this.#write(this.#editorOutput, text);
-    this.#drawn = { footer, cursor: at };
+    this.#drawn = { footer, input, cursor: index };
   }
 
   #columns(): number {
@@ -576,6 +595,57 @@ export class LineReader {
   #write(writer: SyncWriter, text: string): void {
     writeAllSync(writer, encoder.encode(text));
   }
+}
+
+/**
+ * Where the cursor is on the rows of an input line whose characters have
+ * these `widths`, once the first `index` are written: its row and column,
+ * and whether it waits past a full row (the terminal's pending wrap; at the
+ * end of the line the editor then writes a new line, which the row counts).
+ */
+function cursorAt(
+  widths: number[],
+  index: number,
+  columns: number,
+): { row: number; col: number; pending: boolean } {
+  let row = 0;
+  let col = 0;
+  for (let i = 0; i < index; i++) {
+    const width = widths[i]!;
+    if (col + width > columns) {
+      row++;
+      col = 0;
+    }
+    col += width;
+  }
+  const next = widths[index];
+  if (next === undefined) {
+    // The end: a full row is left for the next one (see `#draw`).
+    return col >= columns && index > 0
+      ? { row: row + 1, col: 0, pending: true }
+      : { row, col, pending: false };
+  }
+  // Before a character: where it will be drawn.
+  return col + next > columns
+    ? { row: row + 1, col: 0, pending: false }
+    : { row, col, pending: false };
+}
+
+function stripColors(text: string): string {
+  // deno-lint-ignore no-control-regex
+  return text.replace(/\x1b\[[0-9;]*m/g, "");
+}
+
+/** The UTF-16 offset in `shown` after the characters taking `columns` columns. */
+function cursorOffset(shown: string, columns: number): number {
+  let offset = 0;
+  let width = 0;
+  for (const g of splitGraphemes(shown)) {
+    if (width >= columns) break;
+    width += displayWidth(g);
+    offset += g.length;
+  }
+  return offset;
 }
 
 /** Writes every byte, looping over partial writes. */

@@ -108,19 +108,19 @@ Deno.test("arrows, Home, End, Delete and Backspace edit where the cursor is, one
 
 Deno.test("Up and Down recall the lines entered before; passwords are never kept", async () => {
   const { reader, type } = terminal(40);
-  const first = reader.readLine({ prompt: "> " });
+  const first = reader.readLine({ prompt: "> ", history: true });
   await type("one\r");
   assert.equal(await first, "one");
   const secret = reader.readLine({ prompt: "Password: ", echo: false });
   await type("hunter22\r");
   assert.equal(await secret, "hunter22");
-  const second = reader.readLine({ prompt: "> " });
+  const second = reader.readLine({ prompt: "> ", history: true });
   await type("two\r");
   assert.equal(await second, "two");
-  const third = reader.readLine({ prompt: "> " });
+  const third = reader.readLine({ prompt: "> ", history: true });
   await type("\x1b[A\x1b[A\x1b[A\r");
   assert.equal(await third, "one");
-  const fourth = reader.readLine({ prompt: "> " });
+  const fourth = reader.readLine({ prompt: "> ", history: true });
   await type("\x1b[A\x1b[A\x1b[B!\r");
   assert.equal(await fourth, "one!");
   reader.close();
@@ -180,5 +180,58 @@ Deno.test("a footer longer than a few rows is cut, with the rest counted", async
   ]);
   await type("\r");
   assert.equal(await line, "abc");
+  reader.close();
+});
+
+Deno.test("a wide character that does not fit in a row's last column goes to the next row, and the cursor follows it", async (t) => {
+  // Both leave one column free at the end of the first row.
+  for (const [columns, prompt] of [[20, "#lo> "], [21, "#l> "]] as const) {
+    await t.step(`${columns} columns`, async () => {
+      const { screen, reader, type } = terminal(columns);
+      const line = reader.readLine({ prompt });
+      await type("漢".repeat(9));
+      reader.print("[09:00] <bob> hi");
+      await type("\x1b[D");
+      // The first row ends where a wide character still fits.
+      const first = Math.floor((columns - prompt.length) / 2);
+      assert.deepEqual(screen.lines, [
+        "[09:00] <bob> hi",
+        prompt + "漢".repeat(first),
+        "漢".repeat(9 - first),
+      ]);
+      // The cursor is on the last character, not inside one.
+      assert.deepEqual([screen.row, screen.col], [2, 2 * (8 - first)]);
+      await type("X");
+      reader.print("[09:01] <bob> yo");
+      assert.deepEqual(screen.lines.slice(0, 2), [
+        "[09:00] <bob> hi",
+        "[09:01] <bob> yo",
+      ]);
+      assert.equal(
+        screen.lines.slice(2).join(""),
+        prompt + "漢".repeat(8) + "X漢",
+      );
+      await type("\r");
+      assert.equal(await line, "漢".repeat(8) + "X漢");
+      reader.close();
+    });
+  }
+});
+
+Deno.test("Up and Down keep the line being typed; only the chat's lines are recalled", async () => {
+  const { reader, type } = terminal(40);
+  const menu = reader.readLine({ prompt: "Choose 1 or 2: " });
+  await type("1\r");
+  assert.equal(await menu, "1");
+  const sent = reader.readLine({ prompt: "> ", history: true });
+  await type("sent before\r");
+  assert.equal(await sent, "sent before");
+  const draft = reader.readLine({ prompt: "> ", history: true });
+  await type("a long draft\x1b[A\x1b[A\x1b[B\r");
+  assert.equal(await draft, "a long draft");
+  // The oldest is the chat's first line: the menu's answer is not kept.
+  const again = reader.readLine({ prompt: "> ", history: true });
+  await type("\x1b[A\x1b[A\x1b[A\r");
+  assert.equal(await again, "sent before");
   reader.close();
 });

@@ -365,7 +365,8 @@ Deno.test("on a terminal the reader edits the line in raw mode, hides passwords 
         terminal: { setRaw: (on) => raw.push(on), columns: () => 80 },
       });
       const line = reader.readLine({ prompt: "Password: ", echo: false });
-      push("sec\x1b[D\x1b[Cret!\x7f\r");
+      // Arrows do nothing in a hidden line: the cursor stays at its end.
+      push("sec\x1b[D\x1b[Hret!\x7f\r");
       assert.equal(await line, "secret");
       assert.deepEqual(raw, [true, false]);
       assert.ok(!out.text().includes("secret"), "the password is never echoed");
