@@ -44,38 +44,33 @@ export const SERVER_USAGE =
   --session-ttl S    session lifetime in seconds (SESSION_TTL, default 86400)
   --help             show this help`;
 
-/** The environment variables each entry point reads. */
+// The environment variables each server reads; CHAT_HOST and CHAT_PORT make
+// the default chat address that the auth server's /login hands out.
+const AUTH_READS = [
+  "AUTH_HOST",
+  "AUTH_PORT",
+  "CHAT_HOST",
+  "CHAT_PORT",
+  "CHAT_PUBLIC_URL",
+  "DATA_DIR",
+  "SESSION_TTL",
+  "RATE_LIMITS",
+];
+const CHAT_READS = [
+  "CHAT_HOST",
+  "CHAT_PORT",
+  "DATA_DIR",
+  "AUTH_URL",
+  "RATE_LIMITS",
+  "ALLOWED_ORIGINS",
+];
 const READS: Record<ServerRole, ReadonlySet<string>> = {
-  // CHAT_HOST and CHAT_PORT make the default chat address /login hands out.
-  auth: new Set([
-    "AUTH_HOST",
-    "AUTH_PORT",
-    "CHAT_HOST",
-    "CHAT_PORT",
-    "CHAT_PUBLIC_URL",
-    "DATA_DIR",
-    "SESSION_TTL",
-    "RATE_LIMITS",
-  ]),
-  chat: new Set([
-    "CHAT_HOST",
-    "CHAT_PORT",
-    "DATA_DIR",
-    "AUTH_URL",
-    "RATE_LIMITS",
-    "ALLOWED_ORIGINS",
-  ]),
-  start: new Set([
-    "AUTH_HOST",
-    "AUTH_PORT",
-    "CHAT_HOST",
-    "CHAT_PORT",
-    "CHAT_PUBLIC_URL",
-    "DATA_DIR",
-    "SESSION_TTL",
-    "RATE_LIMITS",
-    "ALLOWED_ORIGINS",
-  ]),
+  auth: new Set(AUTH_READS),
+  chat: new Set(CHAT_READS),
+  // Its chat server uses the auth server it starts, not AUTH_URL.
+  start: new Set(
+    [...AUTH_READS, ...CHAT_READS].filter((name) => name !== "AUTH_URL"),
+  ),
 };
 
 /**

@@ -9,6 +9,7 @@
  * @module
  */
 import { basename, dirname, join } from "node:path";
+import { tryLockFile } from "../lock_file.ts";
 
 /** A user as stored in `users.json`. */
 export interface UserRecord {
@@ -101,18 +102,13 @@ export class AuthStore {
     const { now = Date.now } = options;
     await Deno.mkdir(dataDir, { recursive: true, mode: 0o700 });
     const lockPath = join(dataDir, LOCK_FILE);
-    const lock = await Deno.open(lockPath, {
-      read: true,
-      write: true,
-      create: true,
-      mode: 0o600,
-    });
+    const lock = await tryLockFile(lockPath);
+    if (lock === null) {
+      throw new StoreError(
+        `Cannot use data directory ${dataDir}: another auth server holds its lock file ${lockPath}`,
+      );
+    }
     try {
-      if (!await lock.tryLock(true)) {
-        throw new StoreError(
-          `Cannot use data directory ${dataDir}: another auth server holds its lock file ${lockPath}`,
-        );
-      }
       await removeStaleTempFiles(dataDir);
       const users = await loadFile(join(dataDir, USERS_FILE), parseUsers);
       const sessions = await loadFile(

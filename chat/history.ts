@@ -12,6 +12,7 @@
  *
  * @module
  */
+import { tryLockFile } from "../lock_file.ts";
 import { DEFAULT_HISTORY_LIMIT, type RoomMessage } from "./protocol.ts";
 
 /** Options of {@linkcode HistoryStore.open}. */
@@ -140,18 +141,13 @@ export class HistoryStore {
     const store = new HistoryStore(dir, options);
     await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
     const lockPath = `${dir}/${LOCK_FILE}`;
-    const lock = await Deno.open(lockPath, {
-      read: true,
-      write: true,
-      create: true,
-      mode: 0o600,
-    });
+    const lock = await tryLockFile(lockPath);
+    if (lock === null) {
+      throw new Error(
+        `Cannot use history directory ${dir}: another chat server holds its lock file ${lockPath}`,
+      );
+    }
     try {
-      if (!await lock.tryLock(true)) {
-        throw new Error(
-          `Cannot use history directory ${dir}: another chat server holds its lock file ${lockPath}`,
-        );
-      }
       store.#lock = lock;
       await store.#openLocked();
     } catch (err) {

@@ -10,6 +10,7 @@ import { type AuthServer, createAuthServer } from "../auth/server.ts";
 import { type ChatServer, createChatServer } from "../chat/server.ts";
 import type { ChatLimits } from "../chat/connection_manager.ts";
 import { splitServerFrames } from "../chat/protocol.ts";
+import { LineWatcher } from "./_harness.ts";
 
 /** The repository root, where `cli/main.ts` lives. */
 export const REPO_ROOT = new URL("../", import.meta.url).pathname;
@@ -435,4 +436,51 @@ function toTest(match: LineMatch): (line: string) => boolean {
 
 function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+/** `deno task start`'s entry point as a real process, on the given ports. */
+export async function startMainProcess(
+  dataDir: string,
+  ports: { auth: string; chat: string } = { auth: "0", chat: "0" },
+) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "main.ts"],
+    cwd: REPO_ROOT,
+    env: {
+      AUTH_PORT: ports.auth,
+      CHAT_PORT: ports.chat,
+      DATA_DIR: dataDir,
+      RATE_LIMITS: "off",
+      NO_COLOR: "1",
+    },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stdout = new LineWatcher(child.stdout);
+  const stderr = new LineWatcher(child.stderr);
+  const stop = async (signal: Deno.Signal) => {
+    child.kill(signal);
+    await child.status;
+    await Promise.all([stdout.done, stderr.done]);
+  };
+  try {
+    const authUrl = (await stdout.waitFor(/^auth: listening on /)).split(" ")
+      .pop()!;
+    const chatUrl = (await stdout.waitFor(/^chat: listening on /)).split(" ")
+      .pop()!;
+    return {
+      child,
+      authUrl,
+      chatWs: `${chatUrl.replace(/^http/, "ws")}/ws`,
+      ports: {
+        auth: new URL(authUrl).port,
+        chat: new URL(chatUrl).port,
+      },
+      stop,
+    };
+  } catch (err) {
+    await stop("SIGKILL");
+    throw err;
+  }
 }

@@ -8,8 +8,7 @@ import assert from "node:assert/strict";
 import { ChatSession } from "../cli/chat_session.ts";
 import { CliError } from "../cli/cli_error.ts";
 import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
-import { LineWatcher, REPO_ROOT } from "./_harness.ts";
-import { LineStream } from "./_cli_helpers.ts";
+import { LineStream, startMainProcess } from "./_cli_helpers.ts";
 
 /** What the session prints, as lines to await (see {@linkcode LineStream}). */
 function screen(): { writer: SyncWriter; out: LineStream } {
@@ -86,30 +85,13 @@ Deno.test("a chat address that accepts but never answers the handshake: one line
 
 Deno.test("a chat server that stops answering (SIGSTOP) is noticed by the heartbeat; the client reconnects once it runs again", async () => {
   const dataDir = await Deno.makeTempDir({ prefix: "chatroom_liveness_" });
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "main.ts"],
-    cwd: REPO_ROOT,
-    env: {
-      AUTH_PORT: "0",
-      CHAT_PORT: "0",
-      DATA_DIR: dataDir,
-      RATE_LIMITS: "off",
-      NO_COLOR: "1",
-    },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stdout = new LineWatcher(child.stdout);
-  const stderr = new LineWatcher(child.stderr);
+  const servers = await startMainProcess(dataDir);
+  const { child, authUrl } = servers;
   const { writer, out } = screen();
   const keys = keyboard();
   const lines = new LineReader({ input: keys.input, output: writer });
   let stopped = false;
   try {
-    const authLine = await stdout.waitFor(/^auth: listening on /);
-    await stdout.waitFor(/^chat: listening on /);
-    const authUrl = authLine.split(" ").pop()!;
     const credentials = JSON.stringify({
       username: "alice",
       password: "correct horse battery",
@@ -165,9 +147,7 @@ Deno.test("a chat server that stops answering (SIGSTOP) is noticed by the heartb
   } finally {
     lines.close();
     if (stopped) child.kill("SIGCONT");
-    child.kill("SIGTERM");
-    await child.status;
-    await Promise.all([stdout.done, stderr.done]);
+    await servers.stop("SIGTERM");
     await Deno.remove(dataDir, { recursive: true });
   }
 });

@@ -8,9 +8,9 @@ import {
   PASSWORD,
   Peer,
   register,
+  startMainProcess,
   startServers,
 } from "./_cli_helpers.ts";
-import { LineWatcher, REPO_ROOT } from "./_harness.ts";
 
 Deno.test("after the chat server restarts, the client reconnects and shows each message sent while it was away exactly once", async () => {
   const servers = await startServers();
@@ -292,55 +292,9 @@ Deno.test("after a reconnect, #room still marks the rooms that are not the curre
   }
 });
 
-/** `deno task start`'s entry point as a real process, on the given ports. */
-async function startStart(
-  dataDir: string,
-  ports: { auth: string; chat: string } = { auth: "0", chat: "0" },
-) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "main.ts"],
-    cwd: REPO_ROOT,
-    env: {
-      AUTH_PORT: ports.auth,
-      CHAT_PORT: ports.chat,
-      DATA_DIR: dataDir,
-      RATE_LIMITS: "off",
-      NO_COLOR: "1",
-    },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stdout = new LineWatcher(child.stdout);
-  const stderr = new LineWatcher(child.stderr);
-  const stop = async (signal: Deno.Signal) => {
-    child.kill(signal);
-    await child.status;
-    await Promise.all([stdout.done, stderr.done]);
-  };
-  try {
-    const authUrl = (await stdout.waitFor(/^auth: listening on /)).split(" ")
-      .pop()!;
-    const chatUrl = (await stdout.waitFor(/^chat: listening on /)).split(" ")
-      .pop()!;
-    return {
-      authUrl,
-      chatWs: `${chatUrl.replace(/^http/, "ws")}/ws`,
-      ports: {
-        auth: new URL(authUrl).port,
-        chat: new URL(chatUrl).port,
-      },
-      stop,
-    };
-  } catch (err) {
-    await stop("SIGKILL");
-    throw err;
-  }
-}
-
 Deno.test("after a crash (kill -9) of the servers, the client says once that messages may be lost, not again at every reconnect", async () => {
   const dataDir = await Deno.makeTempDir({ prefix: "chatroom_crash_" });
-  let servers = await startStart(dataDir);
+  let servers = await startMainProcess(dataDir);
   let cli: CliProcess | undefined;
   let bob: Peer | undefined;
   try {
@@ -357,14 +311,14 @@ Deno.test("after a crash (kill -9) of the servers, the client says once that mes
     await servers.stop("SIGKILL");
     await bob.closed();
     await cli.stdout.next("connection lost");
-    servers = await startStart(dataDir, ports);
+    servers = await startMainProcess(dataDir, ports);
     await cli.stdout.next("reconnected");
     await cli.stdout.next("no longer kept by the server");
 
     // A clean restart: nothing new was said in the lobby since.
     await servers.stop("SIGTERM");
     await cli.stdout.next("connection lost");
-    servers = await startStart(dataDir, ports);
+    servers = await startMainProcess(dataDir, ports);
     await cli.stdout.next("reconnected");
     bob = await Peer.connect(servers.chatWs, bobToken);
     await bob.say("after");
