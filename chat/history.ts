@@ -95,10 +95,14 @@ const FLOORS_FILE = ".id_floors.json";
  */
 const LOCK_FILE = ".lock";
 const TAIL_CHUNK = 64 * 1024;
-/** Most bytes read back for the exactly-once window at start, per room. */
-const MAX_WINDOW_BYTES = 32 * 1024 * 1024;
+/**
+ * Most bytes read back for the exactly-once window at start, per room: ten
+ * minutes of the longest messages at 10 a second (an abuse limit, not a
+ * size one messages get near).
+ */
+const MAX_WINDOW_BYTES = 256 * 1024 * 1024;
 /** Most messages of the exactly-once window kept past `keep`, per room. */
-const MAX_SENT_TAIL = 100_000;
+const MAX_SENT_TAIL = 200_000;
 
 /** The history of every room, with batched persistence. */
 export class HistoryStore {

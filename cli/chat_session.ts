@@ -79,6 +79,17 @@ export interface ChatSessionOptions {
   heartbeatTimeoutMs?: number;
 }
 
+/**
+ * A room name as typed, lower-cased, or undefined when it is not one. It is
+ * checked before lower-casing, as the server does: "\u212a" (the Kelvin
+ * sign) lower-cases to "k".
+ */
+function typedRoom(text: string | undefined): string | undefined {
+  if (text === undefined || !/^[A-Za-z0-9_-]+$/.test(text)) return undefined;
+  const room = text.toLowerCase();
+  return isRoomName(room) ? room : undefined;
+}
+
 /** Lines of `/help`. */
 export const CHAT_HELP = [
   "/join ROOM        join a room (created if new) and make it the current one",
@@ -873,13 +884,8 @@ export class ChatSession {
       case "/exit":
         return void this.#quit();
       case "/join": {
-        // Checked before lower-casing, as the server does: "\u212a" (the
-        // Kelvin sign) lower-cases to "k".
-        const room = args[0]?.toLowerCase();
-        if (
-          args.length !== 1 || room === undefined || !isRoomName(room) ||
-          !/^[A-Za-z0-9_-]+$/.test(args[0]!)
-        ) {
+        const room = typedRoom(args[0]);
+        if (args.length !== 1 || room === undefined) {
           return this.#hint(
             "usage: /join ROOM (1 to 32 characters of a-z, 0-9, _ and -)",
           );
@@ -893,8 +899,8 @@ export class ChatSession {
         return;
       }
       case "/leave": {
-        const room = (args[0] ?? current)?.toLowerCase();
-        if (args.length > 1 || room === undefined || !isRoomName(room)) {
+        const room = args[0] === undefined ? current : typedRoom(args[0]);
+        if (args.length > 1 || room === undefined) {
           return this.#hint("usage: /leave [ROOM]");
         }
         if (!this.#rooms.includes(room)) {
@@ -915,8 +921,8 @@ export class ChatSession {
         if (!this.#enqueue({ type: "rooms" })) return this.#offline();
         return;
       case "/who": {
-        const room = (args[0] ?? current)?.toLowerCase();
-        if (args.length > 1 || (room !== undefined && !isRoomName(room))) {
+        const room = args[0] === undefined ? current : typedRoom(args[0]);
+        if (args.length > 1 || (args[0] !== undefined && room === undefined)) {
           return this.#hint("usage: /who [ROOM]");
         }
         if (room === undefined) {

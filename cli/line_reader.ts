@@ -159,6 +159,8 @@ export class LineReader {
       const onAbort = () => {
         this.#buffer = "";
         this.#cursor = 0;
+        this.#historyAt = this.#history.length;
+        this.#draft = "";
         this.#finishRead();
         reject(signal?.reason);
       };
@@ -448,6 +450,8 @@ export class LineReader {
   #interrupt(): void {
     this.#buffer = "";
     this.#cursor = 0;
+    this.#historyAt = this.#history.length;
+    this.#draft = "";
     const waiter = this.#waiter;
     if (waiter === null) {
       this.#interruptPending = true;

@@ -170,6 +170,51 @@ Deno.test("the sender's client_id is kept on disk and across a compaction, but i
   }
 });
 
+Deno.test("before the kept tail, only the window's messages sent with a client_id are read back, up to an unreadable time; the rest leaves the file", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const now = Date.parse("2026-01-01T12:00:00.000Z");
+    const at = (minutesAgo: number) =>
+      new Date(now - minutesAgo * 60_000).toISOString();
+    const lines: [string | undefined, string][] = [
+      ["a", at(20)], // before the window
+      ["b", "yesterday"], // a time that cannot be read: the window ends here
+      ["c", at(5)],
+      [undefined, at(4)], // no client_id: not needed past the kept tail
+      ["e", at(3)],
+      ["f", at(2)],
+      [undefined, at(1)],
+      [undefined, at(0)],
+    ];
+    await Deno.writeTextFile(
+      `${dir}/dev.jsonl`,
+      lines.map(([clientId, ts], i) =>
+        JSON.stringify({
+          type: "message",
+          id: String(i + 1),
+          room: "dev",
+          from: "alice",
+          text: `m${i + 1}`,
+          ts,
+          ...(clientId !== undefined && { client_id: clientId }),
+        }) + "\n"
+      ).join(""),
+    );
+    const store = await HistoryStore.open(dir, { keep: 2, now: () => now });
+    assert.deepEqual(store.recent("dev", 10).map((m) => m.id), ["7", "8"]);
+    assert.deepEqual(
+      store.sentSince(now - 10 * 60_000).map((s) => s.clientId),
+      ["c", "e", "f"],
+    );
+    await store.close();
+    const ids = (await Deno.readTextFile(`${dir}/dev.jsonl`)).trim().split("\n")
+      .map((l) => JSON.parse(l).id);
+    assert.deepEqual(ids, ["3", "5", "6", "7", "8"]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("after a run that did not close, ids jump past anything it may have handed out, and asking across the hole says gap", async () => {
   const dir = await Deno.makeTempDir();
   try {

@@ -534,6 +534,11 @@ Deno.test("an unknown command or a wrong argument gets a one-line hint and sends
     assert.match(await cli.stdout.next("usage: /msg"), /^! /);
     await cli.write("/history lots");
     assert.match(await cli.stdout.next("usage: /history"), /^! /);
+    // The Kelvin sign lower-cases to "k", but is not a room name's letter.
+    for (const command of ["/join", "/leave", "/who"]) {
+      await cli.write(`${command} \u212a`);
+      assert.match(await cli.stdout.next(`usage: ${command}`), /^! /);
+    }
     await cli.write("//not a command");
     const got = await bob.next((f) => f.type === "message");
     // The first message bob sees is the escaped one: nothing before it was sent.
