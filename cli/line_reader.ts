@@ -558,12 +558,10 @@ export class LineReader {
       : { shown: "", cursor: 0 };
     // Where each character lands: a wide one that does not fit in a row's
     // last column goes to the next row, as the terminal does.
-    const input = [
-      ...splitGraphemes(stripColors(prompt)),
-      ...splitGraphemes(shown),
-    ].map(displayWidth);
-    const index = splitGraphemes(stripColors(prompt)).length +
-      splitGraphemes(shown.slice(0, cursorOffset(shown, cursor))).length;
+    const promptChars = splitGraphemes(stripColors(prompt));
+    const input = [...promptChars, ...splitGraphemes(shown)].map(displayWidth);
+    const index = promptChars.length +
+      splitGraphemes(shown.slice(0, cursor)).length;
     text += prompt + shown;
     const end = cursorAt(input, input.length, columns);
     const at = cursorAt(input, index, columns);
@@ -640,18 +638,6 @@ function stripColors(text: string): string {
   return text.replace(/\x1b\[[0-9;]*m/g, "");
 }
 
-/** The UTF-16 offset in `shown` after the characters taking `columns` columns. */
-function cursorOffset(shown: string, columns: number): number {
-  let offset = 0;
-  let width = 0;
-  for (const g of splitGraphemes(shown)) {
-    if (width >= columns) break;
-    width += displayWidth(g);
-    offset += g.length;
-  }
-  return offset;
-}
-
 /** Writes every byte, looping over partial writes. */
 export function writeAllSync(writer: SyncWriter, bytes: Uint8Array): void {
   let offset = 0;
@@ -683,7 +669,7 @@ export function truncateVisible(text: string, columns: number): string {
 
 /**
  * The part of a long input line that fits in `columns`, around the cursor
- * (`…` where it is cut), and how many columns precede the cursor in it.
+ * (`…` where it is cut), and where the cursor is in it (a UTF-16 index).
  */
 export function inputWindow(
   buffer: string,
@@ -691,7 +677,7 @@ export function inputWindow(
   columns: number,
 ): { shown: string; cursor: number } {
   if (displayWidth(buffer) <= columns) {
-    return { shown: buffer, cursor: displayWidth(buffer.slice(0, cursor)) };
+    return { shown: buffer, cursor };
   }
   const before = splitGraphemes(buffer.slice(0, cursor));
   const after = splitGraphemes(buffer.slice(cursor));
@@ -718,6 +704,6 @@ export function inputWindow(
   const cutAfter = tail.length < after.length;
   return {
     shown: `${shownBefore}${tail.join("")}${cutAfter ? "…" : ""}`,
-    cursor: displayWidth(shownBefore),
+    cursor: shownBefore.length,
   };
 }
