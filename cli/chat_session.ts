@@ -104,6 +104,8 @@ export const CHAT_HELP = [
 ];
 
 const DEFAULT_HISTORY_PAGE = 20;
+/** Ids (with their `ts`) remembered per room to tell a history that started over. */
+const SEEN_KEPT = 256;
 /**
  * Own messages sent and not yet echoed, at most: pasted or piped lines beyond
  * it wait their turn instead of running into the server's message rate (a
@@ -130,6 +132,8 @@ export interface SessionState {
   pending: [string, PendingMessage][];
   /** Per room, the `after` id whose gap the user was told about. */
   gapTold: [string, string][];
+  /** Per room, the `ts` of the newest messages shown, by id. */
+  seenTs: [string, [string, string][]][];
 }
 
 /** A message typed and not yet confirmed by the server. */
@@ -172,6 +176,14 @@ export class ChatSession {
   #oldestId = new Map<string, string>();
   /** Per room, the `after` id whose gap the user has been told about. */
   #gapTold = new Map<string, string>();
+  /**
+   * Per room, the `ts` of the newest messages shown (up to
+   * {@linkcode SEEN_KEPT}), by id. A message with one of those ids and
+   * another `ts` means the server's history of the room started over (a
+   * chat server restarted on other or wiped data hands out the same ids
+   * again): the ids seen before say nothing any more.
+   */
+  #seenTs = new Map<string, Map<string, string>>();
   /** Rooms waiting for their `history after` answer, with held-back messages. */
   #syncing = new Map<string, RoomMessage[]>();
   /**
@@ -254,6 +266,9 @@ export class ChatSession {
       this.#lastId = new Map(resume.lastId);
       this.#pending = new Map(resume.pending);
       this.#gapTold = new Map(resume.gapTold);
+      this.#seenTs = new Map(
+        resume.seenTs.map(([room, seen]) => [room, new Map(seen)]),
+      );
     }
     this.#me = options.username;
   }
@@ -282,6 +297,7 @@ export class ChatSession {
       lastId: [...this.#lastId],
       pending: [...this.#pending],
       gapTold: [...this.#gapTold],
+      seenTs: [...this.#seenTs].map(([room, seen]) => [room, [...seen]]),
     };
   }
 
@@ -714,6 +730,7 @@ export class ChatSession {
     // take one of the places), rejoin, ask each room what was missed; then
     // the outbox, in the order typed (unconfirmed messages with their
     // client_id).
+    if (wanted.includes(LOBBY)) this.#checkStartOver(LOBBY, history);
     const resync: ClientFrame[] = [];
     if (!wanted.includes(LOBBY)) {
       if (quiet) this.#quietLeaves.add(LOBBY);
@@ -751,7 +768,11 @@ export class ChatSession {
       room,
     );
     if (this.#quietJoins.delete(room)) {
-      if (!this.#syncing.has(room)) this.#showMessages(room, history);
+      // Its `history after` is on the way; a room that started over on the
+      // server shows what it has now instead (the answer then adds nothing).
+      if (this.#checkStartOver(room, history)) {
+        this.#showMessages(room, history);
+      } else if (!this.#syncing.has(room)) this.#showMessages(room, history);
       return;
     }
     this.#print(
@@ -834,15 +855,44 @@ export class ChatSession {
 
   /** Shows the messages newer than the last one shown in their room. */
   #showMessages(room: string, messages: RoomMessage[]): void {
+    this.#checkStartOver(room, messages);
     let last = this.#lastId.get(room);
+    let seen = this.#seenTs.get(room);
     for (const message of messages) {
       const id = BigInt(message.id);
       if (last !== undefined && id <= last) continue;
       last = id;
       if (!this.#oldestId.has(room)) this.#oldestId.set(room, message.id);
+      if (seen === undefined) this.#seenTs.set(room, seen = new Map());
+      seen.set(message.id, message.ts);
+      if (seen.size > SEEN_KEPT) seen.delete(seen.keys().next().value!);
       this.#print(renderRoomMessage(message, this.#messageView()));
     }
     this.#lastId.set(room, last ?? 0n);
+  }
+
+  /**
+   * Whether `messages` show that the server's history of `room` started
+   * over (an id already shown, with another `ts`). If so the user is told,
+   * and what was shown of the room no longer counts: the ids come again.
+   */
+  #checkStartOver(room: string, messages: RoomMessage[]): boolean {
+    const seen = this.#seenTs.get(room);
+    if (seen === undefined) return false;
+    const changed = messages.some((m) => {
+      const ts = seen.get(m.id);
+      return ts !== undefined && ts !== m.ts;
+    });
+    if (!changed) return false;
+    this.#lastId.delete(room);
+    this.#oldestId.delete(room);
+    this.#gapTold.delete(room);
+    this.#seenTs.delete(room);
+    this.#print(status(
+      `the server's history of #${room} has started over: messages shown before are no longer there`,
+      this.#view(),
+    ));
+    return true;
   }
 
   // --- lines ----------------------------------------------------------------

@@ -29,8 +29,11 @@ export interface Servers {
   authUrl: string;
   chat: ChatServer;
   dataDir: string;
-  /** Shuts the chat server down and starts a new one on the same port and data. */
-  restartChat(): Promise<ChatServer>;
+  /**
+   * Shuts the chat server down and starts a new one on the same port, on the
+   * same data or on `dataDir`.
+   */
+  restartChat(dataDir?: string): Promise<ChatServer>;
   /** Shuts everything down and removes the data directory. */
   close(): Promise<void>;
 }
@@ -64,11 +67,11 @@ export async function startServers(
       ...(options.authNow !== undefined && { now: options.authNow }),
     });
     const authUrl = auth.url;
-    const startChat = (port: number) =>
+    const startChat = (port: number, dir = dataDir) =>
       createChatServer({
         hostname: "127.0.0.1",
         port,
-        dataDir,
+        dataDir: dir,
         authUrl,
         rateLimits: options.chatLimits !== undefined,
         ...(options.chatLimits !== undefined && { limits: options.chatLimits }),
@@ -79,10 +82,10 @@ export async function startServers(
       authUrl,
       chat: await startChat(0),
       dataDir,
-      async restartChat() {
+      async restartChat(dir?: string) {
         const port = servers.chat.port;
         await servers.chat.shutdown();
-        servers.chat = await startChat(port);
+        servers.chat = await startChat(port, dir);
         return servers.chat;
       },
       async close() {

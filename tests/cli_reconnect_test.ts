@@ -109,6 +109,49 @@ Deno.test("after the chat server restarts, the client reconnects and shows each 
   }
 });
 
+Deno.test("a chat server back on other data hands out the same ids again: the client says so and shows the new messages, not skipping them as seen", async () => {
+  const servers = await startServers();
+  const otherData = await Deno.makeTempDir({ prefix: "chatroom_cli_test_" });
+  try {
+    await register(servers.authUrl, "alice");
+    await register(servers.authUrl, "bob");
+    const bobLogin = await login(servers.authUrl, "bob");
+    let bob = await Peer.connect(servers.chat.url, bobLogin.token);
+    const cli = loginProcess(servers.authUrl, "alice");
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    for (let i = 1; i <= 4; i++) await bob.say(`old-${i}`, "lobby");
+    await cli.stdout.next("old-4");
+
+    await Promise.all([servers.chat.shutdown(), bob.closed()]);
+    await cli.stdout.next("connection lost");
+    await cli.write("typed while away");
+    await cli.stdout.next(/typed while away \(pending\)$/);
+    const chat = await servers.restartChat(otherData);
+    bob = await Peer.connect(chat.url, bobLogin.token);
+    // Ids 1 and 2 again, for other messages (before or after the client is back).
+    const first = await bob.say("new-1", "lobby");
+    assert.equal(first.id, "1");
+    await bob.say("new-2", "lobby");
+    await cli.stdout.next("reconnected");
+    await cli.stdout.next("<alice> typed while away");
+    await bob.say("new-live", "lobby");
+    await cli.stdout.next("new-live");
+
+    const out = cli.stdout;
+    assert.equal(out.count((l) => l.includes("has started over")), 1, out.text);
+    for (const text of ["new-1", "new-2", "new-live", "old-1", "old-4"]) {
+      assert.equal(out.count((l) => l.endsWith(`> ${text}`)), 1, out.text);
+    }
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    await bob.close();
+  } finally {
+    await servers.close();
+    await Deno.remove(otherData, { recursive: true });
+  }
+});
+
 Deno.test("an expired session sends the client back to login instead of retrying forever", async (t) => {
   let offsetMs = 0;
   const servers = await startServers({ authNow: () => Date.now() + offsetMs });
