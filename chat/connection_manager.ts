@@ -528,23 +528,25 @@ export class ConnectionManager {
   #onFrame(conn: Conn, data: unknown): void {
     if (!conn.open) return;
     try {
-      if (typeof data !== "string") {
-        const size = data instanceof ArrayBuffer ? data.byteLength : 0;
-        if (size > MAX_FRAME_BYTES) {
-          this.#drop(conn, CloseCode.tooBig, "frame too big");
-        } else {
-          this.#sendError(conn, "invalid_frame", "Frames must be JSON text");
-        }
-        return;
-      }
-      if (utf8Length(data) > MAX_FRAME_BYTES) {
+      const size = typeof data === "string"
+        ? utf8Length(data)
+        : data instanceof ArrayBuffer
+        ? data.byteLength
+        : 0;
+      if (size > MAX_FRAME_BYTES) {
         this.#drop(conn, CloseCode.tooBig, "frame too big");
         return;
       }
+      // Every frame counts toward the frame rate, binary ones too: each gets
+      // an answer, so they would otherwise be a flood nothing closes.
       const now = this.#now();
       if (this.#rateLimits) {
         const wait = conn.frames.take(now);
         if (wait > 0) return this.#limited(conn, wait, now);
+      }
+      if (typeof data !== "string") {
+        this.#sendError(conn, "invalid_frame", "Frames must be JSON text");
+        return;
       }
       this.#handle(conn, parseClientFrameText(data), now);
     } catch (err) {

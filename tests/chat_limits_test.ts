@@ -68,6 +68,32 @@ Deno.test("sustained flooding closes the connection with 1008", async () => {
   }
 });
 
+Deno.test("binary frames count toward the frame rate: a flood of them is refused, then closed with 1008", async () => {
+  const stack = await startStack({
+    rateLimits: true,
+    chatLimits: { frameBurst: 5, framesPerSecond: 0.1, floodStrikes: 3 },
+  });
+  try {
+    const alice = await connectAs(stack, "alice");
+    for (let i = 0; i < 50 && alice.socket.readyState === WebSocket.OPEN; i++) {
+      alice.socket.send(new Uint8Array([1, 2, 3]));
+      await alice.next((f) => f.type === "error").catch(() => {});
+    }
+    assert.notEqual(alice.socket.readyState, WebSocket.OPEN, "never closed");
+    const event = await alice.closed;
+    assert.equal(event.code, 1008);
+    const errors = alice.frames.filter((f) => f.type === "error");
+    assert.equal(
+      errors.filter((f) => f.error === "invalid_frame").length,
+      5,
+      JSON.stringify(errors),
+    );
+    assert.ok(errors.some((f) => f.error === "rate_limited"));
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("a flood that arrives in one write is answered, then closed with 1008 or 1009", async (t) => {
   const stack = await startStack({ rateLimits: true });
   try {
