@@ -912,7 +912,9 @@ export class ChatSession {
         });
       } catch (err) {
         if (this.#ending) return;
-        if (err instanceof Interrupted) return this.#finish("interrupted");
+        if (err instanceof Interrupted) {
+          return this.#finish(this.#unconfirmed() ?? "interrupted");
+        }
         throw err;
       }
       if (this.#ending) return;
@@ -1169,20 +1171,22 @@ export class ChatSession {
       }
       if (this.#ready) break;
     }
-    // Leaving with something unconfirmed is a failure a script must see:
-    // one line on stderr and exit 1 (not 0).
+    this.#finish(this.#unconfirmed() ?? "quit");
+  }
+
+  /**
+   * Leaving with something unconfirmed is a failure a script must see: one
+   * line on stderr and exit 1 (not 0). The error to end with, if so.
+   */
+  #unconfirmed(): CliError | undefined {
     const dms = [...this.#outbox, ...this.#requeue, ...this.#asked]
       .filter((f) => f.type === "dm").length;
     const lost = [
       ...(this.#pending.size > 0 ? [`${this.#pending.size} message(s)`] : []),
       ...(dms > 0 ? [`${dms} direct message(s)`] : []),
     ];
-    if (lost.length > 0) {
-      return this.#finish(
-        new CliError(`${lost.join(" and ")} not confirmed by the server`),
-      );
-    }
-    this.#finish("quit");
+    if (lost.length === 0) return undefined;
+    return new CliError(`${lost.join(" and ")} not confirmed by the server`);
   }
 
   /** Waits until `done()` holds (checked at every wake-up) or the deadline. */

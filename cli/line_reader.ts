@@ -215,6 +215,18 @@ export class LineReader {
     this.#draw();
   }
 
+  /**
+   * What Ctrl+C does, for a signal (SIGINT on a pipe, SIGTERM, SIGHUP): the
+   * line being read is given up and its read rejects with
+   * {@linkcode Interrupted}. Returns false, doing nothing, when no line is
+   * being read.
+   */
+  interrupt(): boolean {
+    if (this.#waiter === null || this.#closed) return false;
+    this.#interrupt();
+    return true;
+  }
+
   /** The terminal changed size: draws the footer and the input again. */
   resized(): void {
     this.#redraw();

@@ -73,11 +73,20 @@ globalThis.addEventListener("error", (event) => {
   event.preventDefault();
   fail(event.error);
 });
-// Ctrl+C outside a raw-mode read (e.g. while logging in) comes as a signal.
-Deno.addSignalListener("SIGINT", () => exit(EXIT_INTERRUPTED));
+// A signal ends the client as Ctrl+C does: in the chat, the connection is
+// closed with 1000, and messages the server has not confirmed are reported
+// (exit 1); elsewhere (logging in, reading a pipe's input) it exits at once.
+// A second signal does not wait for the first to finish. Exit codes stay
+// those of the contract (0, 1, 2), not the shells' 128 + N.
+let signalled = false;
+const onSignal = () => {
+  if (!signalled && reader?.interrupt()) signalled = true;
+  else exit(EXIT_INTERRUPTED);
+};
+Deno.addSignalListener("SIGINT", onSignal);
 if (Deno.build.os !== "windows") {
-  Deno.addSignalListener("SIGTERM", () => exit(143));
-  Deno.addSignalListener("SIGHUP", () => exit(129));
+  Deno.addSignalListener("SIGTERM", onSignal);
+  Deno.addSignalListener("SIGHUP", onSignal);
   if (Deno.stdin.isTerminal()) {
     Deno.addSignalListener("SIGWINCH", () => reader?.resized());
   }

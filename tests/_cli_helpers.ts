@@ -316,6 +316,11 @@ export class CliProcess {
     return result.code;
   }
 
+  /** Sends the client a signal. */
+  signal(signal: Deno.Signal): void {
+    this.#child.kill(signal);
+  }
+
   /** Kills the client (if still running) and waits for everything to end. */
   async kill(): Promise<void> {
     try {

@@ -418,6 +418,49 @@ Deno.test("a drop in the middle of a paced burst loses nothing: what was typed b
   }
 });
 
+Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 naming the messages never confirmed", async (t) => {
+  const servers = await startServers();
+  try {
+    const { bob, cli: first } = await bobAndAlice(servers);
+    for (
+      const [signal, cli] of [["SIGTERM", first], ["SIGHUP", null]] as const
+    ) {
+      await t.step(`${signal} with nothing pending: exit 0`, async () => {
+        const client = cli ?? loginProcess(servers.authUrl, "alice");
+        await client.write(PASSWORD);
+        await client.stdout.next("connected as alice");
+        await client.write("said before the signal");
+        await client.stdout.next("<alice> said before the signal");
+        client.signal(signal);
+        assert.equal(await client.exit(), 0, client.stderr.text);
+        assert.equal(client.stderr.text, "");
+        // The server saw the connection end (alice's only one).
+        await bob.next((f) => f.type === "leave" && f.user === "alice");
+      });
+    }
+    await t.step(
+      "SIGINT with a message pending: exit 1, and says so",
+      async () => {
+        const cli = loginProcess(servers.authUrl, "alice");
+        await cli.write(PASSWORD);
+        await cli.stdout.next("connected as alice");
+        await Promise.all([servers.chat.shutdown(), bob.closed()]);
+        await cli.stdout.next("connection lost");
+        await cli.write("never sent");
+        await cli.stdout.next(/never sent \(pending\)$/);
+        cli.signal("SIGINT");
+        assert.equal(await cli.exit(), 1);
+        assert.equal(
+          cli.stderr.text.trim(),
+          "chatroom: 1 message(s) not confirmed by the server",
+        );
+      },
+    );
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("end of input while reconnecting waits for the reconnect and sends what was typed", async () => {
   const servers = await startServers();
   try {
