@@ -1258,7 +1258,7 @@ export class ChatSession {
 
   /** Without a terminal footer, pending messages are listed once as lines. */
   #showPendingAsPending(): void {
-    if (this.#lines().interactive) return;
+    if (this.#lines().showsFooter) return;
     for (const [clientId, message] of this.#pending) {
       if (this.#pendingShown.has(clientId)) continue;
       this.#pendingShown.add(clientId);

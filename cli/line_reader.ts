@@ -31,6 +31,14 @@ export interface TerminalControl {
   setRaw(on: boolean): void;
   /** The width of the terminal in columns. */
   columns(): number;
+  /**
+   * A terminal the reader must not move the cursor on (`TERM=dumb`, such as
+   * an Emacs shell buffer, or output that does not go to it): lines are read
+   * in the terminal's own line mode (it echoes and edits them), prompts are
+   * written as they are, printed lines are written as they come; only
+   * passwords are read in raw mode, to hide them.
+   */
+  plain?: boolean;
 }
 
 /** How the reader is wired; everything defaults to the process's stdio. */
@@ -77,6 +85,7 @@ export class LineReader {
   #terminal: TerminalControl | null;
   #editorOutput: SyncWriter;
   #editorShares: boolean;
+  #plain: boolean;
 
   #queue: (string | null)[] = [];
   #eof = false;
@@ -128,11 +137,17 @@ export class LineReader {
     this.#terminal = terminal;
     this.#editorOutput = editorOutput;
     this.#editorShares = editorOutput === output;
+    this.#plain = terminal?.plain ?? false;
   }
 
   /** Whether a person types at a terminal (prompts shown, input edited here). */
   get interactive(): boolean {
     return this.#terminal !== null;
+  }
+
+  /** Whether footer lines ({@linkcode LineReader.setFooter}) are shown. */
+  get showsFooter(): boolean {
+    return this.#terminal !== null && !this.#plain;
   }
 
   /**
@@ -177,7 +192,15 @@ export class LineReader {
           reject(err);
         },
       };
-      if (this.#terminal !== null) {
+      if (this.#terminal !== null && this.#plain) {
+        // Passwords alone in raw mode (hidden); the chat's own lines get no
+        // prompt: it could not be kept below the lines arriving meanwhile.
+        if (options.echo === false) this.#setRaw(true);
+        this.#active = { echo: true, ...options };
+        if (!options.transient) {
+          this.#write(this.#editorOutput, options.prompt ?? "");
+        }
+      } else if (this.#terminal !== null) {
         this.#setRaw(true);
         this.#active = { echo: true, ...options };
         this.#redraw();
@@ -195,7 +218,7 @@ export class LineReader {
 
   /** Writes one line of output above the prompt and the line being typed. */
   print(line: string): void {
-    if (this.#terminal !== null && this.#editorShares) {
+    if (this.#terminal !== null && this.#editorShares && !this.#plain) {
       this.#clear();
       this.#write(this.#output, line + "\n");
       this.#draw();
@@ -209,7 +232,7 @@ export class LineReader {
    * user's messages waiting for their echo); ignored when not interactive.
    */
   setFooter(lines: string[]): void {
-    if (this.#terminal === null) return;
+    if (!this.showsFooter) return;
     this.#clear();
     this.#footer = [...lines];
     this.#draw();
@@ -274,7 +297,7 @@ export class LineReader {
 
   #feed(text: string): void {
     if (text === "") return;
-    if (this.#terminal === null) {
+    if (this.#terminal === null || (this.#plain && !this.#raw)) {
       const parts = (this.#partial + text).split("\n");
       this.#partial = parts.pop() ?? "";
       for (const part of parts) {
@@ -445,7 +468,10 @@ export class LineReader {
     }
     this.#historyAt = this.#history.length;
     this.#draft = "";
-    if (active !== null && !active.transient) {
+    if (this.#plain) {
+      // Only a hidden line is typed in raw mode: the prompt is written.
+      this.#write(this.#editorOutput, "\n");
+    } else if (active !== null && !active.transient) {
       // The answer stays on screen, as in any shell prompt.
       this.#clear();
       this.#write(
@@ -471,7 +497,10 @@ export class LineReader {
     }
     this.#waiter = null;
     this.#clear();
-    if (this.#active !== null) {
+    if (this.#active !== null && this.#raw && this.#plain) {
+      this.#write(this.#editorOutput, "^C\n");
+      this.#active = null;
+    } else if (this.#active !== null && !this.#plain) {
       this.#write(this.#editorOutput, `${this.#active.prompt ?? ""}^C\n`);
       this.#active = null;
     }
@@ -526,7 +555,7 @@ export class LineReader {
   // footer's first row, counted at the present width (see `#drawn`).
   #clear(): void {
     const drawn = this.#drawn;
-    if (this.#terminal === null || drawn === null) return;
+    if (this.#terminal === null || this.#plain || drawn === null) return;
     const columns = this.#columns();
     let up = cursorAt(drawn.input, drawn.cursor, columns).row;
     for (const width of drawn.footer) {
@@ -537,7 +566,7 @@ export class LineReader {
   }
 
   #draw(): void {
-    if (this.#terminal === null || this.#closed) return;
+    if (this.#terminal === null || this.#plain || this.#closed) return;
     const columns = this.#columns();
     let text = "";
     const footer: number[] = [];

@@ -36,6 +36,10 @@ function lines(): LineReader {
       ? {
         setRaw: (on) => Deno.stdin.setRaw(on),
         columns: () => Deno.consoleSize().columns,
+        // No cursor movement where it would show as garbage, or where the
+        // lines printed (stdout) and the input drawn (stderr) cannot be
+        // kept apart: `chatroom | tee log`.
+        plain: env("TERM") === "dumb" || !Deno.stdout.isTerminal(),
       }
       : null,
     editorOutput: Deno.stdout.isTerminal() ? Deno.stdout : Deno.stderr,

@@ -403,6 +403,52 @@ Deno.test("on a terminal the reader edits the line in raw mode, hides passwords 
   });
 });
 
+Deno.test("on a plain terminal (TERM=dumb, or output not to it) the reader never moves the cursor: the terminal edits the lines, only passwords go raw", async () => {
+  const { stream, push } = keyboard();
+  const out = sink();
+  const prompts = sink();
+  const raw: boolean[] = [];
+  const reader = new LineReader({
+    input: stream,
+    output: out,
+    editorOutput: prompts,
+    terminal: { setRaw: (on) => raw.push(on), columns: () => 80, plain: true },
+  });
+  assert.equal(reader.interactive, true);
+  assert.equal(reader.showsFooter, false);
+
+  const name = reader.readLine({ prompt: "Username: " });
+  // The terminal's line mode: what arrives is a whole line, echoed by it.
+  push("alice\n");
+  assert.equal(await name, "alice");
+  assert.deepEqual(raw, []);
+  assert.equal(prompts.text(), "Username: ");
+
+  const password = reader.readLine({ prompt: "Password: ", echo: false });
+  push("se\x7fecret\r");
+  assert.equal(await password, "secret");
+  assert.deepEqual(raw, [true, false]);
+  assert.equal(prompts.text(), "Username: Password: \n");
+
+  // The chat's lines: no prompt, lines printed as they come, no footer.
+  const chat = reader.readLine({ prompt: "#lobby> ", transient: true });
+  reader.setFooter(["  hello (pending)"]);
+  reader.print("[09:05] <bob> hi");
+  push("hello\n");
+  assert.equal(await chat, "hello");
+  assert.equal(out.text(), "[09:05] <bob> hi\n");
+  assert.equal(prompts.text(), "Username: Password: \n");
+  assert.ok(!(out.text() + prompts.text()).includes("\x1b"));
+  assert.deepEqual(raw, [true, false]);
+
+  // A signal ends a read in line mode as Ctrl+C would.
+  const last = reader.readLine({ prompt: "#lobby> ", transient: true });
+  assert.equal(reader.interrupt(), true);
+  await assert.rejects(last, { name: "Interrupted" });
+  assert.equal(reader.interrupt(), false, "no read, nothing to interrupt");
+  reader.close();
+});
+
 Deno.test("onMessage parses a coalesced frame and shows each message once", () => {
   const out = sink();
   const lines = new LineReader({ input: ReadableStream.from([]), output: out });
