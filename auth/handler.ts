@@ -310,17 +310,27 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
             `error=${logValue(String(err))}`,
           ),
       );
-    await Promise.all([
-      store.addSession(tokenHash(token), {
-        username: user.username,
-        createdAt: new Date(createdMs).toISOString(),
-        expiresAt,
-        expiresAtMs: Date.parse(expiresAt),
-      }),
+    const [ended] = await Promise.all([
+      store.addSession(
+        tokenHash(token),
+        {
+          username: user.username,
+          createdAt: new Date(createdMs).toISOString(),
+          expiresAt,
+          expiresAtMs: Date.parse(expiresAt),
+        },
+        rateLimits ? limits.maxSessionsPerUser : Infinity,
+      ),
       rehashed,
     ]);
     if (ticket !== undefined) loginThrottle.succeeded(ticket);
-    event("login", "ok", user.username, address);
+    event(
+      "login",
+      "ok",
+      user.username,
+      address,
+      ended > 0 ? `ended_oldest_sessions=${ended}` : "",
+    );
     return jsonResponse(200, {
       token,
       username: user.username,

@@ -200,9 +200,39 @@ export class AuthStore {
     return session;
   }
 
-  /** Adds a session and resolves once it is on disk. */
-  async addSession(tokenHash: string, session: SessionRecord): Promise<void> {
+  /**
+   * Adds a session and resolves once it is on disk. When its user would then
+   * hold more than `maxPerUser` live sessions, the oldest of them end (in the
+   * same write); returns how many ended.
+   */
+  async addSession(
+    tokenHash: string,
+    session: SessionRecord,
+    maxPerUser = Infinity,
+  ): Promise<number> {
     this.#assertOpen();
+    const ended: [string, SessionRecord][] = [];
+    if (maxPerUser < Infinity) {
+      // A scan of all sessions: a login costs a slow password hash anyway,
+      // and writes the whole file.
+      const key = session.username.toLowerCase();
+      const now = this.#now();
+      const own: [string, SessionRecord][] = [];
+      for (const entry of this.#sessions) {
+        const s = entry[1];
+        if (s.expiresAtMs > now && s.username.toLowerCase() === key) {
+          own.push(entry);
+        }
+      }
+      // Oldest first; the map's order is the order sessions were added.
+      own.sort((a, b) => a[1].createdAt.localeCompare(b[1].createdAt));
+      for (
+        const entry of own.slice(0, Math.max(0, own.length + 1 - maxPerUser))
+      ) {
+        this.#sessions.delete(entry[0]);
+        ended.push(entry);
+      }
+    }
     this.#sessions.set(tokenHash, session);
     try {
       await this.#sessionsWriter.commit();
@@ -210,8 +240,10 @@ export class AuthStore {
       if (this.#sessions.get(tokenHash) === session) {
         this.#sessions.delete(tokenHash);
       }
+      for (const [hash, s] of ended) this.#sessions.set(hash, s);
       throw err;
     }
+    return ended.length;
   }
 
   /**

@@ -49,6 +49,11 @@ export interface AuthLimits {
   bodyTimeoutMs: number;
   /** Most usernames or addresses each limiter tracks; the oldest are forgotten beyond it. Default 100,000. */
   maxTrackedKeys: number;
+  /**
+   * Live sessions one user may hold; a login beyond it ends that user's
+   * oldest session. Default 100.
+   */
+  maxSessionsPerUser: number;
 }
 
 /** The defaults of {@linkcode AuthLimits}. */
@@ -67,6 +72,7 @@ export const DEFAULT_AUTH_LIMITS: Readonly<AuthLimits> = Object.freeze({
   maxBodyBytes: 64 * 1024,
   bodyTimeoutMs: 10_000,
   maxTrackedKeys: 100_000,
+  maxSessionsPerUser: 100,
 });
 
 const SWEEP_INTERVAL_MS = 60_000;

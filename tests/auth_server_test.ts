@@ -636,6 +636,47 @@ Deno.test("logout revokes only the session it names", async () => {
   });
 });
 
+Deno.test("a login beyond maxSessionsPerUser ends that user's oldest sessions (not with RATE_LIMITS=off)", async (t) => {
+  for (const rateLimits of [true, false]) {
+    await t.step(`rateLimits: ${rateLimits}`, async () => {
+      await withServer(
+        { rateLimits, limits: { maxSessionsPerUser: 3 } },
+        async ({ url }, dataDir) => {
+          await register(url, "maya");
+          await register(url, "other");
+          const other = await loginToken(url, "other");
+          const tokens = [];
+          for (let i = 0; i < 5; i++) {
+            tokens.push(await loginToken(url, "maya"));
+          }
+          const statuses = [];
+          for (const token of [...tokens, other]) {
+            statuses.push(
+              (await call(url, "/validate_token", { token })).status,
+            );
+          }
+          assert.deepEqual(
+            statuses,
+            rateLimits
+              ? [401, 401, 200, 200, 200, 200]
+              : [200, 200, 200, 200, 200, 200],
+          );
+          const file = JSON.parse(
+            await Deno.readTextFile(`${dataDir}/sessions.json`),
+          );
+          const owners = Object.values(file.sessions).map((s) =>
+            (s as { username: string }).username
+          );
+          assert.equal(
+            owners.filter((u) => u === "maya").length,
+            rateLimits ? 3 : 5,
+          );
+        },
+      );
+    });
+  }
+});
+
 Deno.test("a session expires after its TTL on the injected clock and is pruned from the file", async () => {
   let now = Date.parse("2030-01-01T00:00:00.000Z");
   await withServer(
