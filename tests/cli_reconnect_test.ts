@@ -429,8 +429,8 @@ Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 
         const client = cli ?? loginProcess(servers.authUrl, "alice");
         await client.write(PASSWORD);
         await client.stdout.next("connected as alice");
-        await client.write("said before the signal");
-        await client.stdout.next("<alice> said before the signal");
+        await client.write(`said before ${signal}`);
+        await client.stdout.next(`<alice> said before ${signal}`);
         client.signal(signal);
         assert.equal(await client.exit(), 0, client.stderr.text);
         assert.equal(client.stderr.text, "");
