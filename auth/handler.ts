@@ -374,6 +374,38 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     });
   }
 
+  /**
+   * Not in the contract: `/validate_token` for up to
+   * {@linkcode MAX_BATCH_TOKENS} tokens at once, `{"tokens": [...]}` →
+   * `{"results": [...]}` in the same order, each what `/validate_token`
+   * says (`{"valid": false}` for an invalid token). The chat server's
+   * session re-checks and crowds of upgrades use it.
+   */
+  async function validateTokens(req: Request): Promise<Response> {
+    const { tokens } = await readJsonObject(req, bodyLimits);
+    if (
+      !Array.isArray(tokens) || tokens.length < 1 ||
+      tokens.length > MAX_BATCH_TOKENS ||
+      !tokens.every((t) => typeof t === "string")
+    ) {
+      throw new HttpError(
+        400,
+        "invalid_json",
+        `Expected {"tokens": [...]} with 1 to ${MAX_BATCH_TOKENS} token strings`,
+      );
+    }
+    return jsonResponse(200, {
+      results: tokens.map((token: string) => {
+        const session = store.getSession(tokenHash(token));
+        return session === undefined ? { valid: false } : {
+          valid: true,
+          username: session.username,
+          expires_at: session.expiresAt,
+        };
+      }),
+    });
+  }
+
   async function logout(req: Request, address: string): Promise<Response> {
     const token = bearerToken(req);
     await drainBody(req, bodyLimits);
@@ -407,6 +439,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     ["/register", { methods: ["POST"], handle: register }],
     ["/login", { methods: ["POST"], handle: login }],
     ["/validate_token", { methods: ["POST"], handle: validateToken }],
+    ["/validate_tokens", { methods: ["POST"], handle: validateTokens }],
     ["/logout", { methods: ["POST"], handle: logout }],
     ["/health", { methods: ["GET", "HEAD"], handle: health }],
   ]);
@@ -463,6 +496,10 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
 }
 
 /** SHA-256 of a token's UTF-8, in hex: the only form a token is kept in. */
+/** Tokens one `/validate_tokens` request may ask about. */
+export const MAX_BATCH_TOKENS = 100;
+
+/** The SHA-256 of a token, in hex: what the sessions file keeps. */
 export function tokenHash(token: string): string {
   return createHash("sha256").update(token, "utf8").digest("hex");
 }

@@ -24,73 +24,136 @@ export interface TokenValidatorOptions {
   maxInFlight?: number;
 }
 
+/** Tokens asked about in one `/validate_tokens` request, at most (the auth server's limit). */
+export const MAX_BATCH_TOKENS = 100;
+
+interface Waiting {
+  token: string;
+  deadline: number;
+  settled: boolean;
+  resolve: (check: TokenCheck) => void;
+  reject: (err: unknown) => void;
+  timer: ReturnType<typeof setTimeout>;
+}
+
 /**
  * Returns a function that checks a token. Concurrent checks of one token
  * share a single request, and at most `maxInFlight` requests run at once
  * (a connect storm reuses a few kept-alive connections instead of opening
- * hundreds). Throws {@linkcode AuthUnavailableError} when there is no
- * trustworthy answer in time: callers fail closed.
+ * hundreds). Checks that wait for a place go together: one lone check is
+ * the contract's `/validate_token`; several queued at once (a crowd, the
+ * session re-checks) are one `/validate_tokens` request of up to
+ * {@linkcode MAX_BATCH_TOKENS}, or, from an auth server without it (404),
+ * one `/validate_token` each from then on. Throws
+ * {@linkcode AuthUnavailableError} when there is no trustworthy answer in
+ * time: callers fail closed.
  */
 export function createTokenValidator(
   options: TokenValidatorOptions,
 ): (token: string) => Promise<TokenCheck> {
   const { authUrl, timeoutMs = 2000, maxInFlight = 8 } = options;
   const inFlight = new Map<string, Promise<TokenCheck>>();
-  const waiting: (() => void)[] = [];
+  const queue: Waiting[] = [];
   let active = 0;
-  const acquire = (signal: AbortSignal): Promise<void> => {
-    if (active < maxInFlight) {
-      active++;
-      return Promise.resolve();
-    }
-    return new Promise((resolve, reject) => {
-      const grant = () => {
-        signal.removeEventListener("abort", onAbort);
-        resolve();
-      };
-      const onAbort = () => {
-        waiting.splice(waiting.indexOf(grant), 1);
-        reject(signal.reason);
-      };
-      waiting.push(grant);
-      signal.addEventListener("abort", onAbort, { once: true });
-    });
+  let batches = true;
+  let pumping = false;
+
+  const settle = (w: Waiting, outcome: TokenCheck | Error): void => {
+    if (w.settled) return;
+    w.settled = true;
+    clearTimeout(w.timer);
+    if (outcome instanceof Error) w.reject(outcome);
+    else w.resolve(outcome);
   };
-  // A finished request hands its place straight to the next in line.
-  const release = () => {
-    const next = waiting.shift();
-    if (next !== undefined) next();
-    else active--;
-  };
-  const check = async (base: string, token: string): Promise<TokenCheck> => {
+
+  const send = async (base: string, batch: Waiting[]): Promise<void> => {
     // Not AbortSignal.timeout: its timer would outlive the answer and keep
     // every check's objects alive for the whole timeout.
     const controller = new AbortController();
+    const last = Math.max(...batch.map((w) => w.deadline));
     const timer = setTimeout(
       () => controller.abort(new DOMException("Timed out", "TimeoutError")),
-      timeoutMs,
+      Math.max(0, last - performance.now()),
     );
     try {
-      try {
-        await acquire(controller.signal);
-      } catch (err) {
-        throw unavailable(base, err);
+      if (batch.length === 1) {
+        const check = await requestCheck(
+          base,
+          batch[0]!.token,
+          controller.signal,
+        );
+        settle(batch[0]!, check);
+        return;
       }
-      try {
-        return await requestCheck(base, token, controller.signal);
-      } finally {
-        release();
+      const checks = await requestChecks(
+        base,
+        batch.map((w) => w.token),
+        controller.signal,
+      );
+      if (checks === "unsupported") {
+        // An auth server of the contract alone: one token per request.
+        batches = false;
+        queue.unshift(...batch.filter((w) => !w.settled));
+        return;
       }
+      batch.forEach((w, i) => settle(w, checks[i]!));
+    } catch (err) {
+      const error = err instanceof AuthUnavailableError
+        ? err
+        : unavailable(base, err);
+      for (const w of batch) settle(w, error);
     } finally {
       clearTimeout(timer);
     }
   };
+
+  const pump = (): void => {
+    pumping = false;
+    while (active < maxInFlight) {
+      // Checks whose time ran out while queued have been answered already.
+      while (queue.length > 0 && queue[0]!.settled) queue.shift();
+      if (queue.length === 0) return;
+      const size = batches ? MAX_BATCH_TOKENS : 1;
+      const batch = queue.splice(0, size).filter((w) => !w.settled);
+      if (batch.length === 0) continue;
+      active++;
+      const base = typeof authUrl === "function" ? authUrl() : authUrl;
+      send(base, batch).finally(() => {
+        active--;
+        pump();
+      });
+    }
+  };
+
   return function validateToken(token: string): Promise<TokenCheck> {
     let pending = inFlight.get(token);
     if (pending === undefined) {
-      const base = typeof authUrl === "function" ? authUrl() : authUrl;
-      pending = check(base, token).finally(() => inFlight.delete(token));
+      pending = new Promise<TokenCheck>((resolve, reject) => {
+        const w: Waiting = {
+          token,
+          deadline: performance.now() + timeoutMs,
+          settled: false,
+          resolve,
+          reject,
+          timer: setTimeout(() => {
+            const base = typeof authUrl === "function" ? authUrl() : authUrl;
+            settle(
+              w,
+              unavailable(
+                base,
+                new DOMException("Timed out", "TimeoutError"),
+              ),
+            );
+          }, timeoutMs),
+        };
+        queue.push(w);
+      }).finally(() => inFlight.delete(token));
       inFlight.set(token, pending);
+      // Checks asked for in the same turn go together.
+      if (!pumping) {
+        pumping = true;
+        queueMicrotask(pump);
+      }
     }
     return pending;
   };
@@ -136,4 +199,57 @@ async function requestCheck(
   throw new AuthUnavailableError(
     `The auth server at ${base} answered ${res.status} to /validate_token`,
   );
+}
+
+/**
+ * Asks `/validate_tokens` about several tokens; "unsupported" when the auth
+ * server does not have it (an auth server of the contract alone).
+ */
+async function requestChecks(
+  base: string,
+  tokens: string[],
+  signal: AbortSignal,
+): Promise<TokenCheck[] | "unsupported"> {
+  let res: Response;
+  let body: unknown;
+  try {
+    res = await fetch(new URL("/validate_tokens", base), {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ tokens }),
+      signal,
+    });
+    body = await res.json().catch(() => undefined);
+  } catch (err) {
+    throw unavailable(base, err);
+  }
+  if (res.status === 404 || res.status === 405) return "unsupported";
+  const results = res.status === 200 && typeof body === "object" &&
+      body !== null && "results" in body && Array.isArray(body.results) &&
+      body.results.length === tokens.length
+    ? body.results.map(readCheck)
+    : [];
+  if (results.length !== tokens.length || results.includes(undefined)) {
+    throw new AuthUnavailableError(
+      `The auth server at ${base} answered ${res.status} to /validate_tokens`,
+    );
+  }
+  return results as TokenCheck[];
+}
+
+/** One answer of `/validate_tokens`, or undefined when it is not one. */
+function readCheck(result: unknown): TokenCheck | undefined {
+  if (typeof result !== "object" || result === null) return undefined;
+  if ("valid" in result && result.valid === false) return { valid: false };
+  if (
+    "valid" in result && result.valid === true && "username" in result &&
+    typeof result.username === "string" && "expires_at" in result &&
+    typeof result.expires_at === "string"
+  ) {
+    const expiresAt = Date.parse(result.expires_at);
+    if (!Number.isNaN(expiresAt)) {
+      return { valid: true, username: result.username, expiresAt };
+    }
+  }
+  return undefined;
 }

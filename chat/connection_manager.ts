@@ -984,14 +984,9 @@ export class ConnectionManager {
     if (due.length === 0) return;
     this.#rechecking = true;
     try {
-      // Two at a time: upgrades waiting for their token check keep the
-      // validator's other places.
-      const worker = async () => {
-        for (let t = due.pop(); t !== undefined; t = due.pop()) {
-          await this.#recheckToken(t);
-        }
-      };
-      await Promise.all([worker(), worker()]);
+      // Asked for together, they go to the auth server together: one
+      // request per `MAX_BATCH_TOKENS` (see `createTokenValidator`).
+      await Promise.all(due.map((token) => this.#recheckToken(token)));
     } finally {
       this.#rechecking = false;
     }

@@ -1,22 +1,31 @@
 import assert from "node:assert/strict";
+import { createAuthServer } from "../auth/server.ts";
 import {
   AuthUnavailableError,
   createTokenValidator,
 } from "../chat/auth_client.ts";
 
 /**
- * An HTTP server in the auth server's place that holds every request until
+ * An HTTP server in the auth server's place, of the contract alone (no
+ * `/validate_tokens`: 404), that holds every `/validate_token` request until
  * released, counting how many it holds at once.
  */
 function holdingServer() {
   let held = 0;
   let maxHeld = 0;
+  let batchAsks = 0;
   let release = () => {};
   let released = new Promise<void>((resolve) => release = resolve);
   const arrivals: (() => void)[] = [];
   const server = Deno.serve(
     { hostname: "127.0.0.1", port: 0, onListen: () => {} },
     async (req) => {
+      if (new URL(req.url).pathname !== "/validate_token") {
+        batchAsks++;
+        return Response.json({ error: "not_found", message: "No" }, {
+          status: 404,
+        });
+      }
       held++;
       maxHeld = Math.max(maxHeld, held);
       for (const wake of arrivals.splice(0)) wake();
@@ -43,6 +52,10 @@ function holdingServer() {
     },
     get maxHeld() {
       return maxHeld;
+    },
+    /** Requests to `/validate_tokens` (answered 404). */
+    get batchAsks() {
+      return batchAsks;
     },
     /** Resolves once `n` requests are held at once. */
     async until(n: number) {
@@ -75,6 +88,7 @@ Deno.test("token checks: at most maxInFlight requests at once, the rest wait the
     let results;
     try {
       results = await Promise.all(checks);
+      await Promise.all([validate("x"), validate("y")]);
     } finally {
       clearInterval(pump);
     }
@@ -83,6 +97,9 @@ Deno.test("token checks: at most maxInFlight requests at once, the rest wait the
       results.map((r) => r.valid && r.username),
       Array.from({ length: 10 }, (_, i) => `user-t${i}`),
     );
+    // The ten asked together went as one /validate_tokens first; after its
+    // 404, one /validate_token each, and no batch is tried again.
+    assert.equal(auth.batchAsks, 1);
   } finally {
     await auth.close();
   }
@@ -128,5 +145,106 @@ Deno.test("token checks: a check still queued when the time is up fails closed",
   } finally {
     auth.releaseAll();
     await auth.close();
+  }
+});
+
+Deno.test("token checks asked for together go to the real auth server as one /validate_tokens request", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_client_" });
+  const auth = await createAuthServer({
+    port: 0,
+    dataDir,
+    chatUrl: "ws://127.0.0.1:9/ws",
+    rateLimits: false,
+  });
+  // Counts the requests by path on the way (a proxy in front of it).
+  const paths: string[] = [];
+  const proxy = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    (req) => {
+      const url = new URL(req.url);
+      paths.push(url.pathname);
+      return fetch(new URL(url.pathname, auth.url), {
+        method: req.method,
+        headers: req.headers,
+        body: req.body,
+      });
+    },
+  );
+  try {
+    const tokens: string[] = [];
+    for (const name of ["ann", "ben", "cat"]) {
+      const body = { username: name, password: "secretpw1" };
+      const post = (path: string) =>
+        fetch(new URL(path, auth.url), {
+          method: "POST",
+          body: JSON.stringify(body),
+        }).then((r) => r.json());
+      await post("/register");
+      tokens.push((await post("/login")).token);
+    }
+    await fetch(new URL("/logout", auth.url), {
+      method: "POST",
+      headers: { authorization: `Bearer ${tokens[1]}` },
+    }).then((r) => r.body?.cancel());
+    const validate = createTokenValidator({
+      authUrl: `http://127.0.0.1:${proxy.addr.port}`,
+    });
+    const results = await Promise.all(
+      [...tokens, "unknown", tokens[0]!].map(validate),
+    );
+    assert.deepEqual(
+      results.map((r) => r.valid ? r.username : false),
+      ["ann", false, "cat", false, "ann"],
+    );
+    assert.deepEqual(paths, ["/validate_tokens"]);
+    // A lone check is the contract's own request.
+    const alone = await validate(tokens[2]!);
+    assert.equal(alone.valid && alone.username, "cat");
+    assert.deepEqual(paths, ["/validate_tokens", "/validate_token"]);
+  } finally {
+    await proxy.shutdown();
+    await auth.shutdown();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("/validate_tokens answers in order, and refuses what is not 1 to 100 token strings", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_batch_" });
+  const auth = await createAuthServer({
+    port: 0,
+    dataDir,
+    chatUrl: "ws://127.0.0.1:9/ws",
+    rateLimits: false,
+  });
+  const post = async (body: string) => {
+    const res = await fetch(new URL("/validate_tokens", auth.url), {
+      method: "POST",
+      body,
+    });
+    return { status: res.status, body: await res.json() };
+  };
+  try {
+    const ok = await post(JSON.stringify({ tokens: ["a", "b"] }));
+    assert.deepEqual(ok, {
+      status: 200,
+      body: { results: [{ valid: false }, { valid: false }] },
+    });
+    for (
+      const bad of [
+        "[]",
+        "{}",
+        '{"tokens":[]}',
+        '{"tokens":"a"}',
+        '{"tokens":[1]}',
+        JSON.stringify({ tokens: Array.from({ length: 101 }, () => "t") }),
+      ]
+    ) {
+      const answer = await post(bad);
+      assert.equal(answer.status, 400, bad);
+      assert.equal(answer.body.error, "invalid_json", bad);
+    }
+  } finally {
+    await auth.shutdown();
+    await Deno.remove(dataDir, { recursive: true });
   }
 });
