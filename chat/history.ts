@@ -103,6 +103,12 @@ const TAIL_CHUNK = 64 * 1024;
 const MAX_WINDOW_BYTES = 256 * 1024 * 1024;
 /** Most messages of the exactly-once window kept past `keep`, per room. */
 const MAX_SENT_TAIL = 200_000;
+/**
+ * Room files open at once (read at start, written at a flush): thousands of
+ * rooms must not run the process out of file descriptors (`ulimit -n` is
+ * 256 on some systems).
+ */
+const FILE_CONCURRENCY = 16;
 
 /** The history of every room, with batched persistence. */
 export class HistoryStore {
@@ -182,19 +188,23 @@ export class HistoryStore {
     } catch (err) {
       if (!(err instanceof Deno.errors.NotFound)) throw err;
     }
-    const loads: Promise<void>[] = [];
+    const removals: Promise<void>[] = [];
+    const names: string[] = [];
     for await (const entry of Deno.readDir(dir)) {
       if (entry.isFile && entry.name.endsWith(".tmp")) {
         // Left by a crash in the middle of a compaction; the real file is intact.
-        loads.push(Deno.remove(`${dir}/${entry.name}`).catch(() => {}));
+        removals.push(Deno.remove(`${dir}/${entry.name}`).catch(() => {}));
         continue;
       }
       if (!entry.isFile || !entry.name.endsWith(FILE_SUFFIX)) continue;
       const name = entry.name.slice(0, -FILE_SUFFIX.length);
       if (!/^[a-z0-9_-]{1,32}$/.test(name)) continue;
-      loads.push(this.#load(name));
+      names.push(name);
     }
-    await Promise.all(loads);
+    await Promise.all([
+      ...removals,
+      inPool(names, FILE_CONCURRENCY, (name) => this.#load(name)),
+    ]);
     if (crashed) {
       for (const r of this.#rooms.values()) r.lastId += this.#idBase;
       // Before any id is handed out: a clean run after this one must not go
@@ -463,7 +473,7 @@ export class HistoryStore {
   async #writeDirty(): Promise<void> {
     const rooms = [...this.#dirty];
     this.#dirty.clear();
-    await Promise.all(rooms.map((r) => this.#writeRoom(r)));
+    await inPool(rooms, FILE_CONCURRENCY, (r) => this.#writeRoom(r));
   }
 
   async #writeRoom(r: Room): Promise<void> {
@@ -786,4 +796,19 @@ async function writeAtomic(
     throw err;
   }
   await syncDir(path.slice(0, path.lastIndexOf("/")) || ".");
+}
+
+/** Runs `fn` on every item, at most `limit` at once; settles when all have. */
+async function inPool<T>(
+  items: T[],
+  limit: number,
+  fn: (item: T) => Promise<void>,
+): Promise<void> {
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) await fn(items[next++]!);
+  };
+  await Promise.all(
+    Array.from({ length: Math.min(limit, items.length) }, worker),
+  );
 }

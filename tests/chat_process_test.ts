@@ -5,8 +5,9 @@ function startProcess(
   args: string[],
   dataDir: string,
   env: Record<string, string> = {},
+  command = Deno.execPath(),
 ) {
-  const child = new Deno.Command(Deno.execPath(), {
+  const child = new Deno.Command(command, {
     args,
     cwd: REPO_ROOT,
     env: { RATE_LIMITS: "off", DATA_DIR: dataDir, NO_COLOR: "1", ...env },
@@ -125,6 +126,33 @@ Deno.test("a chat server whose port is taken says which address, and gives its d
     await (await HistoryStore.open(`${dataDir}/history`)).close();
   } finally {
     taken.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("a chat server with hundreds of rooms on disk starts under a 64 file descriptor limit (room files are opened a few at a time)", async () => {
+  const { HistoryStore } = await import("../chat/history.ts");
+  const dataDir = await Deno.makeTempDir();
+  try {
+    await Deno.mkdir(`${dataDir}/history`);
+    const store = await HistoryStore.open(`${dataDir}/history`);
+    for (let i = 0; i < 300; i++) store.append(`room-${i}`, "alice", `hi ${i}`);
+    await store.close();
+    const { child, stdout, stderr } = startProcess(
+      [
+        "-c",
+        `ulimit -n 64 && exec "${Deno.execPath()}" task chat --port 0 --auth-url http://127.0.0.1:9`,
+      ],
+      dataDir,
+      {},
+      "sh",
+    );
+    await stdout.waitFor(/^chat: listening on /).catch((err) => {
+      throw new Error(`${err}\n${stderr.lines.join("\n")}`);
+    });
+    child.kill("SIGTERM");
+    assert.equal((await child.status).code, 0, stderr.lines.join("\n"));
+  } finally {
     await Deno.remove(dataDir, { recursive: true });
   }
 });
