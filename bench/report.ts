@@ -40,6 +40,7 @@ const ROWS: Record<string, string[]> = {
     "lockstep_p50_ms",
     "lockstep_p99_ms",
     "lockstep_cpu_us_per_delivery",
+    "idle_cpu_ms_per_s",
     "startup_ms",
   ],
   fanout_big_data: [
@@ -51,6 +52,7 @@ const ROWS: Record<string, string[]> = {
     "p99_ms",
     "max_ms",
     "cpu_us_per_delivery",
+    "idle_cpu_ms_per_s",
     "peak_rss_mb",
   ],
   saturation: ["max_rate_held", "first_rate_not_held"],
