@@ -51,6 +51,12 @@ export interface ChatLimits {
   maxConnections: number;
   /** Rooms one connection may be in at once. */
   maxRoomsPerConnection: number;
+  /**
+   * Rooms that may exist (with members or history): a `join` that would
+   * create one more gets `too_many_rooms`. Every room's recent history is
+   * kept in memory, so their number must not grow without bound.
+   */
+  maxRooms: number;
   /** Unsent bytes (ours plus the runtime's) before a slow reader is closed with 1013. */
   maxBufferedBytes: number;
   /** How often open sessions are re-checked with the auth server. */
@@ -85,6 +91,7 @@ export const DEFAULT_CHAT_LIMITS: ChatLimits = {
   maxConnectionsPerAddress: 128,
   maxConnections: 20_000,
   maxRoomsPerConnection: 64,
+  maxRooms: 10_000,
   maxBufferedBytes: 1024 * 1024,
   recheckIntervalMs: 30_000,
   handshakeTimeoutMs: 10_000,
@@ -718,6 +725,15 @@ export class ConnectionManager {
       );
     }
     const fresh = !conn.rooms.has(name);
+    if (
+      fresh && this.#rateLimits && !this.#rooms.has(name) &&
+      !this.#history.has(name) && this.#roomCount() >= this.#limits.maxRooms
+    ) {
+      throw new FrameError(
+        "too_many_rooms",
+        `Cannot create #${name}: the server has ${this.#limits.maxRooms} rooms, its most; join one that exists (/rooms)`,
+      );
+    }
     const room = fresh ? this.#enter(conn, name) : this.#rooms.get(name)!;
     this.#send(
       conn,
@@ -726,6 +742,15 @@ export class ConnectionManager {
       },"history":${this.#history.recentJson(name)}}`,
     );
     if (fresh) this.#announce(room, conn, "join");
+  }
+
+  /** Rooms that exist: those with history, and those with members only. */
+  #roomCount(): number {
+    let count = this.#history.roomCount();
+    for (const name of this.#rooms.keys()) {
+      if (!this.#history.has(name)) count++;
+    }
+    return count;
   }
 
   #leave(conn: Conn, name: string): void {

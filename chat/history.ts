@@ -242,6 +242,13 @@ export class HistoryStore {
     return (this.#rooms.get(room)?.messages.length ?? 0) > 0;
   }
 
+  /** How many rooms have history. */
+  roomCount(): number {
+    let count = 0;
+    for (const r of this.#rooms.values()) if (r.messages.length > 0) count++;
+    return count;
+  }
+
   /** Names of the rooms with history. */
   roomNames(): IterableIterator<string> {
     return this.#rooms.keys();

@@ -41,6 +41,7 @@ export type ErrorCode =
   | "rate_limited"
   | "unknown_room"
   | "unknown_user"
+  | "too_many_rooms"
   | "server_error";
 
 /** A message kept in a room's history. */

@@ -68,6 +68,47 @@ Deno.test("sustained flooding closes the connection with 1008", async () => {
   }
 });
 
+Deno.test("a join that would create a room beyond maxRooms gets too_many_rooms; existing rooms can still be joined, and an emptied room makes space", async () => {
+  const stack = await startStack({
+    rateLimits: true,
+    chatLimits: { maxRooms: 3 },
+  });
+  try {
+    const alice = await connectAs(stack, "alice");
+    const bob = await connectAs(stack, "bob");
+    // lobby, a (with history) and b (members only): three.
+    alice.send({ type: "join", room: "a" });
+    await alice.next((f) => f.type === "joined" && f.room === "a");
+    alice.send({ type: "message", room: "a", text: "kept" });
+    await alice.next((f) => f.type === "message" && f.text === "kept");
+    alice.send({ type: "leave", room: "a" });
+    await alice.next((f) => f.type === "left" && f.room === "a");
+    bob.send({ type: "join", room: "b" });
+    await bob.next((f) => f.type === "joined" && f.room === "b");
+
+    alice.send({ type: "join", room: "c" });
+    const refused = await alice.next((f) => f.type === "error");
+    assert.equal(refused.error, "too_many_rooms");
+    assert.match(String(refused.message), /^Cannot create #c: /);
+    // Rooms that exist stay open to everyone.
+    alice.send({ type: "join", room: "a" });
+    await alice.next((f) => f.type === "joined" && f.room === "a");
+    alice.send({ type: "join", room: "b" });
+    await alice.next((f) => f.type === "joined" && f.room === "b");
+    // b empties (no history): it is gone, and c fits.
+    for (const client of [alice, bob]) {
+      client.send({ type: "leave", room: "b" });
+      await client.next((f) => f.type === "left" && f.room === "b");
+    }
+    alice.send({ type: "join", room: "c" });
+    await alice.next((f) => f.type === "joined" && f.room === "c");
+    await alice.close();
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("binary frames count toward the frame rate: a flood of them is refused, then closed with 1008", async () => {
   const stack = await startStack({
     rateLimits: true,
