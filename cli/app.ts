@@ -106,7 +106,7 @@ async function menuFlow(args: CliArgs, io: AppIo): Promise<number> {
       }
     } catch (err) {
       if (err instanceof EndOfInput) return EXIT_OK;
-      if (!(err instanceof CliError)) throw err;
+      if (!(err instanceof CliError) || err.endsProgram) throw err;
       io.err(`chatroom: ${err.message}`);
     }
   }

@@ -23,7 +23,7 @@ import {
 } from "../chat/protocol.ts";
 import type { TokenState } from "./api.ts";
 import { describeNetworkError } from "./api.ts";
-import { CliError, Interrupted } from "./cli_error.ts";
+import { CliError, EXIT_ERROR, Interrupted } from "./cli_error.ts";
 import type { LineReader } from "./line_reader.ts";
 import {
   hint,
@@ -279,6 +279,9 @@ export class ChatSession {
    * reached at all.
    */
   run(): Promise<SessionEnd> {
+    // A signal ends the session whatever it is doing: reading a line,
+    // waiting for its first welcome, or for answers after /quit.
+    this.#lines().setInterruptHandler(() => this.#interrupted());
     if (this.#pending.size > 0) {
       this.#updatePending();
       this.#showPendingAsPending();
@@ -603,9 +606,15 @@ export class ChatSession {
       : "no WebSocket connection";
   }
 
+  /** Ctrl+C or a signal: the end, exit 1 if something is unconfirmed. */
+  #interrupted(): void {
+    this.#finish(this.#unconfirmed({ endsProgram: true }) ?? "interrupted");
+  }
+
   #finish(end: SessionEnd | CliError): void {
     if (this.#ending) return;
     this.#ending = true;
+    this.#lines().setInterruptHandler(null);
     this.#wake?.();
     clearTimeout(this.#reconnectTimer);
     clearTimeout(this.#holdTimer);
@@ -879,10 +888,18 @@ export class ChatSession {
   #checkStartOver(room: string, messages: RoomMessage[]): boolean {
     const seen = this.#seenTs.get(room);
     if (seen === undefined) return false;
-    const changed = messages.some((m) => {
-      const ts = seen.get(m.id);
-      return ts !== undefined && ts !== m.ts;
-    });
+    const last = this.#lastId.get(room);
+    const oldest = seen.keys().next().value;
+    const changed = last !== undefined && oldest !== undefined &&
+      messages.some((m) => {
+        const ts = seen.get(m.id);
+        if (ts !== undefined) return ts !== m.ts;
+        // Not remembered: new (above the last shown), or older than all
+        // that is remembered, which a server only sends again after its
+        // history started over (ids below the remembered ones come back).
+        const id = BigInt(m.id);
+        return id <= last && id < BigInt(oldest);
+      });
     if (!changed) return false;
     this.#lastId.delete(room);
     this.#oldestId.delete(room);
@@ -912,9 +929,7 @@ export class ChatSession {
         });
       } catch (err) {
         if (this.#ending) return;
-        if (err instanceof Interrupted) {
-          return this.#finish(this.#unconfirmed() ?? "interrupted");
-        }
+        if (err instanceof Interrupted) return this.#interrupted();
         throw err;
       }
       if (this.#ending) return;
@@ -1178,7 +1193,7 @@ export class ChatSession {
    * Leaving with something unconfirmed is a failure a script must see: one
    * line on stderr and exit 1 (not 0). The error to end with, if so.
    */
-  #unconfirmed(): CliError | undefined {
+  #unconfirmed(options: { endsProgram?: boolean } = {}): CliError | undefined {
     const dms = [...this.#outbox, ...this.#requeue, ...this.#asked]
       .filter((f) => f.type === "dm").length;
     const lost = [
@@ -1186,7 +1201,11 @@ export class ChatSession {
       ...(dms > 0 ? [`${dms} direct message(s)`] : []),
     ];
     if (lost.length === 0) return undefined;
-    return new CliError(`${lost.join(" and ")} not confirmed by the server`);
+    return new CliError(
+      `${lost.join(" and ")} not confirmed by the server`,
+      EXIT_ERROR,
+      options,
+    );
   }
 
   /** Waits until `done()` holds (checked at every wake-up) or the deadline. */

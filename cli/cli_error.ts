@@ -29,10 +29,20 @@ export class CliError extends Error {
   override name = "CliError";
   /** The process exit code this failure ends with. */
   readonly exitCode: number;
+  /**
+   * Whether it ends the program even from the menu (the user interrupted:
+   * Ctrl+C or a signal), rather than showing the menu again.
+   */
+  readonly endsProgram: boolean;
   /** Builds a failure with its exit code (1 unless told). */
-  constructor(message: string, exitCode: number = EXIT_ERROR) {
+  constructor(
+    message: string,
+    exitCode: number = EXIT_ERROR,
+    options: { endsProgram?: boolean } = {},
+  ) {
     super(message.replace(LINE_BREAKING, " ").trim());
     this.exitCode = exitCode;
+    this.endsProgram = options.endsProgram ?? false;
   }
 }
 

@@ -86,6 +86,7 @@ export class LineReader {
   #editorOutput: SyncWriter;
   #editorShares: boolean;
   #plain: boolean;
+  #onInterrupt: (() => void) | null = null;
 
   #queue: (string | null)[] = [];
   #eof = false;
@@ -245,9 +246,21 @@ export class LineReader {
    * being read.
    */
   interrupt(): boolean {
+    if (this.#onInterrupt !== null) {
+      this.#onInterrupt();
+      return true;
+    }
     if (this.#waiter === null || this.#closed) return false;
     this.#interrupt();
     return true;
+  }
+
+  /**
+   * What {@linkcode LineReader.interrupt} does instead while set (a chat
+   * session ends itself, read or no read); `null` to take it back.
+   */
+  setInterruptHandler(handler: (() => void) | null): void {
+    this.#onInterrupt = handler;
   }
 
   /** The terminal changed size: draws the footer and the input again. */

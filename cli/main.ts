@@ -79,13 +79,18 @@ globalThis.addEventListener("error", (event) => {
 });
 // A signal ends the client as Ctrl+C does: in the chat, the connection is
 // closed with 1000, and messages the server has not confirmed are reported
-// (exit 1); elsewhere (logging in, reading a pipe's input) it exits at once.
-// A second signal does not wait for the first to finish. Exit codes stay
-// those of the contract (0, 1, 2), not the shells' 128 + N.
-let signalled = false;
+// (exit 1); elsewhere (logging in, the menu) it exits at once. A second
+// signal a second or more later does not wait for the first to finish (one
+// Ctrl+C on a terminal in line mode under `deno task` arrives twice: from the
+// terminal and forwarded by the task runner). Exit codes stay those of the
+// contract (0, 1, 2), not the shells' 128 + N.
+let signalledAt: number | undefined;
 const onSignal = () => {
-  if (!signalled && reader?.interrupt()) signalled = true;
-  else exit(EXIT_INTERRUPTED);
+  if (signalledAt === undefined) {
+    signalledAt = Date.now();
+    if (reader?.interrupt()) return;
+  } else if (Date.now() - signalledAt < 1000) return;
+  exit(EXIT_INTERRUPTED);
 };
 Deno.addSignalListener("SIGINT", onSignal);
 if (Deno.build.os !== "windows") {

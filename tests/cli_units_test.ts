@@ -493,6 +493,60 @@ Deno.test("onMessage parses a coalesced frame and shows each message once", () =
   lines.close();
 });
 
+Deno.test("a history that started over is told even after more than the remembered 256 messages: ids below them come back", () => {
+  const out = sink();
+  const lines = new LineReader({ input: ReadableStream.from([]), output: out });
+  const session = new ChatSession({
+    chatUrl: "ws://127.0.0.1:1/ws",
+    token: "t",
+    username: "alice",
+    lines,
+    color: false,
+    checkSession: () => Promise.resolve("valid"),
+  });
+  const before = new Date(2026, 0, 1, 9, 5).toISOString();
+  const after = new Date(2026, 0, 1, 10, 7).toISOString();
+  const message = (id: number, ts: string) => ({
+    type: "message",
+    id: String(id),
+    room: "lobby",
+    from: "bob",
+    text: `m${id}${ts === after ? " again" : ""}`,
+    ts,
+  });
+  const frames = [
+    {
+      type: "welcome",
+      username: "alice",
+      room: "lobby",
+      rooms: ["lobby"],
+      users: ["alice", "bob"],
+      history: [message(1, before)],
+    },
+    ...Array.from({ length: 299 }, (_, i) => message(i + 2, before)),
+    // Seen, remembered, the same: a duplicate, skipped quietly.
+    message(290, before),
+    // The server's history started over: id 2 again, below all remembered.
+    message(2, after),
+    message(3, after),
+  ];
+  session.onMessage(
+    new MessageEvent("message", {
+      data: frames.map((f) => JSON.stringify(f)).join("\n"),
+    }),
+  );
+  session.onError(new Event("error"));
+  const shown = out.text().split("\n");
+  assert.equal(shown.filter((l) => l.endsWith("> m290")).length, 1);
+  assert.deepEqual(shown.slice(-4), [
+    "* the server's history of #lobby has started over: messages shown before are no longer there",
+    "[10:07] <bob> m2 again",
+    "[10:07] <bob> m3 again",
+    "",
+  ]);
+  lines.close();
+});
+
 function sink(): SyncWriter & { text(): string } {
   const chunks: Uint8Array[] = [];
   return {
