@@ -495,11 +495,10 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   };
 }
 
-/** SHA-256 of a token's UTF-8, in hex: the only form a token is kept in. */
 /** Tokens one `/validate_tokens` request may ask about. */
 export const MAX_BATCH_TOKENS = 100;
 
-/** The SHA-256 of a token, in hex: what the sessions file keeps. */
+/** SHA-256 of a token's UTF-8, in hex: the only form a token is kept in. */
 export function tokenHash(token: string): string {
   return createHash("sha256").update(token, "utf8").digest("hex");
 }

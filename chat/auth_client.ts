@@ -27,10 +27,38 @@ export interface TokenValidatorOptions {
 /** Tokens asked about in one `/validate_tokens` request, at most (the auth server's limit). */
 export const MAX_BATCH_TOKENS = 100;
 
+/** How a check is asked for. */
+export interface TokenCheckOptions {
+  /**
+   * A check nobody waits on (a session re-check): it goes after the checks
+   * of upgrades, and leaves them a few places.
+   */
+  background?: boolean;
+}
+
+/** Checks a token; see {@linkcode createTokenValidator}. */
+export type TokenValidator = (
+  token: string,
+  options?: TokenCheckOptions,
+) => Promise<TokenCheck>;
+
+/** Places in flight that background checks leave to upgrades. */
+const RESERVED_FOR_UPGRADES = 2;
+/**
+ * Largest `/validate_tokens` body: well under the auth server's 64 KiB, so
+ * that odd (long, quote-laden) tokens cannot make a batch refused whole.
+ */
+const MAX_BATCH_BYTES = 32 * 1024;
+/** After a 404 to `/validate_tokens`, how long until a batch is tried again. */
+const BATCH_RETRY_MS = 60_000;
+
 interface Waiting {
   token: string;
   deadline: number;
   settled: boolean;
+  background: boolean;
+  /** Goes alone (its batch got an answer that could not be used). */
+  single: boolean;
   resolve: (check: TokenCheck) => void;
   reject: (err: unknown) => void;
   timer: ReturnType<typeof setTimeout>;
@@ -40,23 +68,29 @@ interface Waiting {
  * Returns a function that checks a token. Concurrent checks of one token
  * share a single request, and at most `maxInFlight` requests run at once
  * (a connect storm reuses a few kept-alive connections instead of opening
- * hundreds). Checks that wait for a place go together: one lone check is
- * the contract's `/validate_token`; several queued at once (a crowd, the
- * session re-checks) are one `/validate_tokens` request of up to
- * {@linkcode MAX_BATCH_TOKENS}, or, from an auth server without it (404),
- * one `/validate_token` each from then on. Throws
- * {@linkcode AuthUnavailableError} when there is no trustworthy answer in
- * time: callers fail closed.
+ * hundreds); background checks (re-checks) wait behind those of upgrades
+ * and leave them two places. Checks that wait for a place go together: one
+ * lone check is the contract's `/validate_token`; several queued at once (a
+ * crowd, the session re-checks) are one `/validate_tokens` request of up to
+ * {@linkcode MAX_BATCH_TOKENS} (and 32 KiB). An auth server without it
+ * (404) gets one `/validate_token` per check for a minute before a batch is
+ * tried again; a batch answered otherwise unusably goes again one check at
+ * a time. Throws {@linkcode AuthUnavailableError} when there is no
+ * trustworthy answer in time: callers fail closed.
  */
 export function createTokenValidator(
   options: TokenValidatorOptions,
-): (token: string) => Promise<TokenCheck> {
+): TokenValidator {
   const { authUrl, timeoutMs = 2000, maxInFlight = 8 } = options;
-  const inFlight = new Map<string, Promise<TokenCheck>>();
-  const queue: Waiting[] = [];
+  const inFlight = new Map<
+    string,
+    { promise: Promise<TokenCheck>; w: Waiting }
+  >();
+  let queue: Waiting[] = [];
   let active = 0;
-  let batches = true;
+  let batchesOffUntil = 0;
   let pumping = false;
+  const baseUrl = () => typeof authUrl === "function" ? authUrl() : authUrl;
 
   const settle = (w: Waiting, outcome: TokenCheck | Error): void => {
     if (w.settled) return;
@@ -90,13 +124,18 @@ export function createTokenValidator(
         batch.map((w) => w.token),
         controller.signal,
       );
-      if (checks === "unsupported") {
-        // An auth server of the contract alone: one token per request.
-        batches = false;
-        queue.unshift(...batch.filter((w) => !w.settled));
+      if (Array.isArray(checks)) {
+        batch.forEach((w, i) => settle(w, checks[i]!));
         return;
       }
-      batch.forEach((w, i) => settle(w, checks[i]!));
+      const again = batch.filter((w) => !w.settled);
+      if (checks === "unsupported") {
+        // An auth server of the contract alone: one token per request.
+        batchesOffUntil = performance.now() + BATCH_RETRY_MS;
+      } else {
+        for (const w of again) w.single = true;
+      }
+      queue = [...again, ...queue];
     } catch (err) {
       const error = err instanceof AuthUnavailableError
         ? err
@@ -107,55 +146,91 @@ export function createTokenValidator(
     }
   };
 
+  /** The next request's checks: upgrades' first, then background ones. */
+  const takeBatch = (): Waiting[] => {
+    const batching = performance.now() >= batchesOffUntil;
+    const ordered = [
+      ...queue.filter((w) => !w.background),
+      ...queue.filter((w) => w.background),
+    ];
+    const batch: Waiting[] = [];
+    let bytes = 16;
+    for (const w of ordered) {
+      const size = JSON.stringify(w.token).length + 1;
+      if (
+        batch.length > 0 &&
+        (w.single || batch.length >= MAX_BATCH_TOKENS ||
+          bytes + size > MAX_BATCH_BYTES)
+      ) break;
+      batch.push(w);
+      bytes += size;
+      if (w.single || !batching) break;
+    }
+    const taken = new Set(batch);
+    queue = queue.filter((w) => !taken.has(w));
+    return batch;
+  };
+
   const pump = (): void => {
     pumping = false;
-    while (active < maxInFlight) {
+    for (;;) {
       // Checks whose time ran out while queued have been answered already.
-      while (queue.length > 0 && queue[0]!.settled) queue.shift();
+      queue = queue.filter((w) => !w.settled);
       if (queue.length === 0) return;
-      const size = batches ? MAX_BATCH_TOKENS : 1;
-      const batch = queue.splice(0, size).filter((w) => !w.settled);
-      if (batch.length === 0) continue;
+      const upgrades = queue.some((w) => !w.background);
+      const places = upgrades
+        ? maxInFlight
+        : Math.max(1, maxInFlight - RESERVED_FOR_UPGRADES);
+      if (active >= places) return;
+      const batch = takeBatch();
       active++;
-      const base = typeof authUrl === "function" ? authUrl() : authUrl;
-      send(base, batch).finally(() => {
+      send(baseUrl(), batch).finally(() => {
         active--;
         pump();
       });
     }
   };
 
-  return function validateToken(token: string): Promise<TokenCheck> {
-    let pending = inFlight.get(token);
-    if (pending === undefined) {
-      pending = new Promise<TokenCheck>((resolve, reject) => {
-        const w: Waiting = {
-          token,
-          deadline: performance.now() + timeoutMs,
-          settled: false,
-          resolve,
-          reject,
-          timer: setTimeout(() => {
-            const base = typeof authUrl === "function" ? authUrl() : authUrl;
-            settle(
-              w,
-              unavailable(
-                base,
-                new DOMException("Timed out", "TimeoutError"),
-              ),
-            );
-          }, timeoutMs),
-        };
-        queue.push(w);
-      }).finally(() => inFlight.delete(token));
-      inFlight.set(token, pending);
-      // Checks asked for in the same turn go together.
-      if (!pumping) {
-        pumping = true;
-        queueMicrotask(pump);
-      }
+  return function validateToken(
+    token: string,
+    options: TokenCheckOptions = {},
+  ): Promise<TokenCheck> {
+    const background = options.background ?? false;
+    const known = inFlight.get(token);
+    if (known !== undefined) {
+      // An upgrade waiting on a re-check's request moves it up the queue.
+      if (!background) known.w.background = false;
+      return known.promise;
     }
-    return pending;
+    let w!: Waiting;
+    const promise = new Promise<TokenCheck>((resolve, reject) => {
+      w = {
+        token,
+        deadline: performance.now() + timeoutMs,
+        settled: false,
+        background,
+        single: false,
+        resolve,
+        reject,
+        timer: setTimeout(() => {
+          settle(
+            w,
+            unavailable(
+              baseUrl(),
+              new DOMException("Timed out", "TimeoutError"),
+            ),
+          );
+        }, timeoutMs),
+      };
+    }).finally(() => inFlight.delete(token));
+    inFlight.set(token, { promise, w });
+    queue.push(w);
+    // Checks asked for in the same turn go together.
+    if (!pumping) {
+      pumping = true;
+      queueMicrotask(pump);
+    }
+    return promise;
   };
 }
 
@@ -203,13 +278,14 @@ async function requestCheck(
 
 /**
  * Asks `/validate_tokens` about several tokens; "unsupported" when the auth
- * server does not have it (an auth server of the contract alone).
+ * server does not have it (an auth server of the contract alone),
+ * "unusable" for any other answer that is not one per token.
  */
 async function requestChecks(
   base: string,
   tokens: string[],
   signal: AbortSignal,
-): Promise<TokenCheck[] | "unsupported"> {
+): Promise<TokenCheck[] | "unsupported" | "unusable"> {
   let res: Response;
   let body: unknown;
   try {
@@ -230,9 +306,7 @@ async function requestChecks(
     ? body.results.map(readCheck)
     : [];
   if (results.length !== tokens.length || results.includes(undefined)) {
-    throw new AuthUnavailableError(
-      `The auth server at ${base} answered ${res.status} to /validate_tokens`,
-    );
+    return "unusable";
   }
   return results as TokenCheck[];
 }

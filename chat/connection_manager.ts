@@ -10,7 +10,7 @@
  *
  * @module
  */
-import type { TokenCheck } from "./auth_client.ts";
+import type { TokenCheck, TokenValidator } from "./auth_client.ts";
 import { AuthUnavailableError } from "./auth_client.ts";
 import type { HistoryStore } from "./history.ts";
 import {
@@ -104,7 +104,7 @@ export const DEFAULT_CHAT_LIMITS: ChatLimits = {
 export interface ConnectionManagerOptions {
   history: HistoryStore;
   /** Checks a token with the auth server (for the periodic re-check). */
-  validateToken: (token: string) => Promise<TokenCheck>;
+  validateToken: TokenValidator;
   /** False lifts message rates, flood closes and connection caps. Default true. */
   rateLimits?: boolean;
   limits?: Partial<ChatLimits>;
@@ -200,7 +200,7 @@ const ENDED_MEMORY_MS = 60_000;
 /** Live connections, rooms and presence. Call {@linkcode close} to shut down. */
 export class ConnectionManager {
   #history: HistoryStore;
-  #validateToken: (token: string) => Promise<TokenCheck>;
+  #validateToken: TokenValidator;
   #rateLimits: boolean;
   #limits: ChatLimits;
   #log: (line: string) => void;
@@ -1031,7 +1031,7 @@ export class ConnectionManager {
   async #recheckToken(token: string): Promise<void> {
     let check: TokenCheck | undefined;
     try {
-      check = await this.#validateToken(token);
+      check = await this.#validateToken(token, { background: true });
     } catch (err) {
       if (!(err instanceof AuthUnavailableError)) throw err;
     }

@@ -14,6 +14,7 @@ function holdingServer() {
   let held = 0;
   let maxHeld = 0;
   let batchAsks = 0;
+  const heldTokens: string[] = [];
   let release = () => {};
   let released = new Promise<void>((resolve) => release = resolve);
   const arrivals: (() => void)[] = [];
@@ -26,13 +27,14 @@ function holdingServer() {
           status: 404,
         });
       }
+      const token = /^Bearer (.+)$/.exec(req.headers.get("authorization") ?? "")
+        ?.[1];
       held++;
+      heldTokens.push(token ?? "");
       maxHeld = Math.max(maxHeld, held);
       for (const wake of arrivals.splice(0)) wake();
       await released;
       held--;
-      const token = /^Bearer (.+)$/.exec(req.headers.get("authorization") ?? "")
-        ?.[1];
       if (token === "revoked") {
         return Response.json({ valid: false, error: "invalid_token" }, {
           status: 401,
@@ -53,6 +55,8 @@ function holdingServer() {
     get maxHeld() {
       return maxHeld;
     },
+    /** The tokens of the `/validate_token` requests, in arrival order. */
+    heldTokens,
     /** Requests to `/validate_tokens` (answered 404). */
     get batchAsks() {
       return batchAsks;
@@ -190,7 +194,7 @@ Deno.test("token checks asked for together go to the real auth server as one /va
       authUrl: `http://127.0.0.1:${proxy.addr.port}`,
     });
     const results = await Promise.all(
-      [...tokens, "unknown", tokens[0]!].map(validate),
+      [...tokens, "unknown", tokens[0]!].map((token) => validate(token)),
     );
     assert.deepEqual(
       results.map((r) => r.valid ? r.username : false),
@@ -247,4 +251,96 @@ Deno.test("/validate_tokens answers in order, and refuses what is not 1 to 100 t
     await auth.shutdown();
     await Deno.remove(dataDir, { recursive: true });
   }
+});
+
+Deno.test("token checks: re-checks (background) leave places to upgrades, which go first", async () => {
+  const auth = holdingServer();
+  try {
+    const validate = createTokenValidator({
+      authUrl: auth.url,
+      maxInFlight: 3,
+    });
+    const background = Array.from(
+      { length: 5 },
+      (_, i) => validate(`bg${i}`, { background: true }),
+    );
+    await auth.until(1);
+    // One place at most for them (three less two kept for upgrades).
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(auth.held, 1);
+    const upgrade = validate("up");
+    await auth.until(2);
+    assert.deepEqual(auth.heldTokens, ["bg0", "up"]);
+    const pump = setInterval(() => auth.releaseAll(), 5);
+    try {
+      assert.equal((await upgrade).valid, true);
+      assert.equal((await Promise.all(background)).length, 5);
+    } finally {
+      clearInterval(pump);
+    }
+  } finally {
+    await auth.close();
+  }
+});
+
+Deno.test("token checks: a batch the auth server cannot take (413 for long odd tokens, or any answer but results) goes again one by one", async (t) => {
+  await t.step(
+    "the real auth server, 70 tokens of 512 quotes and a valid one",
+    async () => {
+      const dataDir = await Deno.makeTempDir({ prefix: "auth_client_" });
+      const auth = await createAuthServer({
+        port: 0,
+        dataDir,
+        chatUrl: "ws://127.0.0.1:9/ws",
+        rateLimits: false,
+      });
+      try {
+        const body = JSON.stringify({ username: "ann", password: "secretpw1" });
+        const post = (path: string) =>
+          fetch(new URL(path, auth.url), { method: "POST", body })
+            .then((res) => res.json());
+        await post("/register");
+        const { token } = await post("/login");
+        const validate = createTokenValidator({ authUrl: auth.url });
+        const odd = Array.from(
+          { length: 70 },
+          (_, i) => `${i}${'"'.repeat(511)}`,
+        );
+        const results = await Promise.all(
+          [...odd, token].map((t) => validate(t)),
+        );
+        assert.equal(results.filter((r) => !r.valid).length, 70);
+        const last = results.at(-1)!;
+        assert.equal(last.valid && last.username, "ann");
+      } finally {
+        await auth.shutdown();
+        await Deno.remove(dataDir, { recursive: true });
+      }
+    },
+  );
+  await t.step("an auth server answering 401 to /validate_tokens", async () => {
+    const server = Deno.serve(
+      { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+      (req) => {
+        const token = req.headers.get("authorization")?.slice(7);
+        if (new URL(req.url).pathname !== "/validate_token" || !token) {
+          return Response.json({ valid: false }, { status: 401 });
+        }
+        return Response.json({
+          valid: true,
+          username: token,
+          expires_at: "2030-01-01T00:00:00.000Z",
+        });
+      },
+    );
+    try {
+      const validate = createTokenValidator({
+        authUrl: `http://127.0.0.1:${server.addr.port}`,
+      });
+      const results = await Promise.all(["a", "b"].map((t) => validate(t)));
+      assert.deepEqual(results.map((r) => r.valid && r.username), ["a", "b"]);
+    } finally {
+      await server.shutdown();
+    }
+  });
 });
