@@ -521,6 +521,8 @@ export class LineReader {
   }
 
   #endOnce(): void {
+    // A hidden line on a plain terminal: its prompt's line is ended here.
+    if (this.#plain && this.#raw) this.#write(this.#editorOutput, "\n");
     this.#queue.push(null);
     this.#deliver();
   }

@@ -441,6 +441,13 @@ Deno.test("on a plain terminal (TERM=dumb, or output not to it) the reader never
   assert.ok(!(out.text() + prompts.text()).includes("\x1b"));
   assert.deepEqual(raw, [true, false]);
 
+  // Ctrl+D at a hidden prompt ends the input, and the prompt's line.
+  const hidden = reader.readLine({ prompt: "Password: ", echo: false });
+  push("\x04");
+  assert.equal(await hidden, null);
+  assert.ok(prompts.text().endsWith("Password: \n"), prompts.text());
+  assert.deepEqual(raw, [true, false, true, false]);
+
   // A signal ends a read in line mode as Ctrl+C would.
   const last = reader.readLine({ prompt: "#lobby> ", transient: true });
   assert.equal(reader.interrupt(), true);
