@@ -54,8 +54,11 @@ const BATCH_RETRY_MS = 60_000;
 
 interface Waiting {
   token: string;
+  queuedAt: number;
   deadline: number;
   settled: boolean;
+  /** Taken into a request (until it comes back to be sent again). */
+  sent: boolean;
   background: boolean;
   /** Goes alone (its batch got an answer that could not be used). */
   single: boolean;
@@ -64,14 +67,51 @@ interface Waiting {
   timer: ReturnType<typeof setTimeout>;
 }
 
+/** A first-in-first-out queue whose `shift` costs O(1). */
+class Fifo<T> {
+  #items: (T | undefined)[] = [];
+  #head = 0;
+
+  get size(): number {
+    return this.#items.length - this.#head;
+  }
+
+  peek(): T | undefined {
+    return this.#items[this.#head];
+  }
+
+  push(item: T): void {
+    this.#items.push(item);
+  }
+
+  shift(): T | undefined {
+    const item = this.#items[this.#head];
+    this.#items[this.#head++] = undefined;
+    if (this.#head >= 1024 && this.#head * 2 >= this.#items.length) {
+      this.#items = this.#items.slice(this.#head);
+      this.#head = 0;
+    }
+    return item;
+  }
+
+  /** Puts `items` first, in their order (rare: a batch sent back). */
+  unshiftAll(items: T[]): void {
+    if (items.length === 0) return;
+    this.#items = [...items, ...this.#items.slice(this.#head)];
+    this.#head = 0;
+  }
+}
+
 /**
  * Returns a function that checks a token. Concurrent checks of one token
  * share a single request, and at most `maxInFlight` requests run at once
  * (a connect storm reuses a few kept-alive connections instead of opening
- * hundreds); background checks (re-checks) wait behind those of upgrades
- * and leave them two places. Checks that wait for a place go together: one
- * lone check is the contract's `/validate_token`; several queued at once (a
- * crowd, the session re-checks) are one `/validate_tokens` request of up to
+ * hundreds). Background checks (re-checks) go after those of upgrades and
+ * leave them two places, until they have waited half the time limit: then
+ * they count as upgrades, so that busy upgrades cannot hold them back for
+ * good. Checks that wait for a place go together: one lone check is the
+ * contract's `/validate_token`; several queued at once (a crowd, the
+ * session re-checks) are one `/validate_tokens` request of up to
  * {@linkcode MAX_BATCH_TOKENS} (and 32 KiB). An auth server without it
  * (404) gets one `/validate_token` per check for a minute before a batch is
  * tried again; a batch answered otherwise unusably goes again one check at
@@ -86,11 +126,16 @@ export function createTokenValidator(
     string,
     { promise: Promise<TokenCheck>; w: Waiting }
   >();
-  let queue: Waiting[] = [];
+  const upgrades = new Fifo<Waiting>();
+  const background = new Fifo<Waiting>();
   let active = 0;
   let batchesOffUntil = 0;
   let pumping = false;
-  const baseUrl = () => typeof authUrl === "function" ? authUrl() : authUrl;
+  let lastBase = "";
+  const baseUrl = (): string => {
+    lastBase = typeof authUrl === "function" ? authUrl() : authUrl;
+    return lastBase;
+  };
 
   const settle = (w: Waiting, outcome: TokenCheck | Error): void => {
     if (w.settled) return;
@@ -98,6 +143,30 @@ export function createTokenValidator(
     clearTimeout(w.timer);
     if (outcome instanceof Error) w.reject(outcome);
     else w.resolve(outcome);
+  };
+
+  const startTimer = (w: Waiting): void => {
+    clearTimeout(w.timer);
+    w.deadline = performance.now() + timeoutMs;
+    w.timer = setTimeout(() => {
+      let base = lastBase;
+      try {
+        base ||= baseUrl();
+      } catch {
+        // Named as it was last read (if ever).
+      }
+      settle(
+        w,
+        unavailable(base, new DOMException("Timed out", "TimeoutError")),
+      );
+    }, timeoutMs);
+  };
+
+  const schedule = (): void => {
+    // Checks asked for in the same turn go together.
+    if (pumping) return;
+    pumping = true;
+    queueMicrotask(pump);
   };
 
   const send = async (base: string, batch: Waiting[]): Promise<void> => {
@@ -129,13 +198,17 @@ export function createTokenValidator(
         return;
       }
       const again = batch.filter((w) => !w.settled);
-      if (checks === "unsupported") {
-        // An auth server of the contract alone: one token per request.
-        batchesOffUntil = performance.now() + BATCH_RETRY_MS;
-      } else {
-        for (const w of again) w.single = true;
+      for (const w of again) {
+        w.sent = false;
+        // An auth server of the contract alone: one token per request for
+        // a while; any other unusable answer: these go one by one.
+        if (checks === "unusable") w.single = true;
       }
-      queue = [...again, ...queue];
+      if (checks === "unsupported") {
+        batchesOffUntil = performance.now() + BATCH_RETRY_MS;
+      }
+      upgrades.unshiftAll(again.filter((w) => !w.background));
+      background.unshiftAll(again.filter((w) => w.background));
     } catch (err) {
       const error = err instanceof AuthUnavailableError
         ? err
@@ -146,45 +219,72 @@ export function createTokenValidator(
     }
   };
 
+  /** Drops what no longer waits from the head of a queue. */
+  const dropDone = (queue: Fifo<Waiting>, isBackground: boolean): void => {
+    for (let w = queue.peek(); w !== undefined; w = queue.peek()) {
+      if (!w.settled && !w.sent && (!isBackground || w.background)) return;
+      queue.shift();
+    }
+  };
+
   /** The next request's checks: upgrades' first, then background ones. */
   const takeBatch = (): Waiting[] => {
     const batching = performance.now() >= batchesOffUntil;
-    const ordered = [
-      ...queue.filter((w) => !w.background),
-      ...queue.filter((w) => w.background),
-    ];
     const batch: Waiting[] = [];
     let bytes = 16;
-    for (const w of ordered) {
-      const size = JSON.stringify(w.token).length + 1;
-      if (
-        batch.length > 0 &&
-        (w.single || batch.length >= MAX_BATCH_TOKENS ||
-          bytes + size > MAX_BATCH_BYTES)
-      ) break;
-      batch.push(w);
-      bytes += size;
-      if (w.single || !batching) break;
-    }
-    const taken = new Set(batch);
-    queue = queue.filter((w) => !taken.has(w));
+    // Returns true once the batch is complete.
+    const take = (queue: Fifo<Waiting>, isBackground: boolean): boolean => {
+      for (;;) {
+        dropDone(queue, isBackground);
+        const w = queue.peek();
+        if (w === undefined) return false;
+        const size = JSON.stringify(w.token).length + 1;
+        if (
+          batch.length > 0 &&
+          (w.single || batch.length >= MAX_BATCH_TOKENS ||
+            bytes + size > MAX_BATCH_BYTES)
+        ) return true;
+        queue.shift();
+        w.sent = true;
+        batch.push(w);
+        bytes += size;
+        if (w.single || !batching) return true;
+      }
+    };
+    if (!take(upgrades, false)) take(background, true);
     return batch;
   };
 
   const pump = (): void => {
     pumping = false;
     for (;;) {
-      // Checks whose time ran out while queued have been answered already.
-      queue = queue.filter((w) => !w.settled);
-      if (queue.length === 0) return;
-      const upgrades = queue.some((w) => !w.background);
-      const places = upgrades
+      // Background checks waiting for half the time limit count as upgrades.
+      const aged = performance.now() - timeoutMs / 2;
+      for (;;) {
+        dropDone(background, true);
+        const w = background.peek();
+        if (w === undefined || w.queuedAt > aged) break;
+        background.shift();
+        w.background = false;
+        upgrades.push(w);
+      }
+      dropDone(upgrades, false);
+      if (upgrades.size === 0 && background.size === 0) return;
+      const places = upgrades.size > 0
         ? maxInFlight
         : Math.max(1, maxInFlight - RESERVED_FOR_UPGRADES);
       if (active >= places) return;
+      let base: string;
+      try {
+        base = baseUrl();
+      } catch (err) {
+        for (const w of takeBatch()) settle(w, unavailable(lastBase, err));
+        continue;
+      }
       const batch = takeBatch();
+      if (batch.length === 0) return;
       active++;
-      send(baseUrl(), batch).finally(() => {
+      send(base, batch).finally(() => {
         active--;
         pump();
       });
@@ -195,41 +295,39 @@ export function createTokenValidator(
     token: string,
     options: TokenCheckOptions = {},
   ): Promise<TokenCheck> {
-    const background = options.background ?? false;
+    const isBackground = options.background ?? false;
     const known = inFlight.get(token);
     if (known !== undefined) {
-      // An upgrade waiting on a re-check's request moves it up the queue.
-      if (!background) known.w.background = false;
+      const w = known.w;
+      if (!isBackground && w.background && !w.sent && !w.settled) {
+        // An upgrade waiting on a queued re-check: it goes as an upgrade,
+        // with an upgrade's time limit.
+        w.background = false;
+        upgrades.push(w);
+        startTimer(w);
+        schedule();
+      }
       return known.promise;
     }
     let w!: Waiting;
     const promise = new Promise<TokenCheck>((resolve, reject) => {
       w = {
         token,
-        deadline: performance.now() + timeoutMs,
+        queuedAt: performance.now(),
+        deadline: 0,
         settled: false,
-        background,
+        sent: false,
+        background: isBackground,
         single: false,
         resolve,
         reject,
-        timer: setTimeout(() => {
-          settle(
-            w,
-            unavailable(
-              baseUrl(),
-              new DOMException("Timed out", "TimeoutError"),
-            ),
-          );
-        }, timeoutMs),
+        timer: undefined as unknown as ReturnType<typeof setTimeout>,
       };
     }).finally(() => inFlight.delete(token));
+    startTimer(w);
     inFlight.set(token, { promise, w });
-    queue.push(w);
-    // Checks asked for in the same turn go together.
-    if (!pumping) {
-      pumping = true;
-      queueMicrotask(pump);
-    }
+    (isBackground ? background : upgrades).push(w);
+    schedule();
     return promise;
   };
 }

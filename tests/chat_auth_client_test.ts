@@ -271,6 +271,11 @@ Deno.test("token checks: re-checks (background) leave places to upgrades, which 
     const upgrade = validate("up");
     await auth.until(2);
     assert.deepEqual(auth.heldTokens, ["bg0", "up"]);
+    // An upgrade with the token of a queued re-check takes it along at once.
+    const promoted = validate("bg3");
+    await auth.until(3);
+    assert.deepEqual(auth.heldTokens, ["bg0", "up", "bg3"]);
+    assert.equal(promoted, background[3]);
     const pump = setInterval(() => auth.releaseAll(), 5);
     try {
       assert.equal((await upgrade).valid, true);
