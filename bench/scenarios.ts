@@ -40,6 +40,13 @@ export interface BenchSizes {
    */
   idleCpuMs: number;
   warmupMs: number;
+  /**
+   * The fan-out's measured runs begin once both servers have run this
+   * long: past the start-up's full GC (about 30 s after start) and with the
+   * session re-checks (30 s after the connects) under way, so that neither
+   * lands whole in one side's run.
+   */
+  steadyAfterMs: number;
   settleMs: number;
   saturationClients: number;
   saturationStepMs: number;
@@ -69,6 +76,7 @@ export const FULL_SIZES: BenchSizes = {
   lowRateMs: 5000,
   idleCpuMs: 30_000,
   warmupMs: 2000,
+  steadyAfterMs: 36_000,
   settleMs: 1000,
   saturationClients: 1000,
   saturationStepMs: 4000,
@@ -115,6 +123,7 @@ export const QUICK_SIZES: BenchSizes = {
   lowRateMs: 500,
   idleCpuMs: 500,
   warmupMs: 200,
+  steadyAfterMs: 0,
   settleMs: 200,
   saturationClients: 100,
   saturationStepMs: 500,
@@ -309,6 +318,10 @@ export async function fanoutPair(
     for (const group of groups) {
       await group.run({ ...load, durationMs: sizes.warmupMs, drainMs: 1000 });
     }
+    const ranMs = Math.min(
+      ...sides.map((side) => performance.now() - side.server.spawnedAt),
+    );
+    await delay(Math.max(0, sizes.steadyAfterMs - ranMs));
     const measured: RunMetrics[][] = [[], []];
     for (const lockstep of [false, true]) {
       const totals: RunTotals[][] = [[], []];
