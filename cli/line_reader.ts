@@ -241,9 +241,10 @@ export class LineReader {
 
   /**
    * What Ctrl+C does, for a signal (SIGINT on a pipe, SIGTERM, SIGHUP): the
-   * line being read is given up and its read rejects with
-   * {@linkcode Interrupted}. Returns false, doing nothing, when no line is
-   * being read.
+   * handler of {@linkcode LineReader.setInterruptHandler} runs if one is
+   * set; else the line being read is given up and its read rejects with
+   * {@linkcode Interrupted}. Returns false, doing nothing, when there is
+   * neither.
    */
   interrupt(): boolean {
     if (this.#onInterrupt !== null) {

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { createAuthServer } from "../auth/server.ts";
+import { type AuthServer, createAuthServer } from "../auth/server.ts";
 import {
   AuthUnavailableError,
   createTokenValidator,
@@ -73,6 +73,35 @@ function holdingServer() {
     },
     close: () => server.shutdown(),
   };
+}
+
+/** Runs `fn` against the real auth server on port 0 in a fresh directory. */
+async function withAuthServer(
+  fn: (auth: AuthServer) => Promise<void>,
+): Promise<void> {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_client_" });
+  const auth = await createAuthServer({
+    port: 0,
+    dataDir,
+    chatUrl: "ws://127.0.0.1:9/ws",
+    rateLimits: false,
+  });
+  try {
+    await fn(auth);
+  } finally {
+    await auth.shutdown();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+}
+
+/** Registers and logs in `username` at the real auth server; its token. */
+async function loginToken(auth: AuthServer, username: string): Promise<string> {
+  const body = JSON.stringify({ username, password: "secretpw1" });
+  const post = (path: string) =>
+    fetch(new URL(path, auth.url), { method: "POST", body })
+      .then((res) => res.json());
+  await post("/register");
+  return (await post("/login")).token;
 }
 
 Deno.test("token checks: at most maxInFlight requests at once, the rest wait their turn", async () => {
@@ -153,81 +182,60 @@ Deno.test("token checks: a check still queued when the time is up fails closed",
 });
 
 Deno.test("token checks asked for together go to the real auth server as one /validate_tokens request", async () => {
-  const dataDir = await Deno.makeTempDir({ prefix: "auth_client_" });
-  const auth = await createAuthServer({
-    port: 0,
-    dataDir,
-    chatUrl: "ws://127.0.0.1:9/ws",
-    rateLimits: false,
-  });
-  // Counts the requests by path on the way (a proxy in front of it).
-  const paths: string[] = [];
-  const proxy = Deno.serve(
-    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
-    (req) => {
-      const url = new URL(req.url);
-      paths.push(url.pathname);
-      return fetch(new URL(url.pathname, auth.url), {
-        method: req.method,
-        headers: req.headers,
-        body: req.body,
+  await withAuthServer(async (auth) => {
+    // Counts the requests by path on the way (a proxy in front of it).
+    const paths: string[] = [];
+    const proxy = Deno.serve(
+      { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+      (req) => {
+        const url = new URL(req.url);
+        paths.push(url.pathname);
+        return fetch(new URL(url.pathname, auth.url), {
+          method: req.method,
+          headers: req.headers,
+          body: req.body,
+        });
+      },
+    );
+    try {
+      const tokens: string[] = [];
+      for (const name of ["ann", "ben", "cat"]) {
+        tokens.push(await loginToken(auth, name));
+      }
+      await fetch(new URL("/logout", auth.url), {
+        method: "POST",
+        headers: { authorization: `Bearer ${tokens[1]}` },
+      }).then((r) => r.body?.cancel());
+      const validate = createTokenValidator({
+        authUrl: `http://127.0.0.1:${proxy.addr.port}`,
       });
-    },
-  );
-  try {
-    const tokens: string[] = [];
-    for (const name of ["ann", "ben", "cat"]) {
-      const body = { username: name, password: "secretpw1" };
-      const post = (path: string) =>
-        fetch(new URL(path, auth.url), {
-          method: "POST",
-          body: JSON.stringify(body),
-        }).then((r) => r.json());
-      await post("/register");
-      tokens.push((await post("/login")).token);
+      const results = await Promise.all(
+        [...tokens, "unknown", tokens[0]!].map((token) => validate(token)),
+      );
+      assert.deepEqual(
+        results.map((r) => r.valid ? r.username : false),
+        ["ann", false, "cat", false, "ann"],
+      );
+      assert.deepEqual(paths, ["/validate_tokens"]);
+      // A lone check is the contract's own request.
+      const alone = await validate(tokens[2]!);
+      assert.equal(alone.valid && alone.username, "cat");
+      assert.deepEqual(paths, ["/validate_tokens", "/validate_token"]);
+    } finally {
+      await proxy.shutdown();
     }
-    await fetch(new URL("/logout", auth.url), {
-      method: "POST",
-      headers: { authorization: `Bearer ${tokens[1]}` },
-    }).then((r) => r.body?.cancel());
-    const validate = createTokenValidator({
-      authUrl: `http://127.0.0.1:${proxy.addr.port}`,
-    });
-    const results = await Promise.all(
-      [...tokens, "unknown", tokens[0]!].map((token) => validate(token)),
-    );
-    assert.deepEqual(
-      results.map((r) => r.valid ? r.username : false),
-      ["ann", false, "cat", false, "ann"],
-    );
-    assert.deepEqual(paths, ["/validate_tokens"]);
-    // A lone check is the contract's own request.
-    const alone = await validate(tokens[2]!);
-    assert.equal(alone.valid && alone.username, "cat");
-    assert.deepEqual(paths, ["/validate_tokens", "/validate_token"]);
-  } finally {
-    await proxy.shutdown();
-    await auth.shutdown();
-    await Deno.remove(dataDir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("/validate_tokens answers in order, and refuses what is not 1 to 100 token strings", async () => {
-  const dataDir = await Deno.makeTempDir({ prefix: "auth_batch_" });
-  const auth = await createAuthServer({
-    port: 0,
-    dataDir,
-    chatUrl: "ws://127.0.0.1:9/ws",
-    rateLimits: false,
-  });
-  const post = async (body: string) => {
-    const res = await fetch(new URL("/validate_tokens", auth.url), {
-      method: "POST",
-      body,
-    });
-    return { status: res.status, body: await res.json() };
-  };
-  try {
+  await withAuthServer(async (auth) => {
+    const post = async (body: string) => {
+      const res = await fetch(new URL("/validate_tokens", auth.url), {
+        method: "POST",
+        body,
+      });
+      return { status: res.status, body: await res.json() };
+    };
     const ok = await post(JSON.stringify({ tokens: ["a", "b"] }));
     assert.deepEqual(ok, {
       status: 200,
@@ -247,10 +255,7 @@ Deno.test("/validate_tokens answers in order, and refuses what is not 1 to 100 t
       assert.equal(answer.status, 400, bad);
       assert.equal(answer.body.error, "invalid_json", bad);
     }
-  } finally {
-    await auth.shutdown();
-    await Deno.remove(dataDir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("token checks: re-checks (background) leave places to upgrades, which go first", async () => {
@@ -291,21 +296,9 @@ Deno.test("token checks: re-checks (background) leave places to upgrades, which 
 Deno.test("token checks: a batch the auth server cannot take (413 for long odd tokens, or any answer but results) goes again one by one", async (t) => {
   await t.step(
     "the real auth server, 70 tokens of 512 quotes and a valid one",
-    async () => {
-      const dataDir = await Deno.makeTempDir({ prefix: "auth_client_" });
-      const auth = await createAuthServer({
-        port: 0,
-        dataDir,
-        chatUrl: "ws://127.0.0.1:9/ws",
-        rateLimits: false,
-      });
-      try {
-        const body = JSON.stringify({ username: "ann", password: "secretpw1" });
-        const post = (path: string) =>
-          fetch(new URL(path, auth.url), { method: "POST", body })
-            .then((res) => res.json());
-        await post("/register");
-        const { token } = await post("/login");
+    () =>
+      withAuthServer(async (auth) => {
+        const token = await loginToken(auth, "ann");
         const validate = createTokenValidator({ authUrl: auth.url });
         const odd = Array.from(
           { length: 70 },
@@ -317,11 +310,7 @@ Deno.test("token checks: a batch the auth server cannot take (413 for long odd t
         assert.equal(results.filter((r) => !r.valid).length, 70);
         const last = results.at(-1)!;
         assert.equal(last.valid && last.username, "ann");
-      } finally {
-        await auth.shutdown();
-        await Deno.remove(dataDir, { recursive: true });
-      }
-    },
+      }),
   );
   await t.step("an auth server answering 401 to /validate_tokens", async () => {
     const server = Deno.serve(

@@ -457,16 +457,7 @@ Deno.test("on a plain terminal (TERM=dumb, or output not to it) the reader never
 });
 
 Deno.test("onMessage parses a coalesced frame and shows each message once", () => {
-  const out = sink();
-  const lines = new LineReader({ input: ReadableStream.from([]), output: out });
-  const session = new ChatSession({
-    chatUrl: "ws://127.0.0.1:1/ws",
-    token: "t",
-    username: "alice",
-    lines,
-    color: false,
-    checkSession: () => Promise.resolve("valid"),
-  });
+  const { out, lines, session } = offlineSession();
   const message = (id: string, text: string) =>
     JSON.stringify({
       type: "message",
@@ -501,16 +492,7 @@ Deno.test("onMessage parses a coalesced frame and shows each message once", () =
 });
 
 Deno.test("a history that started over is told even after more than the remembered 256 messages: ids below them come back", () => {
-  const out = sink();
-  const lines = new LineReader({ input: ReadableStream.from([]), output: out });
-  const session = new ChatSession({
-    chatUrl: "ws://127.0.0.1:1/ws",
-    token: "t",
-    username: "alice",
-    lines,
-    color: false,
-    checkSession: () => Promise.resolve("valid"),
-  });
+  const { out, lines, session } = offlineSession();
   const before = new Date(2026, 0, 1, 9, 5).toISOString();
   const after = new Date(2026, 0, 1, 10, 7).toISOString();
   const message = (id: number, ts: string) => ({
@@ -553,6 +535,21 @@ Deno.test("a history that started over is told even after more than the remember
   ]);
   lines.close();
 });
+
+/** A session fed frames by hand (no socket), printing into a sink. */
+function offlineSession() {
+  const out = sink();
+  const lines = new LineReader({ input: ReadableStream.from([]), output: out });
+  const session = new ChatSession({
+    chatUrl: "ws://127.0.0.1:1/ws",
+    token: "t",
+    username: "alice",
+    lines,
+    color: false,
+    checkSession: () => Promise.resolve("valid"),
+  });
+  return { out, lines, session };
+}
 
 function sink(): SyncWriter & { text(): string } {
   const chunks: Uint8Array[] = [];
