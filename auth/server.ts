@@ -21,6 +21,13 @@ export {
 export { AuthStore, StoreError } from "./json_store.ts";
 export { type AuthLimits, DEFAULT_AUTH_LIMITS } from "./rate_limit.ts";
 
+/**
+ * How long a shutdown waits for requests in flight. A full hash queue is
+ * served well within it; a client that stalls mid-body (which the runtime's
+ * graceful shutdown would wait for until it leaves) is not waited for.
+ */
+export const SHUTDOWN_GRACE_MS = 3000;
+
 /** Options of {@linkcode createAuthServer}. */
 export interface AuthServerOptions {
   /** Interface to bind. Default `"127.0.0.1"`. */
@@ -55,7 +62,11 @@ export interface AuthServer {
   store: AuthStore;
   /** Resolves once the server has shut down and released its files. */
   finished: Promise<void>;
-  /** Stops accepting, finishes requests in flight, flushes files, releases the lock. Idempotent. */
+  /**
+   * Stops accepting, finishes requests in flight (for at most
+   * {@linkcode SHUTDOWN_GRACE_MS}), flushes files, releases the lock.
+   * Idempotent.
+   */
   shutdown(): Promise<void>;
 }
 
@@ -99,9 +110,16 @@ export async function createAuthServer(
     finished,
     shutdown() {
       closing ??= (async () => {
+        let timer: ReturnType<typeof setTimeout> | undefined;
         try {
-          await httpServer.shutdown();
+          await Promise.race([
+            httpServer.shutdown(),
+            new Promise((resolve) =>
+              timer = setTimeout(resolve, SHUTDOWN_GRACE_MS)
+            ),
+          ]);
         } finally {
+          clearTimeout(timer);
           await store.close();
           resolveFinished();
         }

@@ -162,6 +162,43 @@ Deno.test("the entry point prints its ready line and exits 0 on SIGTERM and SIGI
   }
 });
 
+Deno.test("SIGTERM ends the entry point with exit 0 even while a client stalls in the middle of a body", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_proc_" });
+  let client: Deno.TcpConn | undefined;
+  try {
+    const proc = await spawnAuth(["--port", "0", "--data-dir", dataDir]);
+    assert.ok(proc.url, "ready line");
+    const { hostname, port } = new URL(proc.url);
+    client = await Deno.connect({ hostname, port: Number(port) });
+    await client.write(
+      new TextEncoder().encode(
+        'POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"user',
+      ),
+    );
+    // Another request answered: the server is serving, the stalled one open.
+    const health = await fetch(`${proc.url}/health`);
+    assert.equal(health.status, 200);
+    await health.body?.cancel();
+    proc.child.kill("SIGTERM");
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const outcome = await Promise.race([
+      proc.ended,
+      new Promise<"still running">((resolve) =>
+        timer = setTimeout(() => resolve("still running"), 15_000)
+      ),
+    ]);
+    clearTimeout(timer);
+    if (outcome === "still running") proc.child.kill("SIGKILL");
+    assert.notEqual(outcome, "still running", "exited while the client stalls");
+    if (outcome !== "still running") {
+      assert.equal(outcome.code, 0, outcome.stderr);
+    }
+  } finally {
+    client?.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
 Deno.test("kill -9 in the middle of a burst of registrations loses no registration answered 201", async () => {
   const dataDir = await Deno.makeTempDir({ prefix: "auth_proc_" });
   try {
