@@ -690,13 +690,42 @@ async function readTailLines(
     const text = decoder.decode(bytes);
     const clean = text === "" || text.endsWith("\n");
     const all = text.split("\n");
-    all.pop(); // after the last newline: empty, or a torn line
+    // After the last newline: empty, a whole line whose newline a crash (or
+    // an editor) left out, or a line a crash cut short.
+    const tail = all.pop()!;
+    if (parseStoredMessage(tail, "") !== undefined) all.push(tail);
+    else if (!isTornLine(tail)) {
+      throw new Error(
+        `Cannot read the history file ${path}: it does not end with a newline, and its last line is neither a message nor the start of one; fix or move the file`,
+      );
+    }
     if (pos > 0) all.shift(); // the first line may start before what was read
     let from = Math.max(0, all.length - count);
     while (from > 0 && sentAt(all[from - 1]!) > since) from--;
     return { lines: all.slice(from), complete: pos === 0 && from === 0, clean };
   } finally {
     file.close();
+  }
+}
+
+/** How every stored line starts (see {@linkcode HistoryStore.append}). */
+const LINE_START = '{"type":"message","id":"';
+
+/**
+ * Whether what follows a file's last newline can be a crash's: the start of
+ * a line cut short (possibly followed by the zeros some file systems leave
+ * in a block the crash did not write), or nothing. Anything else (a whole
+ * JSON value included) is not ours to drop.
+ */
+function isTornLine(tail: string): boolean {
+  const cut = tail.replace(/\0+$/, "");
+  if (cut.length <= LINE_START.length) return LINE_START.startsWith(cut);
+  if (!cut.startsWith(LINE_START)) return false;
+  try {
+    JSON.parse(cut);
+    return false; // whole, but not a message: damage
+  } catch {
+    return true;
   }
 }
 

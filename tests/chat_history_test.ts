@@ -61,6 +61,34 @@ Deno.test("a torn last line from a crash is skipped and the file is repaired", a
   }
 });
 
+Deno.test("a whole last line without its newline is kept, a torn one with a crash's zeros after it is dropped", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(`${dir}/lobby.jsonl`, `${good(1)}\n${good(2)}`);
+    await Deno.writeTextFile(
+      `${dir}/dev.jsonl`,
+      `${good(1)}\n{"type":"message","id":"2","ro\0\0\0\0`,
+    );
+    const store = await HistoryStore.open(dir, { keep: 10 });
+    assert.deepEqual(store.recent("lobby", 10).map((m) => m.id), ["1", "2"]);
+    assert.deepEqual(store.recent("dev", 10).map((m) => m.id), ["1"]);
+    store.append("lobby", "a", "t3");
+    store.append("dev", "a", "t2");
+    await store.close();
+    for (
+      const [room, ids] of [["lobby", ["1", "2", "3"]], ["dev", ["1", "2"]]]
+    ) {
+      const lines = (await Deno.readTextFile(`${dir}/${room}.jsonl`)).split(
+        "\n",
+      );
+      assert.equal(lines.pop(), "");
+      assert.deepEqual(lines.map((l) => JSON.parse(l).id), ids);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a large history file is read from its tail and compacted", async () => {
   const dir = await Deno.makeTempDir();
   try {
@@ -105,6 +133,11 @@ Deno.test("a damaged complete line stops the opening with a message naming the f
         `${good(1)}\nGARBAGE\n${good(2)}\n`,
         `${good(2)}\n${good(1)}\n`,
         `totally not json\n`,
+        // No newline at the end, and not the start of a message: not a
+        // crash's torn append, so not dropped as one.
+        `this is garbage not a history file at all`,
+        `${good(1)}\n${good(2)}\nGARBAGE`,
+        `${good(1)}\n{"type":"message","id":"2"}`,
       ]
     ) {
       await Deno.writeTextFile(`${dir}/lobby.jsonl`, damaged);
