@@ -50,7 +50,11 @@ interface SentLine {
 
 interface Room {
   name: string;
-  /** Kept messages, oldest first; trimmed to `keep` lazily (at most twice that). */
+  /**
+   * Kept messages, oldest first; trimmed to `keep` lazily, at most
+   * {@linkcode trimSlack} past it (an eighth: a room's memory is what it
+   * keeps, not twice that, and a trim still moves few messages per append).
+   */
   messages: RoomMessage[];
   /**
    * Messages trimmed from `messages` that were sent with a `client_id`
@@ -279,7 +283,7 @@ export class HistoryStore {
       ts: new Date(this.#now()).toISOString(),
     };
     r.messages.push(message);
-    if (r.messages.length >= this.#keep * 2) this.#trim(r);
+    if (r.messages.length > this.#keep + trimSlack(this.#keep)) this.#trim(r);
     const line = JSON.stringify(message);
     let own = line;
     if (clientId !== undefined) {
@@ -572,6 +576,11 @@ export class HistoryStore {
     if (r.needsRewrite) this.#dirty.add(r);
     this.#rooms.set(name, r);
   }
+}
+
+/** How far a room's messages may grow past `keep` before they are trimmed. */
+function trimSlack(keep: number): number {
+  return Math.max(16, Math.ceil(keep / 8));
 }
 
 function newRoom(name: string, lastId = 0): Room {
