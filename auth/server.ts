@@ -7,6 +7,7 @@
  * @module
  */
 import { defaultChatUrl, httpAddress, type ServerConfig } from "../config.ts";
+import { type ResilientServer, serveResilient } from "../serve.ts";
 import { createAuthHandler } from "./handler.ts";
 import { serverErrorResponse } from "./http_error.ts";
 import { AuthStore } from "./json_store.ts";
@@ -81,13 +82,14 @@ export async function createAuthServer(
   const { hostname = "127.0.0.1", port = 8000, dataDir, now } = options;
   const store = await AuthStore.open(dataDir, { now });
   const handler = createAuthHandler({ ...options, store });
-  let httpServer: Deno.HttpServer<Deno.NetAddr>;
+  let httpServer: ResilientServer;
   try {
-    httpServer = Deno.serve({
+    httpServer = serveResilient({
       hostname,
       port,
-      onListen: () => {},
       onError: () => serverErrorResponse(),
+      log: options.log ?? (() => {}),
+      name: "auth",
     }, handler);
   } catch (err) {
     await store.close();

@@ -15,6 +15,7 @@ import {
   DEFAULT_CHAT_LIMITS,
 } from "./connection_manager.ts";
 import { HistoryStore } from "./history.ts";
+import { type ResilientServer, serveResilient } from "../serve.ts";
 
 /** Options of {@linkcode createChatServer}. */
 export interface ChatServerOptions {
@@ -51,7 +52,7 @@ export interface ChatServer {
   httpUrl: string;
   hostname: string;
   port: number;
-  /** Resolves when the server has stopped. */
+  /** Resolves once the server has shut down and flushed its history. */
   finished: Promise<void>;
   /** Number of open WebSocket connections. */
   readonly connections: number;
@@ -101,19 +102,20 @@ export async function createChatServer(
     idleTimeoutSeconds: options.idleTimeoutSeconds ?? 30,
     log,
   });
-  let server: Deno.HttpServer<Deno.NetAddr>;
+  let server: ResilientServer;
   try {
-    // Deno.serve binds before it returns; onListen only silences its banner.
-    server = Deno.serve({
+    // It binds before it returns.
+    server = serveResilient({
       hostname,
       port,
-      onListen: () => {},
       onError: (err) => {
         log(
           `chat: unexpected error: ${err instanceof Error ? err.stack : err}`,
         );
         return jsonError(500, "server_error", "Something went wrong");
       },
+      log,
+      name: "chat",
     }, handler);
   } catch (err) {
     await manager.close();
@@ -130,12 +132,14 @@ export async function createChatServer(
     ? `[${addr.hostname}]`
     : addr.hostname;
   let stopping: Promise<void> | undefined;
+  const { promise: finished, resolve: resolveFinished } = Promise
+    .withResolvers<void>();
   return {
     url: `ws://${host}:${addr.port}/ws`,
     httpUrl: `http://${host}:${addr.port}`,
     hostname: addr.hostname,
     port: addr.port,
-    finished: server.finished,
+    finished,
     get connections() {
       return manager.size;
     },
@@ -155,7 +159,11 @@ export async function createChatServer(
           new Promise((resolve) => timer = setTimeout(resolve, 2000)),
         ]);
         clearTimeout(timer);
-        await history.close();
+        try {
+          await history.close();
+        } finally {
+          resolveFinished();
+        }
       })();
       return stopping;
     },

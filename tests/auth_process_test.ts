@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createAuthServer } from "../auth/server.ts";
+import { LineWatcher } from "./_harness.ts";
 
 const MAIN = fileURLToPath(new URL("../auth/main.ts", import.meta.url));
 const PASSWORD = "correct horse battery";
@@ -195,6 +196,71 @@ Deno.test("SIGTERM ends the entry point with exit 0 even while a client stalls i
     }
   } finally {
     client?.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("out of file descriptors, the entry point does not crash, and answers again once they are free", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_proc_" });
+  const child = new Deno.Command("sh", {
+    args: [
+      "-c",
+      `ulimit -n 64 && exec "${Deno.execPath()}" run --allow-net --allow-read --allow-write --allow-env "${MAIN}" --port 0 --data-dir "${dataDir}"`,
+    ],
+    env: { RATE_LIMITS: "off" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stdout = new LineWatcher(child.stdout);
+  const stderr = new LineWatcher(child.stderr);
+  const held: Deno.TcpConn[] = [];
+  try {
+    const url = (await stdout.waitFor(/^auth: listening on /)).split(" ")
+      .pop()!;
+    const port = Number(new URL(url).port);
+    let refused = false;
+    while (!refused && held.length < 200) {
+      try {
+        held.push(await Deno.connect({ hostname: "127.0.0.1", port }));
+      } catch (err) {
+        assert.ok(
+          err instanceof Deno.errors.ConnectionRefused ||
+            err instanceof Deno.errors.ConnectionReset,
+          String(err),
+        );
+        refused = true;
+      }
+    }
+    assert.ok(refused, "the descriptor limit was reached");
+    await stderr.waitFor(
+      /^auth: stopped accepting connections \(.*Too many open files/,
+    );
+    for (const conn of held.splice(0)) conn.close();
+    const deadline = Date.now() + 10_000;
+    while (true) {
+      try {
+        const res = await fetch(`${url}/health`);
+        assert.deepEqual(await res.json(), { status: "ok" });
+        break;
+      } catch (err) {
+        if (Date.now() > deadline) throw err;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
+    await stderr.waitFor(/^auth: accepting connections again$/);
+    child.kill("SIGTERM");
+    assert.equal((await child.status).code, 0, stderr.lines.join("\n"));
+    await Promise.all([stdout.done, stderr.done]);
+    assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
+  } finally {
+    for (const conn of held) conn.close();
+    try {
+      child.kill("SIGTERM");
+    } catch {
+      // Already gone.
+    }
+    await child.status;
     await Deno.remove(dataDir, { recursive: true });
   }
 });

@@ -156,3 +156,85 @@ Deno.test("a chat server with hundreds of rooms on disk starts under a 64 file d
     await Deno.remove(dataDir, { recursive: true });
   }
 });
+
+Deno.test("out of file descriptors, deno task start neither crashes nor drops its open connections, and accepts again once they are free", async () => {
+  const dataDir = await Deno.makeTempDir();
+  const { child, stdout, stderr } = startProcess(
+    [
+      "-c",
+      `ulimit -n 128 && exec "${Deno.execPath()}" task start --auth-port 0 --chat-port 0`,
+    ],
+    dataDir,
+    {},
+    "sh",
+  );
+  const held: Deno.TcpConn[] = [];
+  try {
+    const authUrl = (await stdout.waitFor(/^auth: listening on /)).split(" ")
+      .pop()!;
+    const chatPort = Number(
+      (await stdout.waitFor(/^chat: listening on /)).split(":").pop(),
+    );
+    const alice = await TestClient.connect(
+      `ws://127.0.0.1:${chatPort}/ws`,
+      await login(authUrl, "alice"),
+    );
+    // Idle connections until the server can take no more: its accept fails
+    // and the runtime's listener is gone (the connect is refused).
+    let refused = false;
+    while (!refused && held.length < 300) {
+      try {
+        held.push(
+          await Deno.connect({ hostname: "127.0.0.1", port: chatPort }),
+        );
+      } catch (err) {
+        // Refused, or reset when the listener closed under the handshake.
+        assert.ok(
+          err instanceof Deno.errors.ConnectionRefused ||
+            err instanceof Deno.errors.ConnectionReset,
+          String(err),
+        );
+        refused = true;
+      }
+    }
+    assert.ok(refused, "the descriptor limit was reached");
+    await stderr.waitFor(
+      /^chat: stopped accepting connections \(.*Too many open files/,
+    );
+    // The open connection goes on.
+    alice.send({ type: "message", text: "still here" });
+    assert.equal((await alice.nextOfType("message")).text, "still here");
+    for (const conn of held.splice(0)) conn.close();
+    // Listening again: a new connection gets in (asked until it does, for at
+    // most 10 s; the retry waits at most 2 s).
+    const deadline = Date.now() + 10_000;
+    let bob: TestClient | undefined;
+    while (bob === undefined) {
+      try {
+        bob = await TestClient.connect(
+          `ws://127.0.0.1:${chatPort}/ws`,
+          await login(authUrl, "bob"),
+        );
+      } catch (err) {
+        if (Date.now() > deadline) throw err;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
+    await stderr.waitFor(/^chat: accepting connections again$/);
+    bob.send({ type: "message", text: "back" });
+    assert.equal((await alice.nextOfType("message")).text, "back");
+    child.kill("SIGTERM");
+    assert.equal((await child.status).code, 0, stderr.lines.join("\n"));
+    await Promise.all([stdout.done, stderr.done]);
+    assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
+  } finally {
+    for (const conn of held) conn.close();
+    try {
+      child.kill("SIGTERM");
+    } catch {
+      // Already gone.
+    }
+    await child.status;
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
