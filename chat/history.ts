@@ -701,7 +701,7 @@ async function readTailLines(
     const all = text.split("\n");
     // After the last newline: empty, a whole line whose newline a crash (or
     // an editor) left out, or a line a crash cut short.
-    const tail = all.pop()!;
+    const tail = all.pop()!.replace(/\0+$/, "");
     if (parseStoredMessage(tail, "") !== undefined) all.push(tail);
     else if (!isTornLine(tail)) {
       throw new Error(
@@ -721,13 +721,12 @@ async function readTailLines(
 const LINE_START = '{"type":"message","id":"';
 
 /**
- * Whether what follows a file's last newline can be a crash's: the start of
- * a line cut short (possibly followed by the zeros some file systems leave
- * in a block the crash did not write), or nothing. Anything else (a whole
- * JSON value included) is not ours to drop.
+ * Whether what follows a file's last newline (without the zeros some file
+ * systems leave in a block a crash did not write) can be a crash's: the
+ * start of a line cut short, or nothing. Anything else (a whole JSON value
+ * included) is not ours to drop.
  */
-function isTornLine(tail: string): boolean {
-  const cut = tail.replace(/\0+$/, "");
+function isTornLine(cut: string): boolean {
   if (cut.length <= LINE_START.length) return LINE_START.startsWith(cut);
   if (!cut.startsWith(LINE_START)) return false;
   try {

@@ -61,10 +61,15 @@ Deno.test("a torn last line from a crash is skipped and the file is repaired", a
   }
 });
 
-Deno.test("a whole last line without its newline is kept, a torn one with a crash's zeros after it is dropped", async () => {
+Deno.test("a whole last line without its newline is kept (zeros after it or not), a torn one with a crash's zeros after it is dropped", async () => {
   const dir = await Deno.makeTempDir();
   try {
     await Deno.writeTextFile(`${dir}/lobby.jsonl`, `${good(1)}\n${good(2)}`);
+    // The newline itself lost, with zeros after the line.
+    await Deno.writeTextFile(
+      `${dir}/ops.jsonl`,
+      `${good(1)}\n${good(2)}\0\0\0`,
+    );
     await Deno.writeTextFile(
       `${dir}/dev.jsonl`,
       `${good(1)}\n{"type":"message","id":"2","ro\0\0\0\0`,
@@ -72,11 +77,16 @@ Deno.test("a whole last line without its newline is kept, a torn one with a cras
     const store = await HistoryStore.open(dir, { keep: 10 });
     assert.deepEqual(store.recent("lobby", 10).map((m) => m.id), ["1", "2"]);
     assert.deepEqual(store.recent("dev", 10).map((m) => m.id), ["1"]);
+    assert.deepEqual(store.recent("ops", 10).map((m) => m.id), ["1", "2"]);
     store.append("lobby", "a", "t3");
     store.append("dev", "a", "t2");
     await store.close();
     for (
-      const [room, ids] of [["lobby", ["1", "2", "3"]], ["dev", ["1", "2"]]]
+      const [room, ids] of [
+        ["lobby", ["1", "2", "3"]],
+        ["dev", ["1", "2"]],
+        ["ops", ["1", "2"]],
+      ] as const
     ) {
       const lines = (await Deno.readTextFile(`${dir}/${room}.jsonl`)).split(
         "\n",
