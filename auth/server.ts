@@ -7,7 +7,7 @@
  * @module
  */
 import { defaultChatUrl, httpAddress, type ServerConfig } from "../config.ts";
-import { type ResilientServer, serveResilient } from "../serve.ts";
+import { type ResilientServer, serveResilient } from "../serve_resilient.ts";
 import { createAuthHandler } from "./handler.ts";
 import { serverErrorResponse } from "./http_error.ts";
 import { AuthStore } from "./json_store.ts";
@@ -27,7 +27,7 @@ export { type AuthLimits, DEFAULT_AUTH_LIMITS } from "./rate_limit.ts";
  * served well within it; a client that stalls mid-body (which the runtime's
  * graceful shutdown would wait for until it leaves) is not waited for.
  */
-export const SHUTDOWN_GRACE_MS = 3000;
+export const SHUTDOWN_GRACE_MS = 5000;
 
 /** Options of {@linkcode createAuthServer}. */
 export interface AuthServerOptions {
@@ -88,8 +88,10 @@ export async function createAuthServer(
       hostname,
       port,
       onError: () => serverErrorResponse(),
-      log: options.log ?? (() => {}),
-      name: "auth",
+      log: (event) =>
+        options.log?.(
+          `${new Date((now ?? Date.now)()).toISOString()} auth ${event}`,
+        ),
     }, handler);
   } catch (err) {
     await store.close();

@@ -15,7 +15,7 @@ import {
   DEFAULT_CHAT_LIMITS,
 } from "./connection_manager.ts";
 import { HistoryStore } from "./history.ts";
-import { type ResilientServer, serveResilient } from "../serve.ts";
+import { type ResilientServer, serveResilient } from "../serve_resilient.ts";
 
 /** Options of {@linkcode createChatServer}. */
 export interface ChatServerOptions {
@@ -114,8 +114,7 @@ export async function createChatServer(
         );
         return jsonError(500, "server_error", "Something went wrong");
       },
-      log,
-      name: "chat",
+      log: (event) => log(`chat: ${event}`),
     }, handler);
   } catch (err) {
     await manager.close();

@@ -4,8 +4,9 @@
  * process holds as many descriptors as `ulimit -n` allows: a client that
  * opens that many idle connections is enough), and the server's `finished`
  * promise rejects, which, unhandled, ends the process with a stack trace.
- * The connections already open keep working; this listens again on the same
- * address, after 100 ms, doubling to 2 s, until it can.
+ * The connections already open keep working (shutting the dead server down
+ * would close its WebSockets, so it is kept until the end); this listens
+ * again on the same address until it can.
  *
  * @module
  */
@@ -17,10 +18,21 @@ export interface ResilientServeOptions {
   port: number;
   /** Answer for a handler that threw. */
   onError: (err: unknown) => Response | Promise<Response>;
-  /** Told when listening stopped and when it started again. */
-  log: (line: string) => void;
-  /** What the log lines start with (`auth`, `chat`). */
-  name: string;
+  /**
+   * Told (`listener stopped ...`, `listener cannot listen again ...`,
+   * `listener accepting connections again`) when listening stops and starts
+   * again.
+   */
+  log: (event: string) => void;
+  /** First wait before listening again, in ms. Default 100. */
+  retryFirstMs?: number;
+  /**
+   * Longest wait, in ms: the wait doubles while listening again fails, or a
+   * new listener stops within `stableMs`. Default 30,000.
+   */
+  retryMaxMs?: number;
+  /** A listener that lasted this long stopped afresh: the wait starts over. Default 10,000. */
+  stableMs?: number;
 }
 
 /** A server started by {@linkcode serveResilient}. */
@@ -34,11 +46,6 @@ export interface ResilientServer {
   shutdown(): Promise<void>;
 }
 
-const RETRY_FIRST_MS = 100;
-const RETRY_MAX_MS = 2000;
-/** A listener that lasted this long failed afresh: retry from the start. */
-const STABLE_MS = 10_000;
-
 /**
  * Starts serving; throws, as `Deno.serve` does, when the first listener
  * cannot bind (address in use, not allowed...).
@@ -47,12 +54,21 @@ export function serveResilient(
   options: ResilientServeOptions,
   handler: Deno.ServeHandler<Deno.NetAddr>,
 ): ResilientServer {
-  const { hostname, onError, log, name } = options;
+  const {
+    hostname,
+    onError,
+    log,
+    retryFirstMs = 100,
+    retryMaxMs = 30_000,
+    stableMs = 10_000,
+  } = options;
   const servers: Deno.HttpServer<Deno.NetAddr>[] = [];
   let stopping = false;
   let retryTimer: ReturnType<typeof setTimeout> | undefined;
-  let retryMs = RETRY_FIRST_MS;
+  let retryMs = retryFirstMs;
   let listenedAt = 0;
+  /** The last reason listening again failed (logged once per reason). */
+  let bindError = "";
 
   const listen = (port: number): Deno.HttpServer<Deno.NetAddr> => {
     const server = Deno.serve(
@@ -63,17 +79,14 @@ export function serveResilient(
     listenedAt = Date.now();
     server.finished.catch((err) => {
       if (stopping) return;
+      retryMs = Date.now() - listenedAt >= stableMs
+        ? retryFirstMs
+        : Math.min(retryMs * 2, retryMaxMs);
       log(
-        `${name}: stopped accepting connections (${
-          String(err instanceof Error ? err.message : err).replace(
-            /^Error: /,
-            "",
-          )
-        }); the open ones go on, and it listens again as soon as it can`,
+        `listener stopped reason=${
+          JSON.stringify(reason(err))
+        } (the open connections go on; listening again in ${retryMs} ms)`,
       );
-      retryMs = Date.now() - listenedAt >= STABLE_MS
-        ? RETRY_FIRST_MS
-        : Math.min(retryMs * 2, RETRY_MAX_MS);
       retry();
     });
     return server;
@@ -87,10 +100,19 @@ export function serveResilient(
       if (stopping) return;
       try {
         listen(addr.port);
-        log(`${name}: accepting connections again`);
-      } catch {
-        // Still out of descriptors (or the port is taken meanwhile).
-        retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
+        bindError = "";
+        log("listener accepting connections again");
+      } catch (err) {
+        // Still out of descriptors, or the port was taken meanwhile.
+        retryMs = Math.min(retryMs * 2, retryMaxMs);
+        if (reason(err) !== bindError) {
+          bindError = reason(err);
+          log(
+            `listener cannot listen again reason=${
+              JSON.stringify(bindError)
+            } (trying again, at most every ${retryMaxMs} ms)`,
+          );
+        }
         retry();
       }
     }, retryMs);
@@ -107,4 +129,11 @@ export function serveResilient(
       );
     },
   };
+}
+
+function reason(err: unknown): string {
+  return String(err instanceof Error ? err.message : err).replace(
+    /^Error: /,
+    "",
+  );
 }
