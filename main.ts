@@ -41,7 +41,8 @@ if (config.authUrl !== undefined) {
 }
 
 const stop = new AbortController();
-for (const signal of ["SIGINT", "SIGTERM"] as const) {
+// SIGHUP: the terminal it runs in closed.
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
   Deno.addSignalListener(signal, () => stop.abort());
 }
 

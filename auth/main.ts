@@ -36,6 +36,15 @@ if (config.chatPublicUrl === undefined && config.chatPort === 0) {
   );
 }
 
+// Before the store loads (a large one takes a while): a signal then ends the
+// start cleanly instead of killing the process. SIGHUP: the terminal closed.
+const stop = new AbortController();
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+  Deno.addSignalListener(signal, () => {
+    if (!stop.signal.aborted) stop.abort(signal);
+  });
+}
+
 let server;
 try {
   server = await createAuthServer(
@@ -48,27 +57,24 @@ try {
   Deno.exit(1);
 }
 
-const running = server;
-let stopping = false;
-async function stop(signal: Deno.Signal): Promise<void> {
-  if (stopping) return;
-  stopping = true;
-  console.error(`auth: ${signal} received, shutting down`);
-  try {
-    await running.shutdown();
-  } catch (err) {
-    console.error(
-      `auth: cannot shut down cleanly: ${
-        err instanceof Error ? err.message : err
-      }`,
-    );
-    Deno.exit(1);
-  }
-  Deno.exit(0);
-}
-Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
-Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
-
 console.log(
-  `auth: listening on ${httpAddress(running.hostname, running.port)}`,
+  `auth: listening on ${httpAddress(server.hostname, server.port)}`,
 );
+
+if (!stop.signal.aborted) {
+  await new Promise((resolve) =>
+    stop.signal.addEventListener("abort", resolve)
+  );
+}
+console.error(`auth: ${stop.signal.reason} received, shutting down`);
+try {
+  await server.shutdown();
+} catch (err) {
+  console.error(
+    `auth: cannot shut down cleanly: ${
+      err instanceof Error ? err.message : err
+    }`,
+  );
+  Deno.exit(1);
+}
+Deno.exit(0);

@@ -28,7 +28,8 @@ try {
 }
 
 const stop = new AbortController();
-for (const signal of ["SIGINT", "SIGTERM"] as const) {
+// SIGHUP: the terminal it runs in closed.
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
   Deno.addSignalListener(signal, () => stop.abort());
 }
 

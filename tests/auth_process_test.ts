@@ -110,8 +110,8 @@ async function memoryOf(pid: number): Promise<{ rss: number; peak: number }> {
   return { rss: kib("VmRSS"), peak: kib("VmHWM") };
 }
 
-Deno.test("the entry point prints its ready line and exits 0 on SIGTERM and SIGINT with its files intact", async (t) => {
-  for (const signal of ["SIGTERM", "SIGINT"] as const) {
+Deno.test("the entry point prints its ready line and exits 0 on SIGTERM, SIGINT and SIGHUP with its files intact", async (t) => {
+  for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"] as const) {
     await t.step(signal, async () => {
       const dataDir = await Deno.makeTempDir({ prefix: "auth_proc_" });
       try {

@@ -259,3 +259,98 @@ Deno.test("out of file descriptors, deno task start neither crashes nor drops it
     await Deno.remove(dataDir, { recursive: true });
   }
 });
+
+Deno.test("SIGHUP (the terminal closed) shuts the servers down like SIGTERM: close 1001, history flushed, exit 0", async (t) => {
+  const permissions = [
+    "--allow-net",
+    "--allow-read",
+    "--allow-write",
+    "--allow-env",
+  ];
+  await t.step("main.ts (deno task start)", async () => {
+    const dataDir = await Deno.makeTempDir();
+    const { child, stdout, stderr } = startProcess(
+      [
+        "run",
+        ...permissions,
+        "main.ts",
+        "--auth-port",
+        "0",
+        "--chat-port",
+        "0",
+      ],
+      dataDir,
+    );
+    try {
+      const authUrl = (await stdout.waitFor(/^auth: listening on /)).split(" ")
+        .pop()!;
+      const chatPort = (await stdout.waitFor(/^chat: listening on /)).split(":")
+        .pop()!;
+      const alice = await TestClient.connect(
+        `ws://127.0.0.1:${chatPort}/ws`,
+        await login(authUrl, "alice"),
+      );
+      alice.send({ type: "message", text: "before the hangup" });
+      await alice.nextOfType("message");
+      child.kill("SIGHUP");
+      assert.equal((await alice.closed).code, 1001);
+      assert.equal(
+        (await statusWithin(child, 15_000)).code,
+        0,
+        stderr.lines.join("\n"),
+      );
+      assert.match(
+        await Deno.readTextFile(`${dataDir}/history/lobby.jsonl`),
+        /before the hangup/,
+      );
+      // A clean stop: the next start does not take it for a crash.
+      await assert.rejects(Deno.stat(`${dataDir}/history/.running`));
+      await Promise.all([stdout.done, stderr.done]);
+    } finally {
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // Already gone.
+      }
+      await child.status;
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  });
+  for (const entry of ["chat/main.ts", "auth/main.ts"]) {
+    await t.step(entry, async () => {
+      const dataDir = await Deno.makeTempDir();
+      const { child, stdout, stderr } = startProcess(
+        [
+          "run",
+          ...permissions,
+          entry,
+          "--port",
+          "0",
+          ...(entry === "chat/main.ts"
+            ? ["--auth-url", "http://127.0.0.1:9"]
+            : []),
+        ],
+        dataDir,
+      );
+      try {
+        await stdout.waitFor(/listening on /);
+        child.kill("SIGHUP");
+        assert.equal(
+          (await statusWithin(child, 15_000)).code,
+          0,
+          stderr.lines.join("\n"),
+        );
+        await Promise.all([stdout.done, stderr.done]);
+        assert.match(stderr.lines.join("\n"), /shutting down/);
+      } finally {
+        try {
+          child.kill("SIGTERM");
+        } catch {
+          // Already gone.
+        }
+        await child.status;
+        await Deno.remove(dataDir, { recursive: true });
+      }
+    });
+  }
+});
