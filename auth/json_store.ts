@@ -65,6 +65,8 @@ export class AuthStore {
   #sessions: Map<string, SessionRecord>;
   #usersWriter: GroupWriter;
   #sessionsWriter: GroupWriter;
+  /** Sessions removed in memory whose removal did not reach the file yet. */
+  #unsavedRemovals = new Set<string>();
   #closed: Promise<void> | undefined;
 
   private constructor(
@@ -252,9 +254,17 @@ export class AuthStore {
    */
   async removeSession(tokenHash: string): Promise<boolean> {
     this.#assertOpen();
-    if (this.getSession(tokenHash) === undefined) return false;
+    // A removal whose write failed stays in effect, and is not "done" until
+    // it is on disk: asking again writes again rather than answering that
+    // there is no such session (a restart would otherwise bring it back).
+    if (
+      !this.#unsavedRemovals.has(tokenHash) &&
+      this.getSession(tokenHash) === undefined
+    ) return false;
     this.#sessions.delete(tokenHash);
+    this.#unsavedRemovals.add(tokenHash);
     await this.#sessionsWriter.commit();
+    this.#unsavedRemovals.delete(tokenHash);
     return true;
   }
 

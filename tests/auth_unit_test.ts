@@ -468,3 +468,33 @@ Deno.test("a registration refused 503 busy does not use the registration budget"
     await Deno.remove(dataDir, { recursive: true });
   }
 });
+
+Deno.test("a logout whose write failed keeps the session ended, and is done only once it is on disk", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_unit_" });
+  const store = await AuthStore.open(dataDir);
+  try {
+    const now = Date.now();
+    await store.addSession("a".repeat(64), {
+      username: "ann",
+      createdAt: new Date(now).toISOString(),
+      expiresAt: new Date(now + 3_600_000).toISOString(),
+      expiresAtMs: now + 3_600_000,
+    });
+    // The directory gone: every write fails, as on a full disk.
+    await Deno.remove(dataDir, { recursive: true });
+    await assert.rejects(store.removeSession("a".repeat(64)));
+    assert.equal(store.getSession("a".repeat(64)), undefined, "ended at once");
+    // Asked again while writes fail: still a failure, not "no such session".
+    await assert.rejects(store.removeSession("a".repeat(64)));
+    await Deno.mkdir(dataDir);
+    assert.equal(await store.removeSession("a".repeat(64)), true);
+    const file = JSON.parse(
+      await Deno.readTextFile(`${dataDir}/sessions.json`),
+    );
+    assert.deepEqual(Object.keys(file.sessions), []);
+    assert.equal(await store.removeSession("a".repeat(64)), false);
+  } finally {
+    await store.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
