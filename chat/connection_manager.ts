@@ -125,6 +125,12 @@ interface User {
   conns: Set<Conn>;
   /** Upgraded connections not open yet: they count against the cap too. */
   pending: number;
+  /**
+   * Connections the server closed whose socket is not gone yet (a peer that
+   * does not read holds it, and what the runtime buffered for it, for as
+   * long as it likes): they count against the caps too.
+   */
+  lingering: number;
   bucket: TokenBucket;
   /** client_id → the echo line of the message it sent, with when it was sent. */
   sent: Map<string, { line: string; at: number }>;
@@ -156,6 +162,8 @@ interface Conn {
    */
   backlogBound: number;
   open: boolean;
+  /** Closed by the server, its socket not gone yet (see `User.lingering`). */
+  lingering: boolean;
   frames: TokenBucket;
   strikes: TokenBucket;
   /** Until when the last `rate_limited` told this connection to wait (ms). */
@@ -309,7 +317,8 @@ export class ConnectionManager {
     if (!this.#rateLimits) return false;
     const user = this.#users.get(username.toLowerCase());
     if (user === undefined) return false;
-    return user.conns.size + user.pending >= this.#limits.maxConnectionsPerUser;
+    return user.conns.size + user.pending + user.lingering >=
+      this.#limits.maxConnectionsPerUser;
   }
 
   /** Takes over an upgraded socket; its address reservation moves with it. */
@@ -330,6 +339,7 @@ export class ConnectionManager {
       queued: "none",
       backlogBound: 0,
       open: false,
+      lingering: false,
       frames: new TokenBucket(
         this.#limits.frameBurst,
         this.#limits.framesPerSecond,
@@ -394,6 +404,11 @@ export class ConnectionManager {
         return;
       }
       this.#drop(conn);
+      if (conn.lingering) {
+        conn.lingering = false;
+        conn.user.lingering--;
+        this.releaseAddress(conn.address);
+      }
     };
     socket.onerror = ignore;
   }
@@ -443,6 +458,7 @@ export class ConnectionManager {
         name: username,
         conns: new Set(),
         pending: 0,
+        lingering: 0,
         bucket: new TokenBucket(
           this.#limits.messageBurst,
           this.#limits.messagesPerSecond,
@@ -498,7 +514,12 @@ export class ConnectionManager {
     const entry = this.#tokens.get(conn.token);
     entry?.conns.delete(conn);
     if (entry?.conns.size === 0) this.#tokens.delete(conn.token);
-    this.releaseAddress(conn.address);
+    if (code === undefined) this.releaseAddress(conn.address);
+    else {
+      // Closed by us: its places are given back when the socket is gone.
+      conn.lingering = true;
+      conn.user.lingering++;
+    }
     for (const name of conn.rooms) {
       const room = this.#rooms.get(name);
       if (room !== undefined) this.#exit(conn, room);
@@ -1020,7 +1041,7 @@ export class ConnectionManager {
   #forgetIdleUsers(now: number): void {
     for (const [key, user] of this.#users) {
       if (
-        user.conns.size === 0 && user.pending === 0 &&
+        user.conns.size === 0 && user.pending === 0 && user.lingering === 0 &&
         now - user.lastSeen > this.#limits.dedupWindowMs
       ) {
         this.#users.delete(key);

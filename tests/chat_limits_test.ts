@@ -657,3 +657,66 @@ Deno.test("a client that waits retry_after_ms after each refusal is refused, nev
     await stack.close();
   }
 });
+
+Deno.test("a connection closed with 1013 keeps its place under the caps until its socket is gone", async () => {
+  const stack = await startStack({
+    rateLimits: true,
+    chatLimits: {
+      maxConnectionsPerUser: 2,
+      messageBurst: 1_000_000,
+      messagesPerSecond: 1_000_000,
+      frameBurst: 1_000_000,
+      framesPerSecond: 1_000_000,
+    },
+  });
+  try {
+    const slowToken = await login(stack.auth.url, "slow");
+    const alice = await connectAs(stack, "alice");
+    // Never reads: closed with 1013, but its socket (and what the runtime
+    // buffered for it) stays as long as the peer keeps the connection.
+    const slow = await openRawWebSocket(stack.chat.port, slowToken);
+    await alice.next((f) => f.type === "join" && f.user === "slow");
+    const text = "x".repeat(3900);
+    let sent = 0;
+    while (
+      !alice.frames.some((f) => f.type === "leave" && f.user === "slow") &&
+      sent < 4000
+    ) {
+      for (let i = 0; i < 100; i++) {
+        alice.send({ type: "message", text: `${sent++} ${text}` });
+      }
+      const last = `${sent - 1} `;
+      await alice.next(
+        (f) => f.type === "message" && String(f.text).startsWith(last),
+        5000,
+      );
+    }
+    assert.ok(
+      alice.frames.some((f) => f.type === "leave" && f.user === "slow"),
+      `not dropped after ${sent} messages`,
+    );
+    // One place is left for "slow", not two.
+    const second = await TestClient.connect(stack.chat.url, slowToken);
+    const third = await rawUpgrade(stack.chat.port, "/ws", {
+      authorization: `Bearer ${slowToken}`,
+    });
+    assert.equal(third.status, 429);
+    // The peer goes away: the place comes back (asked until it does).
+    slow.close();
+    let again: TestClient | undefined;
+    const deadline = Date.now() + 5000;
+    while (again === undefined) {
+      try {
+        again = await TestClient.connect(stack.chat.url, slowToken);
+      } catch (err) {
+        if (Date.now() > deadline) throw err;
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+    }
+    await again.close();
+    await second.close();
+    await alice.close();
+  } finally {
+    await stack.close();
+  }
+});
