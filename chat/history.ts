@@ -68,6 +68,8 @@ interface Room {
   /** Lines in the file beyond the kept tail; compaction rewrites the file. */
   needsRewrite: boolean;
   linesOnDisk: number;
+  /** Why the last write of the room failed, until one succeeds (logged once). */
+  writeError: string | undefined;
   /** JSON of the newest messages a `welcome` or `joined` carries; dropped on append. */
   recentJson: string | undefined;
 }
@@ -392,7 +394,12 @@ export class HistoryStore {
     this.#closed = true;
     try {
       await this.flush();
-      if (this.#dirty.size > 0) return;
+      if (this.#dirty.size > 0) {
+        this.#log(
+          `history: ${this.#dirty.size} room(s) could not be written at shutdown; their last messages are lost, and the next start takes this run for a crash`,
+        );
+        return;
+      }
       try {
         await Deno.remove(`${this.#dir}/${RUNNING_MARK}`);
         await syncDir(this.#dir);
@@ -506,33 +513,43 @@ export class HistoryStore {
         await writeAtomic(path, text);
         r.needsRewrite = false;
         r.linesOnDisk = text.length;
-        return;
+      } else if (lines.length > 0) {
+        const file = await Deno.open(path, {
+          append: true,
+          create: true,
+          mode: 0o600,
+        });
+        try {
+          await writeAll(
+            file,
+            new TextEncoder().encode(lines.join("\n") + "\n"),
+          );
+          await file.syncData();
+        } finally {
+          file.close();
+        }
+        r.linesOnDisk += lines.length;
       }
-      if (lines.length === 0) return;
-      const file = await Deno.open(path, {
-        append: true,
-        create: true,
-        mode: 0o600,
-      });
-      try {
-        await writeAll(file, new TextEncoder().encode(lines.join("\n") + "\n"));
-        await file.syncData();
-      } finally {
-        file.close();
+      if (r.writeError !== undefined) {
+        r.writeError = undefined;
+        this.#log(`history: writing ${path} again`);
       }
-      r.linesOnDisk += lines.length;
     } catch (err) {
-      // Keep the lines for the next flush rather than losing them. Part of
-      // them may be in the file already: the next flush rewrites it from
-      // memory instead of appending them twice.
-      r.pending = lines.concat(r.pending);
+      // Part of the lines may be in the file already: the next flush
+      // rewrites it from memory (what is kept holds them) instead of
+      // appending them twice, so they need not be kept twice meanwhile.
       r.needsRewrite = true;
       this.#dirty.add(r);
-      this.#log(
-        `history: cannot write ${path}: ${
-          err instanceof Error ? err.message : err
-        }`,
-      );
+      const why = err instanceof Error ? err.message : String(err);
+      // Once per room and reason (not the file named after it, which may be
+      // a temporary one), not once a second while the disk is full.
+      const reason = why.split(": ")[0];
+      if (reason !== r.writeError) {
+        r.writeError = reason;
+        this.#log(
+          `history: cannot write ${path}: ${why} (kept in memory, tried again every ${this.#flushIntervalMs} ms)`,
+        );
+      }
       if (!this.#closed) this.#schedule();
     }
   }
@@ -592,6 +609,7 @@ function newRoom(name: string, lastId = 0): Room {
     pending: [],
     needsRewrite: false,
     linesOnDisk: 0,
+    writeError: undefined,
     recentJson: undefined,
   };
 }

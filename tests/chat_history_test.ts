@@ -438,3 +438,41 @@ function existsSync(path: string): boolean {
     throw err;
   }
 }
+
+Deno.test("while the disk refuses writes the history says so once per room, and writes everything kept once it can", async () => {
+  const dir = await Deno.makeTempDir();
+  const logs: string[] = [];
+  try {
+    const store = await HistoryStore.open(`${dir}/history`, {
+      flushIntervalMs: 60_000,
+      log: (line) => logs.push(line),
+    });
+    store.append("lobby", "alice", "one");
+    await store.flush();
+    // Every write fails (as on a full disk) until the directory is back.
+    await Deno.remove(`${dir}/history`, { recursive: true });
+    store.append("lobby", "alice", "two");
+    await store.flush();
+    store.append("lobby", "alice", "three");
+    await store.flush();
+    await store.flush();
+    const failures = logs.filter((l) => l.includes("cannot write"));
+    assert.equal(failures.length, 1, logs.join("\n"));
+    assert.match(failures[0]!, /lobby\.jsonl/);
+    await Deno.mkdir(`${dir}/history`);
+    store.append("lobby", "alice", "four");
+    await store.flush();
+    assert.ok(logs.some((l) => /writing .*lobby\.jsonl again/.test(l)));
+    await store.close();
+    const lines = (await Deno.readTextFile(`${dir}/history/lobby.jsonl`))
+      .trim().split("\n");
+    assert.deepEqual(lines.map((l) => JSON.parse(l).text), [
+      "one",
+      "two",
+      "three",
+      "four",
+    ]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
