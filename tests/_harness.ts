@@ -494,3 +494,68 @@ export async function readRawFrames(conn: Deno.Conn): Promise<RawReading> {
     }
   }
 }
+
+/** A child process's exit status; fails if it has not exited within `ms`. */
+export async function statusWithin(
+  child: Deno.ChildProcess,
+  ms: number,
+): Promise<Deno.CommandStatus> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const status = await Promise.race([
+    child.status,
+    new Promise<undefined>((resolve) =>
+      timer = setTimeout(() => resolve(undefined), ms)
+    ),
+  ]);
+  clearTimeout(timer);
+  if (status === undefined) throw new Error(`still running after ${ms} ms`);
+  return status;
+}
+
+/**
+ * Opens idle TCP connections to `port` until one is refused (or reset: the
+ * listener closed under the handshake), as a server out of file descriptors
+ * does; fails if `max` connections all got in. The caller closes them.
+ */
+export async function connectUntilRefused(
+  port: number,
+  max: number,
+): Promise<Deno.TcpConn[]> {
+  const held: Deno.TcpConn[] = [];
+  while (held.length < max) {
+    try {
+      held.push(await Deno.connect({ hostname: "127.0.0.1", port }));
+    } catch (err) {
+      if (
+        !(err instanceof Deno.errors.ConnectionRefused ||
+          err instanceof Deno.errors.ConnectionReset)
+      ) {
+        for (const conn of held) conn.close();
+        throw err;
+      }
+      return held;
+    }
+  }
+  for (const conn of held) conn.close();
+  throw new Error(`${max} connections got in: no descriptor limit was reached`);
+}
+
+/**
+ * `attempt()`'s result once it stops throwing, asked every 50 ms; its last
+ * error after `timeoutMs` (for a state change the server does not announce
+ * to the test, such as listening again).
+ */
+export async function retryUntil<T>(
+  attempt: () => Promise<T>,
+  timeoutMs: number,
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await attempt();
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+}

@@ -2,7 +2,12 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createAuthServer } from "../auth/server.ts";
-import { LineWatcher } from "./_harness.ts";
+import {
+  connectUntilRefused,
+  LineWatcher,
+  retryUntil,
+  statusWithin,
+} from "./_harness.ts";
 
 const MAIN = fileURLToPath(new URL("../auth/main.ts", import.meta.url));
 const PASSWORD = "correct horse battery";
@@ -181,19 +186,13 @@ Deno.test("SIGTERM ends the entry point with exit 0 even while a client stalls i
     assert.equal(health.status, 200);
     await health.body?.cancel();
     proc.child.kill("SIGTERM");
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const outcome = await Promise.race([
-      proc.ended,
-      new Promise<"still running">((resolve) =>
-        timer = setTimeout(() => resolve("still running"), 15_000)
-      ),
-    ]);
-    clearTimeout(timer);
-    if (outcome === "still running") proc.child.kill("SIGKILL");
-    assert.notEqual(outcome, "still running", "exited while the client stalls");
-    if (outcome !== "still running") {
-      assert.equal(outcome.code, 0, outcome.stderr);
-    }
+    // A hang here (before the fix: until the client left) fails the test.
+    await statusWithin(proc.child, 15_000).catch((err) => {
+      proc.child.kill("SIGKILL");
+      throw err;
+    });
+    const { code, stderr } = await proc.ended;
+    assert.equal(code, 0, stderr);
   } finally {
     client?.close();
     await Deno.remove(dataDir, { recursive: true });
@@ -214,51 +213,25 @@ Deno.test("out of file descriptors, the entry point does not crash, and answers 
   }).spawn();
   const stdout = new LineWatcher(child.stdout);
   const stderr = new LineWatcher(child.stderr);
-  const held: Deno.TcpConn[] = [];
+  let held: Deno.TcpConn[] = [];
   try {
     const url = (await stdout.waitFor(/^auth: listening on /)).split(" ")
       .pop()!;
-    const port = Number(new URL(url).port);
-    let refused = false;
-    while (!refused && held.length < 200) {
-      try {
-        held.push(await Deno.connect({ hostname: "127.0.0.1", port }));
-      } catch (err) {
-        assert.ok(
-          err instanceof Deno.errors.ConnectionRefused ||
-            err instanceof Deno.errors.ConnectionReset,
-          String(err),
-        );
-        refused = true;
-      }
-    }
-    assert.ok(refused, "the descriptor limit was reached");
+    held = await connectUntilRefused(Number(new URL(url).port), 200);
     await stderr.waitFor(
       /^\S+ auth listener stopped reason=".*Too many open files/,
     );
     for (const conn of held.splice(0)) conn.close();
-    const deadline = Date.now() + 10_000;
-    while (true) {
-      try {
-        const res = await fetch(`${url}/health`);
-        assert.deepEqual(await res.json(), { status: "ok" });
-        break;
-      } catch (err) {
-        if (Date.now() > deadline) throw err;
-        await new Promise((resolve) => setTimeout(resolve, 100));
-      }
-    }
+    // Listening again (asked until it answers; the first retry is 100 ms on).
+    const health = await retryUntil(() => fetch(`${url}/health`), 10_000);
+    assert.deepEqual(await health.json(), { status: "ok" });
     await stderr.waitFor(/^\S+ auth listener accepting connections again$/);
     child.kill("SIGTERM");
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const status = await Promise.race([
-      child.status,
-      new Promise<undefined>((resolve) =>
-        timer = setTimeout(() => resolve(undefined), 15_000)
-      ),
-    ]);
-    clearTimeout(timer);
-    assert.equal(status?.code, 0, stderr.lines.join("\n"));
+    assert.equal(
+      (await statusWithin(child, 15_000)).code,
+      0,
+      stderr.lines.join("\n"),
+    );
     await Promise.all([stdout.done, stderr.done]);
     assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
   } finally {

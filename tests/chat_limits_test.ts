@@ -6,6 +6,7 @@ import {
   openRawWebSocket,
   rawUpgrade,
   readRawFrames,
+  retryUntil,
   startStack,
   TestClient,
   waitFor,
@@ -703,16 +704,10 @@ Deno.test("a connection closed with 1013 keeps its place under the caps until it
     assert.equal(third.status, 429);
     // The peer goes away: the place comes back (asked until it does).
     slow.close();
-    let again: TestClient | undefined;
-    const deadline = Date.now() + 5000;
-    while (again === undefined) {
-      try {
-        again = await TestClient.connect(stack.chat.url, slowToken);
-      } catch (err) {
-        if (Date.now() > deadline) throw err;
-        await new Promise((resolve) => setTimeout(resolve, 50));
-      }
-    }
+    const again = await retryUntil(
+      () => TestClient.connect(stack.chat.url, slowToken),
+      5000,
+    );
     await again.close();
     await second.close();
     await alice.close();

@@ -1,5 +1,13 @@
 import assert from "node:assert/strict";
-import { LineWatcher, login, REPO_ROOT, TestClient } from "./_harness.ts";
+import {
+  connectUntilRefused,
+  LineWatcher,
+  login,
+  REPO_ROOT,
+  retryUntil,
+  statusWithin,
+  TestClient,
+} from "./_harness.ts";
 
 function startProcess(
   args: string[],
@@ -20,23 +28,6 @@ function startProcess(
     stdout: new LineWatcher(child.stdout),
     stderr: new LineWatcher(child.stderr),
   };
-}
-
-/** The child's exit status; fails if it has not exited within `ms`. */
-async function statusWithin(
-  child: Deno.ChildProcess,
-  ms: number,
-): Promise<Deno.CommandStatus> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const status = await Promise.race([
-    child.status,
-    new Promise<undefined>((resolve) =>
-      timer = setTimeout(() => resolve(undefined), ms)
-    ),
-  ]);
-  clearTimeout(timer);
-  if (status === undefined) throw new Error(`still running after ${ms} ms`);
-  return status;
 }
 
 Deno.test("deno task start runs both servers on port 0, hands out the real chat address, closes a logged-out session at once and stops cleanly on SIGTERM", async () => {
@@ -185,7 +176,7 @@ Deno.test("out of file descriptors, deno task start neither crashes nor drops it
     {},
     "sh",
   );
-  const held: Deno.TcpConn[] = [];
+  let held: Deno.TcpConn[] = [];
   try {
     const authUrl = (await stdout.waitFor(/^auth: listening on /)).split(" ")
       .pop()!;
@@ -198,23 +189,7 @@ Deno.test("out of file descriptors, deno task start neither crashes nor drops it
     );
     // Idle connections until the server can take no more: its accept fails
     // and the runtime's listener is gone (the connect is refused).
-    let refused = false;
-    while (!refused && held.length < 300) {
-      try {
-        held.push(
-          await Deno.connect({ hostname: "127.0.0.1", port: chatPort }),
-        );
-      } catch (err) {
-        // Refused, or reset when the listener closed under the handshake.
-        assert.ok(
-          err instanceof Deno.errors.ConnectionRefused ||
-            err instanceof Deno.errors.ConnectionReset,
-          String(err),
-        );
-        refused = true;
-      }
-    }
-    assert.ok(refused, "the descriptor limit was reached");
+    held = await connectUntilRefused(chatPort, 300);
     await stderr.waitFor(
       /^chat: listener stopped reason=".*Too many open files/,
     );
@@ -222,21 +197,16 @@ Deno.test("out of file descriptors, deno task start neither crashes nor drops it
     alice.send({ type: "message", text: "still here" });
     assert.equal((await alice.nextOfType("message")).text, "still here");
     for (const conn of held.splice(0)) conn.close();
-    // Listening again: a new connection gets in (asked until it does, for at
-    // most 10 s; the retry waits at most 2 s).
-    const deadline = Date.now() + 10_000;
-    let bob: TestClient | undefined;
-    while (bob === undefined) {
-      try {
-        bob = await TestClient.connect(
+    // Listening again: a new connection gets in (asked until it does; the
+    // first retry is 100 ms on).
+    const bob = await retryUntil(
+      async () =>
+        TestClient.connect(
           `ws://127.0.0.1:${chatPort}/ws`,
           await login(authUrl, "bob"),
-        );
-      } catch (err) {
-        if (Date.now() > deadline) throw err;
-        await new Promise((resolve) => setTimeout(resolve, 100));
-      }
-    }
+        ),
+      10_000,
+    );
     await stderr.waitFor(/^chat: listener accepting connections again$/);
     bob.send({ type: "message", text: "back" });
     assert.equal((await alice.nextOfType("message")).text, "back");
