@@ -187,6 +187,27 @@ export function createChatHandler(
   const { manager, validateToken, allowedOrigins, idleTimeoutSeconds, log } =
     options;
   const allowed = new Set(allowedOrigins.map((o) => o.replace(/\/+$/, "")));
+  // An outage of the auth server refuses every upgrade: one line per
+  // AUTH_LOG_INTERVAL_MS, not one per refused client (a crowd reconnecting
+  // would fill the disk the history needs).
+  let authLoggedAt = -Infinity;
+  let authUnlogged = 0;
+  const logAuthUnavailable = (err: AuthUnavailableError) => {
+    const now = performance.now();
+    if (now - authLoggedAt < AUTH_LOG_INTERVAL_MS) {
+      authUnlogged++;
+      return;
+    }
+    log(
+      `chat: ${err.message}${
+        authUnlogged > 0
+          ? ` (${authUnlogged} more upgrade(s) refused for it since the last line)`
+          : ""
+      }`,
+    );
+    authLoggedAt = now;
+    authUnlogged = 0;
+  };
   return async function handleChat(req, info) {
     const url = new URL(req.url);
     if (url.pathname === "/health") {
@@ -252,7 +273,7 @@ export function createChatHandler(
         check = await validateToken(token);
       } catch (err) {
         if (!(err instanceof AuthUnavailableError)) throw err;
-        log(`chat: ${err.message}`);
+        logAuthUnavailable(err);
         return jsonError(
           503,
           "auth_unavailable",
@@ -308,6 +329,8 @@ export function createChatHandler(
 }
 
 const TOKEN_RE = /^[\x21-\x7e]{1,512}$/;
+/** Least time between two log lines about the auth server being unavailable. */
+const AUTH_LOG_INTERVAL_MS = 10_000;
 
 function bearerToken(req: Request): string | undefined {
   const header = req.headers.get("authorization");

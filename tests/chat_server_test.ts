@@ -153,11 +153,13 @@ Deno.test("an unreachable or slow auth server gives 503 auth_unavailable, not 40
       `http://127.0.0.1:${silent.addr.port}`,
     ]
   ) {
+    const logs: string[] = [];
     const chat = await createChatServer({
       port: 0,
       dataDir,
       authUrl,
       authTimeoutMs: 300,
+      log: (line) => logs.push(line),
     });
     try {
       const started = Date.now();
@@ -167,6 +169,18 @@ Deno.test("an unreachable or slow auth server gives 503 auth_unavailable, not 40
       assert.equal(res.status, 503);
       assert.equal(JSON.parse(res.body).error, "auth_unavailable");
       assert.ok(Date.now() - started < 2000);
+      // More refusals of the same outage: not one log line each.
+      for (let i = 0; i < 3; i++) {
+        const again = await rawUpgrade(chat.port, "/ws", {
+          authorization: "Bearer abc",
+        });
+        assert.equal(again.status, 503);
+      }
+      assert.equal(
+        logs.filter((l) => l.includes("auth")).length,
+        1,
+        logs.join("\n"),
+      );
     } finally {
       await chat.shutdown();
     }
