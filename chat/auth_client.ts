@@ -353,7 +353,7 @@ async function requestCheck(
       headers: { authorization: `Bearer ${token}` },
       signal,
     });
-    body = await res.json().catch(() => undefined);
+    body = await readJsonLimited(res);
   } catch (err) {
     throw unavailable(base, err);
   }
@@ -393,7 +393,7 @@ async function requestChecks(
       body: JSON.stringify({ tokens }),
       signal,
     });
-    body = await res.json().catch(() => undefined);
+    body = await readJsonLimited(res);
   } catch (err) {
     throw unavailable(base, err);
   }
@@ -407,6 +407,42 @@ async function requestChecks(
     return "unusable";
   }
   return results as TokenCheck[];
+}
+
+/**
+ * Most bytes read of an auth server's answer: a batch of 100 answers is a
+ * few KiB, and anything at that address that streams without end must not
+ * take the chat server's memory with it.
+ */
+const MAX_ANSWER_BYTES = 1024 * 1024;
+
+/** The answer's JSON, or undefined when it is not JSON or too long to be ours. */
+async function readJsonLimited(res: Response): Promise<unknown> {
+  if (res.body === null) return undefined;
+  const reader = res.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    total += value.length;
+    if (total > MAX_ANSWER_BYTES) {
+      await reader.cancel().catch(() => {});
+      return undefined;
+    }
+    chunks.push(value);
+  }
+  const bytes = new Uint8Array(total);
+  let at = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, at);
+    at += chunk.length;
+  }
+  try {
+    return JSON.parse(new TextDecoder().decode(bytes));
+  } catch {
+    return undefined;
+  }
 }
 
 /** One answer of `/validate_tokens`, or undefined when it is not one. */

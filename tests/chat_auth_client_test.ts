@@ -338,3 +338,36 @@ Deno.test("token checks: a batch the auth server cannot take (413 for long odd t
     }
   });
 });
+
+Deno.test("an answer from the auth address that never ends is read no further than 1 MiB, and is an outage", async () => {
+  let sent = 0;
+  const chunk = new Uint8Array(64 * 1024).fill(32);
+  const endless = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    () =>
+      new Response(
+        new ReadableStream({
+          pull(controller) {
+            sent += chunk.length;
+            controller.enqueue(chunk);
+          },
+        }),
+        { headers: { "content-type": "application/json" } },
+      ),
+  );
+  try {
+    const validate = createTokenValidator({
+      authUrl: `http://127.0.0.1:${endless.addr.port}`,
+      timeoutMs: 10_000,
+    });
+    await assert.rejects(
+      validate("some-token"),
+      (err: unknown) => err instanceof AuthUnavailableError,
+    );
+    // What the server got out before it had to wait: the 1 MiB read, and
+    // what the socket buffers hold.
+    assert.ok(sent < 32 * 1024 * 1024, `${sent} bytes were taken`);
+  } finally {
+    await endless.shutdown();
+  }
+});
