@@ -420,7 +420,8 @@ const MAX_ANSWER_BYTES = 1024 * 1024;
 async function readJsonLimited(res: Response): Promise<unknown> {
   if (res.body === null) return undefined;
   const reader = res.body.getReader();
-  const chunks: Uint8Array[] = [];
+  const decoder = new TextDecoder();
+  let text = "";
   let total = 0;
   for (;;) {
     const { done, value } = await reader.read();
@@ -430,16 +431,10 @@ async function readJsonLimited(res: Response): Promise<unknown> {
       await reader.cancel().catch(() => {});
       return undefined;
     }
-    chunks.push(value);
-  }
-  const bytes = new Uint8Array(total);
-  let at = 0;
-  for (const chunk of chunks) {
-    bytes.set(chunk, at);
-    at += chunk.length;
+    text += decoder.decode(value, { stream: true });
   }
   try {
-    return JSON.parse(new TextDecoder().decode(bytes));
+    return JSON.parse(text + decoder.decode());
   } catch {
     return undefined;
   }
