@@ -559,3 +559,17 @@ export async function retryUntil<T>(
     }
   }
 }
+
+/**
+ * Cleanup for a test's server process: SIGTERM unless it has exited (`deno
+ * task` passes SIGTERM on to the server it runs, where SIGKILL would leave
+ * that server behind), then its exit.
+ */
+export async function stopChild(child: Deno.ChildProcess): Promise<void> {
+  try {
+    child.kill("SIGTERM");
+  } catch {
+    // Already gone.
+  }
+  await child.status;
+}

@@ -7,6 +7,7 @@ import {
   LineWatcher,
   retryUntil,
   statusWithin,
+  stopChild,
 } from "./_harness.ts";
 
 const MAIN = fileURLToPath(new URL("../auth/main.ts", import.meta.url));
@@ -236,12 +237,7 @@ Deno.test("out of file descriptors, the entry point does not crash, and answers 
     assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
   } finally {
     for (const conn of held) conn.close();
-    try {
-      child.kill("SIGTERM");
-    } catch {
-      // Already gone.
-    }
-    await child.status;
+    await stopChild(child);
     await Deno.remove(dataDir, { recursive: true });
   }
 });

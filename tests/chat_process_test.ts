@@ -6,6 +6,7 @@ import {
   REPO_ROOT,
   retryUntil,
   statusWithin,
+  stopChild,
   TestClient,
 } from "./_harness.ts";
 
@@ -91,14 +92,7 @@ Deno.test("deno task start runs both servers on port 0, hands out the real chat 
     assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
     assert.match(stderr.lines.join("\n"), /start: ignoring --auth-url/);
   } finally {
-    // `deno task` passes SIGTERM on to the server it runs (SIGKILL would
-    // leave that server behind): a test that failed early still stops it.
-    try {
-      child.kill("SIGTERM");
-    } catch {
-      // Already gone.
-    }
-    await child.status;
+    await stopChild(child);
     await Deno.remove(dataDir, { recursive: true });
   }
 });
@@ -220,12 +214,7 @@ Deno.test("out of file descriptors, deno task start neither crashes nor drops it
     assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
   } finally {
     for (const conn of held) conn.close();
-    try {
-      child.kill("SIGTERM");
-    } catch {
-      // Already gone.
-    }
-    await child.status;
+    await stopChild(child);
     await Deno.remove(dataDir, { recursive: true });
   }
 });
@@ -277,12 +266,7 @@ Deno.test("SIGHUP (the terminal closed) shuts the servers down like SIGTERM: clo
       await assert.rejects(Deno.stat(`${dataDir}/history/.running`));
       await Promise.all([stdout.done, stderr.done]);
     } finally {
-      try {
-        child.kill("SIGTERM");
-      } catch {
-        // Already gone.
-      }
-      await child.status;
+      await stopChild(child);
       await Deno.remove(dataDir, { recursive: true });
     }
   });
@@ -313,12 +297,7 @@ Deno.test("SIGHUP (the terminal closed) shuts the servers down like SIGTERM: clo
         await Promise.all([stdout.done, stderr.done]);
         assert.match(stderr.lines.join("\n"), /shutting down/);
       } finally {
-        try {
-          child.kill("SIGTERM");
-        } catch {
-          // Already gone.
-        }
-        await child.status;
+        await stopChild(child);
         await Deno.remove(dataDir, { recursive: true });
       }
     });
