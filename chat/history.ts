@@ -116,6 +116,17 @@ const MAX_SENT_TAIL = 200_000;
  */
 const FILE_CONCURRENCY = 16;
 
+/**
+ * Most UTF-8 bytes of messages in one page of history (a `history` answer,
+ * or the history of a `welcome` or `joined`); a page holds at least one
+ * message, so a message is never out of reach. Five hundred messages of
+ * ordinary length fit; 500 of the longest (4000 emoji, 16 KB each) would be
+ * 8 MB in one frame, which the connection's unsent-data budget (1 MiB)
+ * cannot hold and a slow link would take seconds to carry. A client pages
+ * on from the last message it got.
+ */
+export const MAX_PAGE_BYTES = 128 * 1024;
+
 /** The history of every room, with batched persistence. */
 export class HistoryStore {
   #dir: string;
@@ -325,10 +336,13 @@ export class HistoryStore {
     return sent.sort((a, b) => a.at - b.at);
   }
 
-  /** The newest `limit` messages of a room, oldest first. */
+  /**
+   * The newest `limit` messages of a room, oldest first (fewer when they
+   * pass {@linkcode MAX_PAGE_BYTES}).
+   */
   recent(room: string, limit: number): RoomMessage[] {
     const messages = this.#kept(room);
-    return messages.slice(Math.max(0, messages.length - limit));
+    return messages.slice(pageStart(messages, messages.length, limit));
   }
 
   /**
@@ -344,14 +358,20 @@ export class HistoryStore {
     );
   }
 
-  /** The newest `limit` messages with an id below `before`, oldest first. */
+  /**
+   * The newest `limit` messages with an id below `before`, oldest first
+   * (fewer when they pass {@linkcode MAX_PAGE_BYTES}).
+   */
   before(room: string, before: string, limit: number): RoomMessage[] {
     const messages = this.#kept(room);
     const end = firstIndexAbove(messages, Number(before) - 1);
-    return messages.slice(Math.max(0, end - limit), end);
+    return messages.slice(pageStart(messages, end, limit), end);
   }
 
-  /** The oldest `limit` messages with an id above `after`, and whether some are gone. */
+  /**
+   * The oldest `limit` messages with an id above `after` (fewer when they
+   * pass {@linkcode MAX_PAGE_BYTES}), and whether some are gone.
+   */
   after(room: string, after: string, limit: number): HistoryPage {
     const messages = this.#kept(room);
     const afterId = Number(after);
@@ -362,11 +382,12 @@ export class HistoryStore {
     // ids and lost them. A client that had seen nothing of a room that had
     // nothing on disk then (a room new since) has lost nothing there.
     // (The page says so once it reaches the jump.)
-    const page = messages.slice(start, start + limit);
+    const end = pageEnd(messages, start, limit);
+    const page = messages.slice(start, end);
     const jump = this.#jump(room);
     const acrossJump = afterId < jump.to &&
       !(afterId === 0 && jump.from === 0) &&
-      (page.length < limit || Number(page.at(-1)!.id) > jump.from);
+      (end === messages.length || Number(page.at(-1)!.id) > jump.from);
     const seen = afterId >= jump.from && afterId < jump.to ? jump.to : afterId;
     const lastId = this.#rooms.get(room)?.lastId ?? jump.to;
     // Otherwise a hole right after what was seen is history no longer kept.
@@ -612,6 +633,54 @@ function newRoom(name: string, lastId = 0): Room {
     writeError: undefined,
     recentJson: undefined,
   };
+}
+
+const encoder = new TextEncoder();
+/** Room for the JSON of any message: 4000 code points of at most 6 bytes each (`\u0001`), and the rest. */
+const scratch = new Uint8Array(64 * 1024);
+
+/** UTF-8 bytes of a message's JSON: what it adds to a page. */
+function messageBytes(message: RoomMessage): number {
+  const json = JSON.stringify(message);
+  const { read, written } = encoder.encodeInto(json, scratch);
+  return read === json.length ? written : encoder.encode(json).length;
+}
+
+/**
+ * Where a page ending before `end` starts: at most `limit` messages back,
+ * and no further than {@linkcode MAX_PAGE_BYTES} allows (at least one).
+ */
+function pageStart(
+  messages: RoomMessage[],
+  end: number,
+  limit: number,
+): number {
+  const floor = Math.max(0, end - limit);
+  let start = end;
+  let bytes = 0;
+  while (start > floor) {
+    bytes += messageBytes(messages[start - 1]!);
+    if (bytes > MAX_PAGE_BYTES && start < end) break;
+    start--;
+  }
+  return start;
+}
+
+/** Where a page starting at `start` ends: the counterpart of {@linkcode pageStart}. */
+function pageEnd(
+  messages: RoomMessage[],
+  start: number,
+  limit: number,
+): number {
+  const ceiling = Math.min(messages.length, start + limit);
+  let end = start;
+  let bytes = 0;
+  while (end < ceiling) {
+    bytes += messageBytes(messages[end]!);
+    if (bytes > MAX_PAGE_BYTES && end > start) break;
+    end++;
+  }
+  return end;
 }
 
 /** Index of the first message whose id is above `id` (messages sorted by id). */

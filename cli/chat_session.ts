@@ -841,8 +841,8 @@ export class ChatSession {
     }
     this.#showMessages(room, messages);
     const last = this.#lastId.get(room);
-    if (messages.length >= MAX_HISTORY_LIMIT && last !== undefined) {
-      // A full page: more may be missing, so ask for the next one first.
+    if (last !== undefined && this.#mayMissMore(room, messages, after)) {
+      // Ask for the next page first.
       if (this.#ready) {
         this.#outbox.unshift({
           type: "history",
@@ -854,6 +854,25 @@ export class ChatSession {
       }
     }
     this.#endSync(room);
+  }
+
+  /**
+   * Whether, after a `history after` page, more of what was missed may be
+   * on the server. A page is short when it reached the newest message, but
+   * also when the server's size limit cut it: only an empty page, or one
+   * that reaches the live messages held back since the rejoin, ends it.
+   */
+  #mayMissMore(
+    room: string,
+    messages: RoomMessage[],
+    after: string | undefined,
+  ): boolean {
+    const newest = messages.at(-1);
+    if (newest === undefined || after === undefined) return false;
+    // A server that answered with nothing newer than asked has no more.
+    if (BigInt(newest.id) <= BigInt(after)) return false;
+    const firstLive = this.#syncing.get(room)?.[0];
+    return firstLive === undefined || BigInt(newest.id) < BigInt(firstLive.id);
   }
 
   #endSync(room: string): void {

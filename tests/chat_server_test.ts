@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { MAX_PAGE_BYTES } from "../chat/history.ts";
 import {
   connectAs,
   login,
@@ -699,10 +700,9 @@ Deno.test("several messages sent at once arrive coalesced in fewer frames", asyn
   }
 });
 
-Deno.test("a history page larger than the slow-reader limit is still delivered", async () => {
-  // The 300 messages (1.2 MB) are on disk before the start: sent live, their
-  // echoes alone could pass the limit while this process, client and server
-  // in one, is still writing them.
+Deno.test("history pages stop at MAX_PAGE_BYTES of messages; paging on reaches every message once", async () => {
+  // 300 messages of 4 KB (1.2 MB): one page of them would pass the
+  // connection's whole unsent-data budget.
   const dataDir = await Deno.makeTempDir({ prefix: "chat_test_" });
   const text = "y".repeat(3990);
   await Deno.mkdir(`${dataDir}/history`);
@@ -721,13 +721,50 @@ Deno.test("a history page larger than the slow-reader limit is still delivered",
   const stack = await startStack({ dataDir, historyKeep: 1000 });
   try {
     const alice = await connectAs(stack, "alice");
-    alice.send({ type: "history", limit: 500 });
-    const page = await alice.nextOfType("history");
-    const messages = page.messages as { text: string }[];
-    assert.equal(messages.length, 300);
-    assert.ok(messages[299]!.text.startsWith("299 "));
-    assert.ok(JSON.stringify(page).length > 1024 * 1024);
+    const bytes = (messages: unknown[]) =>
+      new TextEncoder().encode(messages.map((m) => JSON.stringify(m)).join(""))
+        .length;
+    type Page = { id: string; text: string }[];
+    // The newest first, going back with `before`.
+    const back: Page[] = [];
+    let before: string | undefined;
+    for (let i = 0; i < 20; i++) {
+      alice.send({ type: "history", limit: 500, ...(before && { before }) });
+      const page = (await alice.nextOfType("history")).messages as Page;
+      if (page.length === 0) break;
+      assert.ok(bytes(page) <= MAX_PAGE_BYTES, `page of ${bytes(page)} bytes`);
+      back.unshift(page);
+      before = page[0]!.id;
+    }
+    assert.ok(back.length >= 10, `${back.length} pages`);
+    assert.ok(back.at(-1)!.at(-1)!.text.startsWith("299 "));
+    // Full pages: one 4 KB message more would have passed the limit.
+    assert.ok(bytes(back.at(-1)!) > MAX_PAGE_BYTES - 4100);
+    const ids = back.flat().map((m) => Number(m.id));
+    assert.deepEqual(ids, Array.from({ length: 300 }, (_, i) => i + 1));
+    // The oldest first, going on with `after`.
+    const forward: Page = [];
+    let after = "0";
+    for (let i = 0; i < 20; i++) {
+      alice.send({ type: "history", after, limit: 500 });
+      const answer = await alice.nextOfType("history");
+      const page = answer.messages as Page;
+      assert.equal(answer.gap, undefined);
+      if (page.length === 0) break;
+      assert.ok(bytes(page) <= MAX_PAGE_BYTES, `page of ${bytes(page)} bytes`);
+      forward.push(...page);
+      after = page.at(-1)!.id;
+    }
+    assert.deepEqual(forward.map((m) => Number(m.id)), ids);
+    // The recent history of a welcome keeps to the same limit.
+    const bob = await connectAs(stack, "bob");
+    const welcome = bob.frames.find((f) => f.type === "welcome")!;
+    const recent = welcome.history as Page;
+    assert.ok(recent.length > 0 && recent.length < 50, `${recent.length}`);
+    assert.ok(bytes(recent) <= MAX_PAGE_BYTES);
+    assert.equal(recent.at(-1)!.id, "300");
     await alice.close();
+    await bob.close();
   } finally {
     await stack.close();
     await Deno.remove(dataDir, { recursive: true });

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { MAX_PAGE_BYTES } from "../chat/history.ts";
 import {
   bobAndAlice,
   CliProcess,
@@ -637,3 +638,58 @@ function seconds(line: string): number {
 function between(value: number, low: number, high: number): boolean {
   return value >= low && value <= high;
 }
+
+Deno.test("after a reconnect, messages missed past one page of history's size limit are all shown, once, in order", async () => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    await register(servers.authUrl, "bob");
+    const bobLogin = await login(servers.authUrl, "bob");
+    const bob = await Peer.connect(servers.chat.url, bobLogin.token);
+    await bob.say("seen-before", "lobby");
+    const cli = loginProcess(servers.authUrl, "alice");
+    await cli.write(PASSWORD);
+    await cli.stdout.next("seen-before");
+
+    // While the chat server is down, 60 long messages (240 KB, about two
+    // pages by size, far under 500 by count) land in its history.
+    await Promise.all([servers.chat.shutdown(), bob.closed()]);
+    await cli.stdout.next("connection lost");
+    const file = `${servers.dataDir}/history/lobby.jsonl`;
+    const lines = (await Deno.readTextFile(file)).trimEnd().split("\n");
+    const lastId = Number(JSON.parse(lines.at(-1)!).id);
+    const missed = Array.from({ length: 60 }, (_, i) => ({
+      type: "message",
+      id: String(lastId + 1 + i),
+      room: "lobby",
+      from: "bob",
+      text: `missed-${i + 1} ${"z".repeat(3990)}`,
+      ts: new Date().toISOString(),
+    }));
+    assert.ok(
+      JSON.stringify(missed).length > 2 * MAX_PAGE_BYTES * 0.9,
+      "more than one page",
+    );
+    await Deno.writeTextFile(
+      file,
+      missed.map((m) => JSON.stringify(m) + "\n").join(""),
+      { append: true },
+    );
+    await servers.restartChat();
+    await cli.stdout.next("reconnected");
+    await cli.stdout.next(/missed-60 z/);
+    const bob2 = await Peer.connect(servers.chat.url, bobLogin.token);
+    await bob2.say("live-after", "lobby");
+    await cli.stdout.next("live-after");
+
+    const shown = cli.stdout.lines.map((l) => l.match(/missed-(\d+) /)?.[1])
+      .filter((n) => n !== undefined).map(Number);
+    assert.deepEqual(shown, Array.from({ length: 60 }, (_, i) => i + 1));
+    assert.equal(cli.stdout.count((l) => l.endsWith("seen-before")), 1);
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    await bob2.close();
+  } finally {
+    await servers.close();
+  }
+});
