@@ -112,10 +112,22 @@ const SEEN_KEPT = 256;
  * burst of 10 by default) and its flood close.
  */
 const SEND_WINDOW = 8;
+/**
+ * Joins and history requests in flight at once, at most: each answer may
+ * carry a page of history (up to 256 KiB), and a reconnect asks for every
+ * room's; more at once could pass the server's 1 MiB of unsent data per
+ * connection on a slow link, which it closes with 1013.
+ */
+const PAGE_WINDOW = 2;
 
 /** Whether a frame is something said (rated as messages), or a command. */
 function saying(frame: ClientFrame): boolean {
   return frame.type === "message" || frame.type === "dm";
+}
+
+/** Whether a frame's answer carries a page of history (`joined`, `history`). */
+function carriesPage(frame: ClientFrame): boolean {
+  return frame.type === "join" || frame.type === "history";
 }
 
 /** What a session hands on to the next login of its user (see `resume`). */
@@ -842,8 +854,12 @@ export class ChatSession {
     this.#showMessages(room, messages);
     const last = this.#lastId.get(room);
     if (last !== undefined && this.#mayMissMore(room, messages, after)) {
-      // Ask for the next page first.
+      // Ask for the next page first. A gap this page reported is the same
+      // gap on the next (the server names a crash's lost ids up to where
+      // they end): told once per resync, and not again for a later one
+      // that asks from where this one goes on.
       if (this.#ready) {
+        if (gap) this.#gapTold.set(room, String(last));
         this.#outbox.unshift({
           type: "history",
           room,
@@ -1101,6 +1117,10 @@ export class ChatSession {
       // of its room typed after it (nor a command's answer after later lines).
       const kind = saying(this.#outbox[0]!);
       if (this.#asked.some((f) => saying(f) !== kind)) return;
+      if (
+        carriesPage(this.#outbox[0]!) &&
+        this.#asked.filter(carriesPage).length >= PAGE_WINDOW
+      ) return;
       const frame = this.#outbox.shift()!;
       // A message confirmed meanwhile (an echo to an earlier send) is done.
       if (frame.type === "message" && !this.#pending.has(frame.client_id!)) {

@@ -701,10 +701,11 @@ Deno.test("several messages sent at once arrive coalesced in fewer frames", asyn
 });
 
 Deno.test("history pages stop at MAX_PAGE_BYTES of messages; paging on reaches every message once", async () => {
-  // 300 messages of 4 KB (1.2 MB): one page of them would pass the
-  // connection's whole unsent-data budget.
+  // 300 messages of 8 KB in UTF-8 (4 K characters: the limit counts bytes,
+  // not characters), 2.4 MB: one page of them would pass the connection's
+  // whole unsent-data budget.
   const dataDir = await Deno.makeTempDir({ prefix: "chat_test_" });
-  const text = "y".repeat(3990);
+  const text = "\u00e9".repeat(3990);
   await Deno.mkdir(`${dataDir}/history`);
   await Deno.writeTextFile(
     `${dataDir}/history/lobby.jsonl`,
@@ -738,8 +739,8 @@ Deno.test("history pages stop at MAX_PAGE_BYTES of messages; paging on reaches e
     }
     assert.ok(back.length >= 10, `${back.length} pages`);
     assert.ok(back.at(-1)!.at(-1)!.text.startsWith("299 "));
-    // Full pages: one 4 KB message more would have passed the limit.
-    assert.ok(bytes(back.at(-1)!) > MAX_PAGE_BYTES - 4100);
+    // Full pages: one 8 KB message more would have passed the limit.
+    assert.ok(bytes(back.at(-1)!) > MAX_PAGE_BYTES - 8100);
     const ids = back.flat().map((m) => Number(m.id));
     assert.deepEqual(ids, Array.from({ length: 300 }, (_, i) => i + 1));
     // The oldest first, going on with `after`.

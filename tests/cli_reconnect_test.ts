@@ -651,8 +651,8 @@ Deno.test("after a reconnect, messages missed past one page of history's size li
     await cli.write(PASSWORD);
     await cli.stdout.next("seen-before");
 
-    // While the chat server is down, 60 long messages (240 KB, about two
-    // pages by size, far under 500 by count) land in its history.
+    // While the chat server is down, 60 long messages (480 KB in UTF-8,
+    // about two pages by size, far under 500 by count) land in its history.
     await Promise.all([servers.chat.shutdown(), bob.closed()]);
     await cli.stdout.next("connection lost");
     const file = `${servers.dataDir}/history/lobby.jsonl`;
@@ -663,11 +663,12 @@ Deno.test("after a reconnect, messages missed past one page of history's size li
       id: String(lastId + 1 + i),
       room: "lobby",
       from: "bob",
-      text: `missed-${i + 1} ${"z".repeat(3990)}`,
+      text: `missed-${i + 1} ${"\u00e9".repeat(3990)}`,
       ts: new Date().toISOString(),
     }));
     assert.ok(
-      JSON.stringify(missed).length > 2 * MAX_PAGE_BYTES * 0.9,
+      new TextEncoder().encode(JSON.stringify(missed)).length >
+        1.5 * MAX_PAGE_BYTES,
       "more than one page",
     );
     await Deno.writeTextFile(
@@ -677,7 +678,7 @@ Deno.test("after a reconnect, messages missed past one page of history's size li
     );
     await servers.restartChat();
     await cli.stdout.next("reconnected");
-    await cli.stdout.next(/missed-60 z/);
+    await cli.stdout.next(/missed-60 \u00e9/);
     const bob2 = await Peer.connect(servers.chat.url, bobLogin.token);
     await bob2.say("live-after", "lobby");
     await cli.stdout.next("live-after");

@@ -1,0 +1,200 @@
+/**
+ * The client taking up a session where it left off (`resume`, as after a
+ * reconnect or an expiry) against real servers: the session runs in this
+ * process, its socket is the built-in `WebSocket`, watched on its way.
+ */
+import assert from "node:assert/strict";
+import { ChatSession, type SessionState } from "../cli/chat_session.ts";
+import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
+import { LineStream } from "./_cli_helpers.ts";
+import { login, type Stack, startStack } from "./_harness.ts";
+
+/** What the session prints, as lines to await. */
+function screen(): { writer: SyncWriter; out: LineStream } {
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const out = new LineStream(
+    new ReadableStream<Uint8Array>({
+      start(c) {
+        controller = c;
+      },
+    }),
+  );
+  return {
+    writer: {
+      writeSync(p: Uint8Array): number {
+        controller.enqueue(p.slice());
+        return p.length;
+      },
+    },
+    out,
+  };
+}
+
+/** Typed input: each `type` call is one line. */
+function keyboard() {
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const input = new ReadableStream<Uint8Array>({
+    start(c) {
+      controller = c;
+    },
+  });
+  return {
+    input,
+    type: (line: string) =>
+      controller.enqueue(new TextEncoder().encode(`${line}\n`)),
+  };
+}
+
+function storedLine(room: string, id: number, text: string, ts: string) {
+  return JSON.stringify({
+    type: "message",
+    id: String(id),
+    room,
+    from: "bob",
+    text,
+    ts,
+  }) + "\n";
+}
+
+/** Where alice's earlier session left off: `rooms`, each shown up to id 1. */
+function leftOff(rooms: string[], ts: string): SessionState {
+  return {
+    rooms,
+    serverRooms: rooms,
+    outbox: [],
+    oldestId: rooms.map((r) => [r, "1"]),
+    lastId: rooms.map((r) => [r, 1n]),
+    pending: [],
+    gapTold: [],
+    seenTs: rooms.map((r) => [r, [["1", ts]]]),
+  };
+}
+
+/**
+ * Runs alice's session resumed from `resume`; `watch` sees every frame it
+ * sends (`out`) and every frame it receives (`in`).
+ */
+async function resumed(
+  stack: Stack,
+  resume: SessionState,
+  watch: (way: "out" | "in", frame: { type?: string }) => void = () => {},
+) {
+  const token = await login(stack.auth.url, "alice");
+  const { writer, out } = screen();
+  const keys = keyboard();
+  const lines = new LineReader({ input: keys.input, output: writer });
+  const session = new ChatSession({
+    chatUrl: stack.chat.url,
+    token,
+    username: "alice",
+    lines,
+    color: false,
+    checkSession: () => Promise.resolve("valid"),
+    connect: (url, bearer) => {
+      const socket = new WebSocket(url, {
+        headers: { authorization: `Bearer ${bearer}` },
+      });
+      const send = socket.send.bind(socket);
+      socket.send = (data: string) => {
+        watch("out", JSON.parse(data));
+        send(data);
+      };
+      socket.addEventListener("message", (event) => {
+        for (const line of String(event.data).split("\n")) {
+          watch("in", JSON.parse(line));
+        }
+      });
+      return socket;
+    },
+    resume,
+  });
+  const ended = session.run();
+  return {
+    out,
+    async quit() {
+      keys.type("/quit");
+      await ended;
+      lines.close();
+    },
+  };
+}
+
+Deno.test("after a crash, the gap of a resync that takes several pages is told once", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "cli_resync_" });
+  const ts = new Date(Date.now() - 60_000).toISOString();
+  await Deno.mkdir(`${dataDir}/history`);
+  await Deno.writeTextFile(
+    `${dataDir}/history/lobby.jsonl`,
+    storedLine("lobby", 1, "seen-before", ts) +
+      storedLine("lobby", 2, "missed-a", ts) +
+      storedLine("lobby", 3, "missed-b", ts),
+  );
+  // The run that wrote them crashed: ids past 3 may have been handed out
+  // and lost, which the server reports up to where they end.
+  await Deno.writeTextFile(`${dataDir}/history/.running`, "");
+  const stack = await startStack({ dataDir });
+  try {
+    let pages = 0;
+    const { promise: secondPage, resolve } = Promise.withResolvers<void>();
+    const session = await resumed(stack, leftOff(["lobby"], ts), (way, f) => {
+      if (way === "in" && f.type === "history" && ++pages === 2) resolve();
+    });
+    await session.out.next("missed-b");
+    // The page that brought messages is followed by one more (empty): the
+    // server says `gap` on both.
+    await secondPage;
+    await session.quit();
+    assert.equal(
+      session.out.count((l) => l.includes("no longer kept")),
+      1,
+      session.out.text,
+    );
+    assert.equal(session.out.count((l) => l.endsWith("missed-a")), 1);
+  } finally {
+    await stack.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("a resync asks for at most two pages of history at once (joins included), and shows every room's missed messages", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "cli_resync_" });
+  const ts = new Date(Date.now() - 60_000).toISOString();
+  const rooms = ["lobby", "r1", "r2", "r3", "r4", "r5", "r6"];
+  await Deno.mkdir(`${dataDir}/history`);
+  for (const room of rooms) {
+    await Deno.writeTextFile(
+      `${dataDir}/history/${room}.jsonl`,
+      storedLine(room, 1, `seen ${room}`, ts) +
+        storedLine(room, 2, `missed ${room} a`, ts) +
+        storedLine(room, 3, `missed ${room} b`, ts),
+    );
+  }
+  const stack = await startStack({ dataDir });
+  try {
+    let inFlight = 0;
+    let most = 0;
+    const session = await resumed(stack, leftOff(rooms, ts), (way, f) => {
+      if (way === "out" && (f.type === "join" || f.type === "history")) {
+        most = Math.max(most, ++inFlight);
+      }
+      if (way === "in" && (f.type === "joined" || f.type === "history")) {
+        inFlight--;
+      }
+    });
+    for (const room of rooms) await session.out.next(`missed ${room} b`);
+    await session.quit();
+    assert.ok(most >= 1 && most <= 2, `${most} in flight`);
+    for (const room of rooms) {
+      for (const x of ["a", "b"]) {
+        assert.equal(
+          session.out.count((l) => l.endsWith(`missed ${room} ${x}`)),
+          1,
+          session.out.text,
+        );
+      }
+    }
+  } finally {
+    await stack.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
