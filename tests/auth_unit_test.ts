@@ -498,3 +498,74 @@ Deno.test("a logout whose write failed keeps the session ended, and is done only
     await Deno.remove(dataDir, { recursive: true });
   }
 });
+
+Deno.test("the store's files are what JSON.stringify(.., null, 2) prints of their contents, through adds, changes, removals and expiry", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_unit_" });
+  let clock = Date.UTC(2026, 0, 1);
+  const store = await AuthStore.open(dataDir, { now: () => clock });
+  // The file is what JSON.stringify(.., null, 2) prints of its contents,
+  // members in the order given (the store's: JSON.parse puts keys that
+  // look like numbers first).
+  const pretty = async (name: string, order: string[]) => {
+    const text = await Deno.readTextFile(`${dataDir}/${name}`);
+    const member = name === "users.json" ? "users" : "sessions";
+    const records = JSON.parse(text)[member];
+    assert.deepEqual(Object.keys(records).sort(), [...order].sort());
+    const object = order.length === 0
+      ? "{}"
+      : `{\n${
+        order.map((k) =>
+          `    ${JSON.stringify(k)}: ${
+            JSON.stringify(records[k], null, 2).replaceAll("\n", "\n    ")
+          }`
+        ).join(",\n")
+      }\n  }`;
+    assert.equal(text, `{\n  "version": 1,\n  "${member}": ${object}\n}\n`);
+    return records;
+  };
+  const session = (user: string, ttlMs: number) => ({
+    username: user,
+    createdAt: new Date(clock).toISOString(),
+    expiresAt: new Date(clock + ttlMs).toISOString(),
+    expiresAtMs: clock + ttlMs,
+  });
+  try {
+    // Names that look like numbers, an escape and non-ASCII in the fields.
+    for (const name of ["Zed", "123", 'q"uote', "émile"]) {
+      assert.equal(
+        await store.addUser({
+          username: name,
+          password_hash: `hash-of-${name}`,
+          created_at: new Date(clock).toISOString(),
+        }),
+        true,
+      );
+    }
+    const names = ["zed", "123", 'q"uote', "émile"];
+    let users = await pretty("users.json", names);
+    // A changed record is printed again, not taken from what was printed.
+    await store.setPasswordHash("ZED", "new-hash");
+    users = await pretty("users.json", names);
+    assert.equal(users.zed.password_hash, "new-hash");
+    assert.equal(users["émile"].password_hash, "hash-of-émile");
+
+    await store.addSession("a".repeat(64), session("Zed", 1000));
+    await store.addSession("b".repeat(64), session("123", 60_000));
+    let sessions = await pretty("sessions.json", [
+      "a".repeat(64),
+      "b".repeat(64),
+    ]);
+    assert.equal(sessions["a".repeat(64)].username, "Zed");
+    // An expired session leaves the file at the next write.
+    clock += 2000;
+    await store.addSession("c".repeat(64), session("émile", 60_000));
+    sessions = await pretty("sessions.json", ["b".repeat(64), "c".repeat(64)]);
+    assert.equal(sessions["c".repeat(64)].username, "émile");
+    await store.removeSession("b".repeat(64));
+    await store.removeSession("c".repeat(64));
+    assert.deepEqual(await pretty("sessions.json", []), {});
+  } finally {
+    await store.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
