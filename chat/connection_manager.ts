@@ -215,6 +215,15 @@ export class ConnectionManager {
   #now: () => number;
   #users = new Map<string, User>();
   #rooms = new Map<string, Room>();
+  /**
+   * The `rooms` answer, serialised once per change of a room's user count
+   * (a user's first connection in, last one out, which is also when a room
+   * comes and goes; a room's first message does not change the list: its
+   * sender is in it). With 10,000 rooms it takes 1.5 ms to build; asked for
+   * 20 times a second on each of 128 connections, that was more than the
+   * server's whole CPU.
+   */
+  #roomsJson: string | undefined;
   #tokens = new Map<string, TokenEntry>();
   /**
    * Tokens of sessions ended by {@linkcode ConnectionManager.endSession},
@@ -801,6 +810,7 @@ export class ConnectionManager {
       const name = conn.user.name;
       room.names.splice(sortedIndex(room.names, name), 0, name);
       room.usersJson = undefined;
+      this.#roomsJson = undefined;
     }
     return room;
   }
@@ -830,6 +840,7 @@ export class ConnectionManager {
     room.members.delete(conn.user);
     room.names.splice(sortedIndex(room.names, conn.user.name), 1);
     room.usersJson = undefined;
+    this.#roomsJson = undefined;
     if (room.conns.size === 0) {
       if (room.name !== LOBBY) this.#rooms.delete(room.name);
       return;
@@ -862,14 +873,20 @@ export class ConnectionManager {
   }
 
   #listRooms(conn: Conn): void {
+    this.#roomsJson ??= JSON.stringify(
+      { type: "rooms", rooms: this.#roomList() } satisfies ServerFrame,
+    );
+    this.#send(conn, this.#roomsJson);
+  }
+
+  #roomList(): { name: string; users: number }[] {
     const names = new Set<string>([LOBBY]);
     for (const name of this.#rooms.keys()) names.add(name);
     for (const name of this.#history.roomNames()) names.add(name);
-    const rooms = [...names].sort().map((name) => ({
+    return [...names].sort().map((name) => ({
       name,
       users: this.#rooms.get(name)?.members.size ?? 0,
     }));
-    this.#sendFrame(conn, { type: "rooms", rooms });
   }
 
   #sendError(conn: Conn, error: ErrorCode, message: string): void {

@@ -113,10 +113,11 @@ const SEEN_KEPT = 256;
  */
 const SEND_WINDOW = 8;
 /**
- * Joins and history requests in flight at once, at most: each answer may
- * carry a page of history (up to 256 KiB), and a reconnect asks for every
- * room's; more at once could pass the server's 1 MiB of unsent data per
- * connection on a slow link, which it closes with 1013.
+ * Requests with a large answer in flight at once, at most: a `joined` or
+ * `history` carries a page of history (up to 256 KiB), `rooms` and `who` a
+ * list that can be longer still, and a reconnect asks for every room's; more
+ * at once could pass the server's 1 MiB of unsent data per connection on a
+ * slow link, which it closes with 1013.
  */
 const PAGE_WINDOW = 2;
 
@@ -125,9 +126,10 @@ function saying(frame: ClientFrame): boolean {
   return frame.type === "message" || frame.type === "dm";
 }
 
-/** Whether a frame's answer carries a page of history (`joined`, `history`). */
+/** Whether a frame's answer can be large (see {@linkcode PAGE_WINDOW}). */
 function carriesPage(frame: ClientFrame): boolean {
-  return frame.type === "join" || frame.type === "history";
+  return frame.type === "join" || frame.type === "history" ||
+    frame.type === "rooms" || frame.type === "who";
 }
 
 /** What a session hands on to the next login of its user (see `resume`). */

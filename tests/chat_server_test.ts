@@ -4,6 +4,7 @@ import {
   connectAs,
   login,
   rawUpgrade,
+  retryUntil,
   startStack,
   TestClient,
 } from "./_harness.ts";
@@ -769,5 +770,55 @@ Deno.test("history pages stop at MAX_PAGE_BYTES of messages; paging on reaches e
   } finally {
     await stack.close();
     await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("the rooms answer follows every change of who is where (it is built once per change)", async () => {
+  const stack = await startStack();
+  try {
+    const alice = await connectAs(stack, "alice");
+    const alice2 = await connectAs(stack, "alice");
+    const bob = await connectAs(stack, "bob");
+    const rooms = async () => {
+      bob.send({ type: "rooms" });
+      return (await bob.nextOfType("rooms")).rooms;
+    };
+    const lobby = (users: number) => ({ name: "lobby", users });
+    assert.deepEqual(await rooms(), [lobby(2)]);
+    alice.send({ type: "join", room: "dev" });
+    await alice.nextOfType("joined");
+    assert.deepEqual(await rooms(), [{ name: "dev", users: 1 }, lobby(2)]);
+    // A second connection of the same user is not a second user.
+    alice2.send({ type: "join", room: "dev" });
+    await alice2.nextOfType("joined");
+    assert.deepEqual(await rooms(), [{ name: "dev", users: 1 }, lobby(2)]);
+    bob.send({ type: "join", room: "ops" });
+    await bob.nextOfType("joined");
+    bob.send({ type: "message", room: "ops", text: "kept" });
+    await bob.nextOfType("message");
+    assert.deepEqual(await rooms(), [
+      { name: "dev", users: 1 },
+      lobby(2),
+      { name: "ops", users: 1 },
+    ]);
+    // Empty again: a room without history goes, one with history stays.
+    bob.send({ type: "leave", room: "ops" });
+    await bob.nextOfType("left");
+    alice.send({ type: "leave", room: "dev" });
+    await alice.nextOfType("left");
+    assert.deepEqual(await rooms(), [
+      { name: "dev", users: 1 },
+      lobby(2),
+      { name: "ops", users: 0 },
+    ]);
+    await alice2.close();
+    await alice.close();
+    // Their closes reach the server on its next turns.
+    await retryUntil(async () => {
+      assert.deepEqual(await rooms(), [lobby(1), { name: "ops", users: 0 }]);
+    }, 5000);
+    await bob.close();
+  } finally {
+    await stack.close();
   }
 });
