@@ -56,7 +56,8 @@ const TOKEN_HASH_RE = /^[0-9a-f]{64}$/;
 const encoder = new TextEncoder();
 const COMMIT_POLL_MS = 5;
 const NEWLINE = encoder.encode("\n");
-const ASCII_RE = /^[\x00-\x7f]*$/;
+// JSON.stringify escapes every control character but the printed newlines.
+const ASCII_RE = /^[\n -\x7f]*$/;
 const COMMA_NEWLINE = encoder.encode(",\n");
 
 /** Users and sessions, in memory and on disk. */
@@ -179,7 +180,7 @@ export class AuthStore {
     this.#assertOpen();
     const key = user.username.toLowerCase();
     if (this.#users.has(key)) return false;
-    this.#users.set(key, user);
+    this.#users.set(key, Object.freeze(user));
     try {
       await this.#usersWriter.commit();
     } catch (err) {
@@ -195,7 +196,10 @@ export class AuthStore {
     const key = username.toLowerCase();
     const user = this.#users.get(key);
     if (user === undefined) return;
-    this.#users.set(key, { ...user, password_hash: passwordHash });
+    this.#users.set(
+      key,
+      Object.freeze({ ...user, password_hash: passwordHash }),
+    );
     await this.#usersWriter.commit();
   }
 
@@ -244,7 +248,7 @@ export class AuthStore {
         ended.push(entry);
       }
     }
-    this.#sessions.set(tokenHash, session);
+    this.#sessions.set(tokenHash, Object.freeze(session));
     try {
       await this.#sessionsWriter.commit();
     } catch (err) {
@@ -354,9 +358,9 @@ interface RenderedMember {
 }
 
 /**
- * Members already printed, by the record they print: a record is never
- * changed in place (a change replaces it), so its text stays right, and
- * goes with it when it is dropped.
+ * Members already printed, by the record they print: records are frozen (a
+ * change replaces one), so a text stays right, and goes with its record
+ * when that is dropped.
  */
 const rendered = new WeakMap<object, RenderedMember>();
 
@@ -587,11 +591,14 @@ function parseUsers(data: unknown): Map<string, UserRecord> {
     if (users.has(lower)) {
       throw new FormatError(`user "${value.username}" appears twice`);
     }
-    users.set(lower, {
-      username: value.username,
-      password_hash: value.password_hash,
-      created_at: value.created_at,
-    });
+    users.set(
+      lower,
+      Object.freeze({
+        username: value.username,
+        password_hash: value.password_hash,
+        created_at: value.created_at,
+      }),
+    );
   }
   return users;
 }
@@ -619,12 +626,15 @@ function parseSessions(data: unknown): Map<string, SessionRecord> {
     if (Number.isNaN(expiresAtMs)) {
       throw new FormatError(`session "${key}" has an unreadable expires_at`);
     }
-    sessions.set(key, {
-      username: value.username,
-      createdAt: value.created_at,
-      expiresAt: value.expires_at,
-      expiresAtMs,
-    });
+    sessions.set(
+      key,
+      Object.freeze({
+        username: value.username,
+        createdAt: value.created_at,
+        expiresAt: value.expires_at,
+        expiresAtMs,
+      }),
+    );
   }
   return sessions;
 }

@@ -543,7 +543,12 @@ Deno.test("the store's files are what JSON.stringify(.., null, 2) prints of thei
     }
     const names = ["zed", "123", 'q"uote', "émile"];
     let users = await pretty("users.json", names);
-    // A changed record is printed again, not taken from what was printed.
+    // Records cannot be changed in place (their printed text would go
+    // stale); a change replaces the record and is printed again.
+    const zed = store.getUser("zed")!;
+    assert.throws(() => {
+      (zed as { password_hash: string }).password_hash = "in place";
+    }, TypeError);
     await store.setPasswordHash("ZED", "new-hash");
     users = await pretty("users.json", names);
     assert.equal(users.zed.password_hash, "new-hash");
