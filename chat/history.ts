@@ -13,7 +13,11 @@
  * @module
  */
 import { tryLockFile } from "../lock_file.ts";
-import { DEFAULT_HISTORY_LIMIT, type RoomMessage } from "./protocol.ts";
+import {
+  DEFAULT_HISTORY_LIMIT,
+  MAX_PAGE_BYTES,
+  type RoomMessage,
+} from "./protocol.ts";
 
 /** Options of {@linkcode HistoryStore.open}. */
 export interface HistoryOptions {
@@ -115,17 +119,6 @@ const MAX_SENT_TAIL = 200_000;
  * 256 on some systems).
  */
 const FILE_CONCURRENCY = 16;
-
-/**
- * Most UTF-8 bytes of messages in one page of history (a `history` answer,
- * or the history of a `welcome` or `joined`); a page holds at least one
- * message, so a message is never out of reach. Five hundred messages of up
- * to about 500 bytes fit; 500 of the longest (4000 emoji, 16 KB each) would
- * be 8 MB in one frame, more than the connection's whole unsent-data budget
- * (1 MiB), which a slow link takes seconds to carry. A client pages on from
- * the last message it got.
- */
-export const MAX_PAGE_BYTES = 256 * 1024;
 
 /** The history of every room, with batched persistence. */
 export class HistoryStore {

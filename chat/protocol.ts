@@ -16,6 +16,16 @@ export const MAX_FRAME_BYTES = 64 * 1024;
 export const MAX_HISTORY_LIMIT = 500;
 /** Messages a `history` request gets when it names no limit. */
 export const DEFAULT_HISTORY_LIMIT = 50;
+/**
+ * Most UTF-8 bytes of messages in one page of history (a `history` answer,
+ * or the history of a `welcome` or `joined`); a page holds at least one
+ * message, so a message is never out of reach. Five hundred messages of up
+ * to about 500 bytes fit; 500 of the longest (4000 emoji, 16 KB each) would
+ * be 8 MB in one frame, more than the connection's whole unsent-data budget
+ * (1 MiB), which a slow link takes seconds to carry. A client pages on from
+ * the last message it got.
+ */
+export const MAX_PAGE_BYTES = 256 * 1024;
 /** The room every connection starts in. */
 export const LOBBY = "lobby";
 

@@ -18,6 +18,7 @@ import {
   isUsername,
   LOBBY,
   MAX_HISTORY_LIMIT,
+  MAX_PAGE_BYTES,
   MAX_TEXT_CHARS,
   type RoomMessage,
 } from "../chat/protocol.ts";
@@ -877,8 +878,10 @@ export class ChatSession {
   /**
    * Whether, after a `history after` page, more of what was missed may be
    * on the server. A page is short when it reached the newest message, but
-   * also when the server's size limit cut it: only an empty page, or one
-   * that reaches the live messages held back since the rejoin, ends it.
+   * also when the server's size limit cut it (such a page holds more than
+   * the limit less one message, 25 KB at most): a short page well under the
+   * limit, an empty page, or one that reaches the live messages held back
+   * since the rejoin ends it.
    */
   #mayMissMore(
     room: string,
@@ -890,7 +893,12 @@ export class ChatSession {
     // A server that answered with nothing newer than asked has no more.
     if (BigInt(newest.id) <= BigInt(after)) return false;
     const firstLive = this.#syncing.get(room)?.[0];
-    return firstLive === undefined || BigInt(newest.id) < BigInt(firstLive.id);
+    if (firstLive !== undefined && BigInt(newest.id) >= BigInt(firstLive.id)) {
+      return false;
+    }
+    return messages.length >= MAX_HISTORY_LIMIT ||
+      new TextEncoder().encode(JSON.stringify(messages)).length >=
+        MAX_PAGE_BYTES / 2;
   }
 
   #endSync(room: string): void {

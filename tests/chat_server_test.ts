@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { MAX_PAGE_BYTES } from "../chat/history.ts";
+import { MAX_PAGE_BYTES } from "../chat/protocol.ts";
 import {
   connectAs,
   login,

@@ -123,40 +123,47 @@ Deno.test("after a crash, the gap of a resync that takes several pages is told o
   const dataDir = await Deno.makeTempDir({ prefix: "cli_resync_" });
   const ts = new Date(Date.now() - 60_000).toISOString();
   await Deno.mkdir(`${dataDir}/history`);
-  await Deno.writeTextFile(
-    `${dataDir}/history/lobby.jsonl`,
-    storedLine("lobby", 1, "seen-before", ts) +
-      storedLine("lobby", 2, "missed-a", ts) +
-      storedLine("lobby", 3, "missed-b", ts),
-  );
-  // The run that wrote them crashed: ids past 3 may have been handed out
-  // and lost, which the server reports up to where they end.
+  // 50 missed messages of 8 KB: a page cut by size, then a page that
+  // reaches the end and is too large to tell it was not cut.
+  let file = storedLine("lobby", 1, "seen-before", ts);
+  for (let i = 1; i <= 50; i++) {
+    file += storedLine(
+      "lobby",
+      i + 1,
+      `missed-${i} ${"\u00e9".repeat(3990)}`,
+      ts,
+    );
+  }
+  await Deno.writeTextFile(`${dataDir}/history/lobby.jsonl`, file);
+  // The run that wrote them crashed: ids past 51 may have been handed out
+  // and lost, which the server reports on every page that reaches them.
   await Deno.writeTextFile(`${dataDir}/history/.running`, "");
   const stack = await startStack({ dataDir });
   try {
     let pages = 0;
-    const { promise: secondPage, resolve } = Promise.withResolvers<void>();
+    const { promise: lastPage, resolve } = Promise.withResolvers<void>();
     const session = await resumed(stack, leftOff(["lobby"], ts), (way, f) => {
-      if (way === "in" && f.type === "history" && ++pages === 2) resolve();
+      if (way === "in" && f.type === "history" && ++pages === 3) resolve();
     });
-    await session.out.next("missed-b");
-    // The page that brought messages is followed by one more (empty): the
-    // server says `gap` on both.
-    await secondPage;
+    await session.out.next(/missed-50 /);
+    // The third page, empty, says `gap` as the second did.
+    await lastPage;
     await session.quit();
     assert.equal(
       session.out.count((l) => l.includes("no longer kept")),
       1,
       session.out.text,
     );
-    assert.equal(session.out.count((l) => l.endsWith("missed-a")), 1);
+    const shown = session.out.lines.map((l) => l.match(/missed-(\d+) /)?.[1])
+      .filter((n) => n !== undefined).map(Number);
+    assert.deepEqual(shown, Array.from({ length: 50 }, (_, i) => i + 1));
   } finally {
     await stack.close();
     await Deno.remove(dataDir, { recursive: true });
   }
 });
 
-Deno.test("a resync asks for at most two pages of history at once (joins included), and shows every room's missed messages", async () => {
+Deno.test("a resync asks for at most two pages of history at once (joins included), one page a room when it holds all that was missed, and shows every room's missed messages", async () => {
   const dataDir = await Deno.makeTempDir({ prefix: "cli_resync_" });
   const ts = new Date(Date.now() - 60_000).toISOString();
   const rooms = ["lobby", "r1", "r2", "r3", "r4", "r5", "r6"];
@@ -173,10 +180,12 @@ Deno.test("a resync asks for at most two pages of history at once (joins include
   try {
     let inFlight = 0;
     let most = 0;
+    let historyAsks = 0;
     const session = await resumed(stack, leftOff(rooms, ts), (way, f) => {
       if (way === "out" && (f.type === "join" || f.type === "history")) {
         most = Math.max(most, ++inFlight);
       }
+      if (way === "out" && f.type === "history") historyAsks++;
       if (way === "in" && (f.type === "joined" || f.type === "history")) {
         inFlight--;
       }
@@ -184,6 +193,9 @@ Deno.test("a resync asks for at most two pages of history at once (joins include
     for (const room of rooms) await session.out.next(`missed ${room} b`);
     await session.quit();
     assert.ok(most >= 1 && most <= 2, `${most} in flight`);
+    // A short page far under the size limit is the end: no empty page is
+    // asked for after it.
+    assert.equal(historyAsks, rooms.length);
     for (const room of rooms) {
       for (const x of ["a", "b"]) {
         assert.equal(
