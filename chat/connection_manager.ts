@@ -59,6 +59,15 @@ export interface ChatLimits {
   maxRooms: number;
   /** Unsent bytes (ours plus the runtime's) before a slow reader is closed with 1013. */
   maxBufferedBytes: number;
+  /**
+   * Bytes of answers (`joined`, `who`, `rooms`, `history`) per user in a
+   * burst: a request for one waits (`rate_limited`) while the user's answers
+   * have used more. A 20-byte request can ask for half a megabyte (a page of
+   * history, the room list of a busy server).
+   */
+  answerBurstBytes: number;
+  /** How fast that budget comes back, in bytes per second. */
+  answerBytesPerSecond: number;
   /** How often open sessions are re-checked with the auth server. */
   recheckIntervalMs: number;
   /** How long an upgraded socket may take to open before its place is given back. */
@@ -93,6 +102,8 @@ export const DEFAULT_CHAT_LIMITS: ChatLimits = {
   maxRoomsPerConnection: 64,
   maxRooms: 10_000,
   maxBufferedBytes: 1024 * 1024,
+  answerBurstBytes: 16 * 1024 * 1024,
+  answerBytesPerSecond: 2 * 1024 * 1024,
   recheckIntervalMs: 30_000,
   handshakeTimeoutMs: 10_000,
   coalesceMs: 0,
@@ -132,6 +143,8 @@ interface User {
    */
   lingering: number;
   bucket: TokenBucket;
+  /** Bytes of large answers (see {@linkcode ChatLimits.answerBurstBytes}). */
+  answers: TokenBucket;
   /** client_id → the echo line of the message it sent, with when it was sent. */
   sent: Map<string, { line: string; at: number }>;
   lastSeen: number;
@@ -215,6 +228,8 @@ export class ConnectionManager {
   #now: () => number;
   #users = new Map<string, User>();
   #rooms = new Map<string, Room>();
+  /** UTF-16 units of every line queued so far (answer sizes are differences of it). */
+  #queuedBytes = 0;
   /**
    * The `rooms` answer, serialised once per change of a room's user count
    * (a user's first connection in, last one out, which is also when a room
@@ -473,6 +488,11 @@ export class ConnectionManager {
           this.#limits.messagesPerSecond,
           now,
         ),
+        answers: new TokenBucket(
+          this.#limits.answerBurstBytes,
+          this.#limits.answerBytesPerSecond,
+          now,
+        ),
         sent: new Map(),
         lastSeen: now,
       };
@@ -617,6 +637,22 @@ export class ConnectionManager {
   }
 
   #handle(conn: Conn, frame: ClientFrame, now: number): void {
+    if (this.#rateLimits && LARGE_ANSWERS.has(frame.type)) {
+      const answers = conn.user.answers;
+      const wait = answers.wait(now);
+      if (wait > 0) return this.#limited(conn, wait, now);
+      const before = this.#queuedBytes;
+      try {
+        this.#answer(conn, frame, now);
+      } finally {
+        answers.spend(this.#queuedBytes - before, now);
+      }
+      return;
+    }
+    this.#answer(conn, frame, now);
+  }
+
+  #answer(conn: Conn, frame: ClientFrame, now: number): void {
     switch (frame.type) {
       case "message":
         return this.#message(conn, frame, now);
@@ -908,6 +944,7 @@ export class ConnectionManager {
     else if (conn.rest === undefined) conn.rest = [line];
     else conn.rest.push(line);
     conn.outboxBytes += line.length;
+    this.#queuedBytes += line.length;
     if (!lazy) {
       if (conn.queued !== "prompt") {
         conn.queued = "prompt";
@@ -1100,6 +1137,14 @@ export class ConnectionManager {
     }
   }
 }
+
+/** Frames whose answer can be large: they count against the user's answer budget. */
+const LARGE_ANSWERS: ReadonlySet<string> = new Set([
+  "join",
+  "who",
+  "rooms",
+  "history",
+]);
 
 function ignore(): void {}
 

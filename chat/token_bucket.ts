@@ -24,16 +24,40 @@ export class TokenBucket {
    * until one will be.
    */
   take(now: number): number {
+    this.#refill(now);
+    if (this.#tokens >= 1) {
+      this.#tokens -= 1;
+      return 0;
+    }
+    return Math.ceil(((1 - this.#tokens) / this.#perSecond) * 1000);
+  }
+
+  /**
+   * 0 when the bucket holds anything, otherwise the milliseconds until it
+   * will (see {@linkcode TokenBucket.spend}).
+   */
+  wait(now: number): number {
+    this.#refill(now);
+    if (this.#tokens > 0) return 0;
+    return Math.max(1, Math.ceil((-this.#tokens / this.#perSecond) * 1000));
+  }
+
+  /**
+   * Takes `amount` tokens, into debt if need be: for a cost known only once
+   * it was paid (the size of an answer), checked with {@linkcode TokenBucket.wait}
+   * before the next.
+   */
+  spend(amount: number, now: number): void {
+    this.#refill(now);
+    this.#tokens -= amount;
+  }
+
+  #refill(now: number): void {
     const elapsed = Math.max(0, now - this.#updated) / 1000;
     this.#tokens = Math.min(
       this.#burst,
       this.#tokens + elapsed * this.#perSecond,
     );
     this.#updated = now;
-    if (this.#tokens >= 1) {
-      this.#tokens -= 1;
-      return 0;
-    }
-    return Math.ceil(((1 - this.#tokens) / this.#perSecond) * 1000);
   }
 }

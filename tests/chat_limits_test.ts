@@ -715,3 +715,84 @@ Deno.test("a connection closed with 1013 keeps its place under the caps until it
     await stack.close();
   }
 });
+
+Deno.test("large answers count against a per-user byte budget: past it, rate_limited with retry_after_ms, served again once it refills", async () => {
+  let clock = Date.UTC(2026, 0, 1);
+  const dataDir = await Deno.makeTempDir({ prefix: "chat_test_" });
+  await Deno.mkdir(`${dataDir}/history`);
+  await Deno.writeTextFile(
+    `${dataDir}/history/lobby.jsonl`,
+    Array.from({ length: 20 }, (_, i) =>
+      JSON.stringify({
+        type: "message",
+        id: String(i + 1),
+        room: "lobby",
+        from: "bob",
+        text: `${i} ${"x".repeat(3990)}`,
+        ts: "2026-01-01T00:00:00.000Z",
+      }) + "\n").join(""),
+  );
+  const stack = await startStack({
+    dataDir,
+    now: () => clock,
+    rateLimits: true,
+    // A page of 10 of these messages is about 41 KB.
+    chatLimits: { answerBurstBytes: 60_000, answerBytesPerSecond: 10_000 },
+  });
+  try {
+    const token = await login(stack.auth.url, "alice");
+    const a1 = await TestClient.connect(stack.chat.url, token);
+    const a2 = await TestClient.connect(stack.chat.url, token);
+    a1.send({ type: "history", limit: 10 });
+    assert.equal(
+      ((await a1.nextOfType("history")).messages as unknown[]).length,
+      10,
+    );
+    // Into debt: the second page is served, the budget is now below zero.
+    a1.send({ type: "history", limit: 10 });
+    assert.equal(
+      ((await a1.nextOfType("history")).messages as unknown[]).length,
+      10,
+    );
+    // The budget is the user's: the other connection is refused too, and so
+    // are `rooms` and `who`; a message is not an answer and still goes.
+    for (const frame of [{ type: "rooms" }, { type: "who" }]) {
+      a2.send(frame);
+      const err = await a2.nextOfType("error");
+      assert.equal(err.error, "rate_limited");
+      const wait = Number(err.retry_after_ms);
+      assert.ok(wait > 1000 && wait <= 3000, `${wait} ms`);
+    }
+    a2.send({ type: "message", text: "still said" });
+    assert.equal((await a2.nextOfType("message")).text, "still said");
+    // Once the debt is paid back (about 2.2 s on the server's clock).
+    clock += 3000;
+    a2.send({ type: "rooms" });
+    assert.deepEqual((await a2.nextOfType("rooms")).rooms, [{
+      name: "lobby",
+      users: 1,
+    }]);
+    await a1.close();
+    await a2.close();
+  } finally {
+    await stack.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("with RATE_LIMITS off the answer budget is lifted", async () => {
+  const stack = await startStack({
+    rateLimits: false,
+    chatLimits: { answerBurstBytes: 1, answerBytesPerSecond: 1 },
+  });
+  try {
+    const alice = await connectAs(stack, "alice");
+    for (let i = 0; i < 5; i++) {
+      alice.send({ type: "rooms" });
+      assert.equal((await alice.nextOfType("rooms")).type, "rooms");
+    }
+    await alice.close();
+  } finally {
+    await stack.close();
+  }
+});
