@@ -228,8 +228,13 @@ export class ConnectionManager {
   #now: () => number;
   #users = new Map<string, User>();
   #rooms = new Map<string, Room>();
-  /** UTF-16 units of every line queued so far (answer sizes are differences of it). */
-  #queuedBytes = 0;
+  /**
+   * The connection whose large request is being answered, and the UTF-16
+   * units queued for it meanwhile: what it is charged (presence the request
+   * sends to others is not its answer).
+   */
+  #answering: Conn | undefined;
+  #answerBytes = 0;
   /**
    * The `rooms` answer, serialised once per change of a room's user count
    * (a user's first connection in, last one out, which is also when a room
@@ -640,12 +645,24 @@ export class ConnectionManager {
     if (this.#rateLimits && LARGE_ANSWERS.has(frame.type)) {
       const answers = conn.user.answers;
       const wait = answers.wait(now);
-      if (wait > 0) return this.#limited(conn, wait, now);
-      const before = this.#queuedBytes;
+      if (wait > 0) {
+        // Refused, but not a flood strike: the budget is the user's, and
+        // another of its connections may have used it up unknown to this one.
+        this.#sendFrame(conn, {
+          type: "error",
+          error: "rate_limited",
+          message: `Slow down: try again in ${Math.ceil(wait / 100) / 10} s`,
+          retry_after_ms: wait,
+        });
+        return;
+      }
+      this.#answering = conn;
+      this.#answerBytes = 0;
       try {
         this.#answer(conn, frame, now);
       } finally {
-        answers.spend(this.#queuedBytes - before, now);
+        this.#answering = undefined;
+        answers.spend(this.#answerBytes, now);
       }
       return;
     }
@@ -944,7 +961,7 @@ export class ConnectionManager {
     else if (conn.rest === undefined) conn.rest = [line];
     else conn.rest.push(line);
     conn.outboxBytes += line.length;
-    this.#queuedBytes += line.length;
+    if (conn === this.#answering) this.#answerBytes += line.length;
     if (!lazy) {
       if (conn.queued !== "prompt") {
         conn.queued = "prompt";

@@ -641,7 +641,11 @@ function messageBytes(message: RoomMessage): number {
 
 /**
  * Where a page ending before `end` starts: at most `limit` messages back,
- * and no further than {@linkcode MAX_PAGE_BYTES} allows (at least one).
+ * and no further than {@linkcode MAX_PAGE_BYTES} allows. A page is cut only
+ * once it holds half of that: a shorter page under half is the end of what
+ * there is, which is how a client tells (only a message longer than the
+ * protocol allows, from a file written by other means, can make a page
+ * pass the limit).
  */
 function pageStart(
   messages: RoomMessage[],
@@ -652,8 +656,9 @@ function pageStart(
   let start = end;
   let bytes = 0;
   while (start > floor) {
-    bytes += messageBytes(messages[start - 1]!);
-    if (bytes > MAX_PAGE_BYTES && start < end) break;
+    const size = messageBytes(messages[start - 1]!);
+    if (cuts(bytes, size)) break;
+    bytes += size;
     start--;
   }
   return start;
@@ -669,11 +674,17 @@ function pageEnd(
   let end = start;
   let bytes = 0;
   while (end < ceiling) {
-    bytes += messageBytes(messages[end]!);
-    if (bytes > MAX_PAGE_BYTES && end > start) break;
+    const size = messageBytes(messages[end]!);
+    if (cuts(bytes, size)) break;
+    bytes += size;
     end++;
   }
   return end;
+}
+
+/** Whether a page of `bytes` ends before a message of `size`. */
+function cuts(bytes: number, size: number): boolean {
+  return bytes + size > MAX_PAGE_BYTES && bytes >= MAX_PAGE_BYTES / 2;
 }
 
 /** Index of the first message whose id is above `id` (messages sorted by id). */

@@ -39,6 +39,7 @@ export class TokenBucket {
   wait(now: number): number {
     this.#refill(now);
     if (this.#tokens > 0) return 0;
+    if (!(this.#perSecond > 0)) return 60_000;
     return Math.max(1, Math.ceil((-this.#tokens / this.#perSecond) * 1000));
   }
 

@@ -796,3 +796,54 @@ Deno.test("with RATE_LIMITS off the answer budget is lifted", async () => {
     await stack.close();
   }
 });
+
+Deno.test("the answer budget charges the answer alone (not a join's presence to others), and its refusals never close a connection for flooding", async () => {
+  const clock = Date.UTC(2026, 0, 1);
+  const stack = await startStack({
+    now: () => clock,
+    rateLimits: true,
+    chatLimits: {
+      // Far under the presence a join into 48 connections sends (about
+      // 3600 characters), far over the answer itself.
+      answerBurstBytes: 2000,
+      answerBytesPerSecond: 0.001,
+      maxConnectionsPerAddress: 200,
+    },
+  });
+  try {
+    const crowd: TestClient[] = [];
+    for (const name of ["bob", "carol", "dave"]) {
+      const token = await login(stack.auth.url, name);
+      for (let i = 0; i < 16; i++) {
+        const c = await TestClient.connect(stack.chat.url, token);
+        c.send({ type: "join", room: "dev" });
+        await c.nextOfType("joined");
+        crowd.push(c);
+      }
+    }
+    const token = await login(stack.auth.url, "alice");
+    const a1 = await TestClient.connect(stack.chat.url, token);
+    a1.send({ type: "join", room: "dev" });
+    await a1.nextOfType("joined");
+    a1.send({ type: "who", room: "dev" });
+    assert.equal((await a1.nextOfType("who")).room, "dev");
+    // Now use the budget up; the other connection, never told to wait,
+    // sends 35 requests at once: all refused, none closes it.
+    for (let i = 0; i < 40; i++) {
+      a1.send({ type: "rooms" });
+      const f = await a1.next((f) => f.type === "rooms" || f.type === "error");
+      if (f.type === "error") break;
+    }
+    const a2 = await TestClient.connect(stack.chat.url, token);
+    for (let i = 0; i < 35; i++) a2.send({ type: "who", room: "lobby" });
+    for (let i = 0; i < 35; i++) {
+      assert.equal((await a2.nextOfType("error")).error, "rate_limited");
+    }
+    a2.send({ type: "ping" });
+    assert.equal((await a2.nextOfType("pong")).type, "pong");
+    assert.equal(a2.socket.readyState, WebSocket.OPEN);
+    for (const c of [...crowd, a1, a2]) await c.close();
+  } finally {
+    await stack.close();
+  }
+});

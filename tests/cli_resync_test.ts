@@ -210,3 +210,29 @@ Deno.test("a resync asks for at most two pages of history at once (joins include
     await Deno.remove(dataDir, { recursive: true });
   }
 });
+
+Deno.test("a message on disk longer than the protocol allows does not end a resync early", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "cli_resync_" });
+  const ts = new Date(Date.now() - 60_000).toISOString();
+  await Deno.mkdir(`${dataDir}/history`);
+  // Written by other means: ten messages of 5 KB, one of 250 KB, one more.
+  let file = storedLine("lobby", 1, "seen-before", ts);
+  for (let i = 1; i <= 10; i++) {
+    file += storedLine("lobby", i + 1, `missed-${i} ${"y".repeat(5000)}`, ts);
+  }
+  file += storedLine("lobby", 12, `missed-11 ${"z".repeat(250_000)}`, ts);
+  file += storedLine("lobby", 13, "missed-12 after", ts);
+  await Deno.writeTextFile(`${dataDir}/history/lobby.jsonl`, file);
+  const stack = await startStack({ dataDir });
+  try {
+    const session = await resumed(stack, leftOff(["lobby"], ts));
+    await session.out.next(/missed-12 after/);
+    await session.quit();
+    const shown = session.out.lines.map((l) => l.match(/missed-(\d+) /)?.[1])
+      .filter((n) => n !== undefined).map(Number);
+    assert.deepEqual(shown, Array.from({ length: 12 }, (_, i) => i + 1));
+  } finally {
+    await stack.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
