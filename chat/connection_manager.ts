@@ -693,23 +693,18 @@ export class ConnectionManager {
         return this.#listRooms(conn);
       case "history": {
         const room = this.#existingRoom(conn, frame.room);
-        if (frame.after !== undefined) {
-          const page = this.#history.after(room, frame.after, frame.limit);
-          this.#sendFrame(conn, {
-            type: "history",
-            room,
-            messages: page.messages,
-            ...(page.gap && { gap: true as const }),
-          });
-        } else {
-          this.#sendFrame(conn, {
-            type: "history",
-            room,
-            messages: frame.before !== undefined
-              ? this.#history.before(room, frame.before, frame.limit)
-              : this.#history.recent(room, frame.limit),
-          });
-        }
+        const page = frame.after !== undefined
+          ? this.#history.after(room, frame.after, frame.limit)
+          : frame.before !== undefined
+          ? this.#history.before(room, frame.before, frame.limit)
+          : this.#history.recent(room, frame.limit);
+        // The messages' JSON is the page's own: each serialised once.
+        this.#send(
+          conn,
+          `{"type":"history","room":${
+            JSON.stringify(room)
+          },"messages":${page.json}${page.gap ? ',"gap":true' : ""}}`,
+        );
         return;
       }
       case "ping":

@@ -40,6 +40,8 @@ export interface HistoryOptions {
 /** The answer to a history query. */
 export interface HistoryPage {
   messages: RoomMessage[];
+  /** `messages` as a JSON array (each message serialised once, to size the page too). */
+  json: string;
   /** True when `after` reached back past what is still kept. */
   gap: boolean;
 }
@@ -333,9 +335,9 @@ export class HistoryStore {
    * The newest `limit` messages of a room, oldest first (fewer when they
    * pass {@linkcode MAX_PAGE_BYTES}).
    */
-  recent(room: string, limit: number): RoomMessage[] {
+  recent(room: string, limit: number): HistoryPage {
     const messages = this.#kept(room);
-    return messages.slice(pageStart(messages, messages.length, limit));
+    return pageBefore(messages, messages.length, limit);
   }
 
   /**
@@ -346,19 +348,20 @@ export class HistoryStore {
   recentJson(room: string): string {
     const r = this.#rooms.get(room);
     if (r === undefined) return "[]";
-    return r.recentJson ??= JSON.stringify(
-      this.recent(room, DEFAULT_HISTORY_LIMIT),
-    );
+    return r.recentJson ??= this.recent(room, DEFAULT_HISTORY_LIMIT).json;
   }
 
   /**
    * The newest `limit` messages with an id below `before`, oldest first
    * (fewer when they pass {@linkcode MAX_PAGE_BYTES}).
    */
-  before(room: string, before: string, limit: number): RoomMessage[] {
+  before(room: string, before: string, limit: number): HistoryPage {
     const messages = this.#kept(room);
-    const end = firstIndexAbove(messages, Number(before) - 1);
-    return messages.slice(pageStart(messages, end, limit), end);
+    return pageBefore(
+      messages,
+      firstIndexAbove(messages, Number(before) - 1),
+      limit,
+    );
   }
 
   /**
@@ -375,18 +378,19 @@ export class HistoryStore {
     // ids and lost them. A client that had seen nothing of a room that had
     // nothing on disk then (a room new since) has lost nothing there.
     // (The page says so once it reaches the jump.)
-    const end = pageEnd(messages, start, limit);
-    const page = messages.slice(start, end);
+    const page = pageAfter(messages, start, limit);
+    const end = start + page.messages.length;
     const jump = this.#jump(room);
     const acrossJump = afterId < jump.to &&
       !(afterId === 0 && jump.from === 0) &&
-      (end === messages.length || Number(page.at(-1)!.id) > jump.from);
+      (end === messages.length ||
+        Number(page.messages.at(-1)!.id) > jump.from);
     const seen = afterId >= jump.from && afterId < jump.to ? jump.to : afterId;
     const lastId = this.#rooms.get(room)?.lastId ?? jump.to;
     // Otherwise a hole right after what was seen is history no longer kept.
     const gap = acrossJump ||
       (next !== undefined ? Number(next.id) > seen + 1 : lastId > seen);
-    return { messages: page, gap };
+    return { ...page, gap };
   }
 
   /** Writes every queued message now. */
@@ -629,57 +633,69 @@ function newRoom(name: string, lastId = 0): Room {
 }
 
 const encoder = new TextEncoder();
-/** Room for the JSON of any message: 4000 code points of at most 6 bytes each (`\u0001`), and the rest. */
+/** Room for the JSON of any message the protocol allows: 4000 code points of at most 6 bytes each (`\u0001`), and the rest. */
 const scratch = new Uint8Array(64 * 1024);
 
-/** UTF-8 bytes of a message's JSON: what it adds to a page. */
-function messageBytes(message: RoomMessage): number {
-  const json = JSON.stringify(message);
-  const { read, written } = encoder.encodeInto(json, scratch);
-  return read === json.length ? written : encoder.encode(json).length;
+/** UTF-8 bytes of a string. */
+function utf8Bytes(text: string): number {
+  const { read, written } = encoder.encodeInto(text, scratch);
+  return read === text.length ? written : encoder.encode(text).length;
 }
 
 /**
- * Where a page ending before `end` starts: at most `limit` messages back,
- * and no further than {@linkcode MAX_PAGE_BYTES} allows. A page is cut only
- * once it holds half of that: a shorter page under half is the end of what
- * there is, which is how a client tells (only a message longer than the
- * protocol allows, from a file written by other means, can make a page
- * pass the limit).
+ * The page of at most `limit` messages ending before `end`, no larger than
+ * {@linkcode MAX_PAGE_BYTES} allows. A page is cut only once it holds half
+ * of that: a shorter page under half is the end of what there is, which is
+ * how a client tells (only a message longer than the protocol allows, from
+ * a file written by other means, can make a page pass the limit).
  */
-function pageStart(
+function pageBefore(
   messages: RoomMessage[],
   end: number,
   limit: number,
-): number {
+): HistoryPage {
   const floor = Math.max(0, end - limit);
+  const lines: string[] = [];
   let start = end;
   let bytes = 0;
   while (start > floor) {
-    const size = messageBytes(messages[start - 1]!);
+    const line = JSON.stringify(messages[start - 1]!);
+    const size = utf8Bytes(line);
     if (cuts(bytes, size)) break;
+    lines.push(line);
     bytes += size;
     start--;
   }
-  return start;
+  return {
+    messages: messages.slice(start, end),
+    json: `[${lines.reverse().join(",")}]`,
+    gap: false,
+  };
 }
 
-/** Where a page starting at `start` ends: the counterpart of {@linkcode pageStart}. */
-function pageEnd(
+/** The page starting at `start`: the counterpart of {@linkcode pageBefore}. */
+function pageAfter(
   messages: RoomMessage[],
   start: number,
   limit: number,
-): number {
+): HistoryPage {
   const ceiling = Math.min(messages.length, start + limit);
+  const lines: string[] = [];
   let end = start;
   let bytes = 0;
   while (end < ceiling) {
-    const size = messageBytes(messages[end]!);
+    const line = JSON.stringify(messages[end]!);
+    const size = utf8Bytes(line);
     if (cuts(bytes, size)) break;
+    lines.push(line);
     bytes += size;
     end++;
   }
-  return end;
+  return {
+    messages: messages.slice(start, end),
+    json: `[${lines.join(",")}]`,
+    gap: false,
+  };
 }
 
 /** Whether a page of `bytes` ends before a message of `size`. */

@@ -18,7 +18,7 @@ Deno.test("history keeps the tail of each room across reopen and continues ids",
   try {
     const store = await HistoryStore.open(dir, { keep: 5 });
     for (let i = 1; i <= 12; i++) store.append("dev", "alice", `m${i}`);
-    assert.deepEqual(store.recent("dev", 50).map((m) => m.text), [
+    assert.deepEqual(store.recent("dev", 50).messages.map((m) => m.text), [
       "m8",
       "m9",
       "m10",
@@ -27,7 +27,7 @@ Deno.test("history keeps the tail of each room across reopen and continues ids",
     ]);
     await store.close();
     const again = await HistoryStore.open(dir, { keep: 5 });
-    assert.deepEqual(again.recent("dev", 3).map((m) => m.id), [
+    assert.deepEqual(again.recent("dev", 3).messages.map((m) => m.id), [
       "10",
       "11",
       "12",
@@ -47,7 +47,10 @@ Deno.test("a torn last line from a crash is skipped and the file is repaired", a
       `${good(1)}\n${good(2)}\n{"type":"mess`,
     );
     const store = await HistoryStore.open(dir, { keep: 10 });
-    assert.deepEqual(store.recent("lobby", 10).map((m) => m.id), ["1", "2"]);
+    assert.deepEqual(store.recent("lobby", 10).messages.map((m) => m.id), [
+      "1",
+      "2",
+    ]);
     store.append("lobby", "a", "t3");
     await store.close();
     const lines = (await Deno.readTextFile(`${dir}/lobby.jsonl`)).split("\n");
@@ -75,9 +78,15 @@ Deno.test("a whole last line without its newline is kept (zeros after it or not)
       `${good(1)}\n{"type":"message","id":"2","ro\0\0\0\0`,
     );
     const store = await HistoryStore.open(dir, { keep: 10 });
-    assert.deepEqual(store.recent("lobby", 10).map((m) => m.id), ["1", "2"]);
-    assert.deepEqual(store.recent("dev", 10).map((m) => m.id), ["1"]);
-    assert.deepEqual(store.recent("ops", 10).map((m) => m.id), ["1", "2"]);
+    assert.deepEqual(store.recent("lobby", 10).messages.map((m) => m.id), [
+      "1",
+      "2",
+    ]);
+    assert.deepEqual(store.recent("dev", 10).messages.map((m) => m.id), ["1"]);
+    assert.deepEqual(store.recent("ops", 10).messages.map((m) => m.id), [
+      "1",
+      "2",
+    ]);
     store.append("lobby", "a", "t3");
     store.append("dev", "a", "t2");
     await store.close();
@@ -117,7 +126,7 @@ Deno.test("a large history file is read from its tail and compacted", async () =
     }
     await Deno.writeTextFile(`${dir}/big.jsonl`, lines.join("\n") + "\n");
     const store = await HistoryStore.open(dir, { keep: 100 });
-    assert.deepEqual(store.recent("big", 2).map((m) => m.id), [
+    assert.deepEqual(store.recent("big", 2).messages.map((m) => m.id), [
       "19999",
       "20000",
     ]);
@@ -179,7 +188,9 @@ Deno.test("the sender's client_id is kept on disk and across a compaction, but i
 
     const again = await HistoryStore.open(dir, { keep: 2, now: () => now });
     assert.ok(!again.recentJson("dev").includes("c-1"));
-    assert.ok(again.recent("dev", 5).every((m) => !("client_id" in m)));
+    assert.ok(
+      again.recent("dev", 5).messages.every((m) => !("client_id" in m)),
+    );
     assert.deepEqual(
       again.sentSince(now - 10_000).map((s) => [s.from, s.clientId]),
       [["alice", "c-1"]],
@@ -206,7 +217,10 @@ Deno.test("the sender's client_id is kept on disk and across a compaction, but i
       "k-8",
       "k-9",
     ]);
-    assert.deepEqual(fourth.recent("dev", 50).map((m) => m.text), ["m8", "m9"]);
+    assert.deepEqual(fourth.recent("dev", 50).messages.map((m) => m.text), [
+      "m8",
+      "m9",
+    ]);
     await fourth.close();
   } finally {
     await Deno.remove(dir, { recursive: true });
@@ -244,7 +258,10 @@ Deno.test("before the kept tail, only the window's messages sent with a client_i
       ).join(""),
     );
     const store = await HistoryStore.open(dir, { keep: 2, now: () => now });
-    assert.deepEqual(store.recent("dev", 10).map((m) => m.id), ["7", "8"]);
+    assert.deepEqual(store.recent("dev", 10).messages.map((m) => m.id), [
+      "7",
+      "8",
+    ]);
     assert.deepEqual(
       store.sentSince(now - 10 * 60_000).map((s) => s.clientId),
       ["c", "e", "f"],
@@ -421,7 +438,9 @@ Deno.test("a write that failed halfway is not appended twice: the retry rewrites
       .split("\n");
     assert.deepEqual(lines.map((l) => JSON.parse(l).id), ["1"]);
     const again = await HistoryStore.open(dir);
-    assert.deepEqual(again.recent("lobby", 5).map((m) => m.text), ["one"]);
+    assert.deepEqual(again.recent("lobby", 5).messages.map((m) => m.text), [
+      "one",
+    ]);
     await again.close();
   } finally {
     proto.syncData = syncData;
