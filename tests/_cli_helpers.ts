@@ -10,6 +10,7 @@ import { type AuthServer, createAuthServer } from "../auth/server.ts";
 import { type ChatServer, createChatServer } from "../chat/server.ts";
 import type { ChatLimits } from "../chat/connection_manager.ts";
 import { splitServerFrames } from "../chat/protocol.ts";
+import type { SyncWriter } from "../cli/line_reader.ts";
 import { LineWatcher } from "./_harness.ts";
 
 /** The repository root, where `cli/main.ts` lives. */
@@ -240,6 +241,45 @@ export async function bobAndAlice(
 }
 
 /** The real `chatroom` client running as a subprocess. */
+/** What an in-process session prints, as lines to await (see {@linkcode LineStream}). */
+export function screen(): { writer: SyncWriter; out: LineStream } {
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const out = new LineStream(
+    new ReadableStream<Uint8Array>({
+      start(c) {
+        controller = c;
+      },
+    }),
+  );
+  return {
+    writer: {
+      writeSync(p: Uint8Array): number {
+        controller.enqueue(p.slice());
+        return p.length;
+      },
+    },
+    out,
+  };
+}
+
+/** Typed input for an in-process session: each `type` call is one line. */
+export function keyboard(): {
+  input: ReadableStream<Uint8Array>;
+  type: (line: string) => void;
+} {
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const input = new ReadableStream<Uint8Array>({
+    start(c) {
+      controller = c;
+    },
+  });
+  return {
+    input,
+    type: (line: string) =>
+      controller.enqueue(new TextEncoder().encode(`${line}\n`)),
+  };
+}
+
 /** `chatroom login --auth-url URL --user NAME --password-stdin`, not yet given the password. */
 export function loginProcess(
   authUrl: string,

@@ -7,44 +7,8 @@
 import assert from "node:assert/strict";
 import { ChatSession } from "../cli/chat_session.ts";
 import { CliError } from "../cli/cli_error.ts";
-import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
-import { LineStream, startMainProcess } from "./_cli_helpers.ts";
-
-/** What the session prints, as lines to await (see {@linkcode LineStream}). */
-function screen(): { writer: SyncWriter; out: LineStream } {
-  let controller!: ReadableStreamDefaultController<Uint8Array>;
-  const out = new LineStream(
-    new ReadableStream<Uint8Array>({
-      start(c) {
-        controller = c;
-      },
-    }),
-  );
-  return {
-    writer: {
-      writeSync(p: Uint8Array): number {
-        controller.enqueue(p.slice());
-        return p.length;
-      },
-    },
-    out,
-  };
-}
-
-/** Typed input: each `type` call is one line. */
-function keyboard() {
-  let controller!: ReadableStreamDefaultController<Uint8Array>;
-  const input = new ReadableStream<Uint8Array>({
-    start(c) {
-      controller = c;
-    },
-  });
-  return {
-    input,
-    type: (line: string) =>
-      controller.enqueue(new TextEncoder().encode(`${line}\n`)),
-  };
-}
+import { LineReader } from "../cli/line_reader.ts";
+import { keyboard, screen, startMainProcess } from "./_cli_helpers.ts";
 
 Deno.test("a chat address that accepts but never answers the handshake: one line and the session ends, no hang", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });

@@ -5,45 +5,9 @@
  */
 import assert from "node:assert/strict";
 import { ChatSession, type SessionState } from "../cli/chat_session.ts";
-import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
-import { LineStream } from "./_cli_helpers.ts";
+import { LineReader } from "../cli/line_reader.ts";
+import { keyboard, screen } from "./_cli_helpers.ts";
 import { login, type Stack, startStack } from "./_harness.ts";
-
-/** What the session prints, as lines to await. */
-function screen(): { writer: SyncWriter; out: LineStream } {
-  let controller!: ReadableStreamDefaultController<Uint8Array>;
-  const out = new LineStream(
-    new ReadableStream<Uint8Array>({
-      start(c) {
-        controller = c;
-      },
-    }),
-  );
-  return {
-    writer: {
-      writeSync(p: Uint8Array): number {
-        controller.enqueue(p.slice());
-        return p.length;
-      },
-    },
-    out,
-  };
-}
-
-/** Typed input: each `type` call is one line. */
-function keyboard() {
-  let controller!: ReadableStreamDefaultController<Uint8Array>;
-  const input = new ReadableStream<Uint8Array>({
-    start(c) {
-      controller = c;
-    },
-  });
-  return {
-    input,
-    type: (line: string) =>
-      controller.enqueue(new TextEncoder().encode(`${line}\n`)),
-  };
-}
 
 function storedLine(room: string, id: number, text: string, ts: string) {
   return JSON.stringify({
