@@ -60,13 +60,14 @@ export interface ChatLimits {
   /** Unsent bytes (ours plus the runtime's) before a slow reader is closed with 1013. */
   maxBufferedBytes: number;
   /**
-   * Bytes of answers (`joined`, `who`, `rooms`, `history`) per user in a
-   * burst: a request for one waits (`rate_limited`) while the user's answers
-   * have used more. A 20-byte request can ask for half a megabyte (a page of
-   * history, the room list of a busy server).
+   * Size of answers (`joined`, `who`, `rooms`, `history`) per user in a
+   * burst, in UTF-16 units (bytes, for ASCII): a request for one waits
+   * (`rate_limited`) while the user's answers have used more. A 20-byte
+   * request can ask for half a megabyte (a page of history, the room list
+   * of a busy server).
    */
   answerBurstBytes: number;
-  /** How fast that budget comes back, in bytes per second. */
+  /** How fast that budget comes back, per second. */
   answerBytesPerSecond: number;
   /** How often open sessions are re-checked with the auth server. */
   recheckIntervalMs: number;
@@ -633,6 +634,11 @@ export class ConnectionManager {
       return;
     }
     conn.retryAt = Math.max(conn.retryAt, now + waitMs);
+    this.#refuse(conn, waitMs);
+  }
+
+  /** Says `rate_limited`, with how long to wait. */
+  #refuse(conn: Conn, waitMs: number): void {
     this.#sendFrame(conn, {
       type: "error",
       error: "rate_limited",
@@ -645,17 +651,9 @@ export class ConnectionManager {
     if (this.#rateLimits && LARGE_ANSWERS.has(frame.type)) {
       const answers = conn.user.answers;
       const wait = answers.wait(now);
-      if (wait > 0) {
-        // Refused, but not a flood strike: the budget is the user's, and
-        // another of its connections may have used it up unknown to this one.
-        this.#sendFrame(conn, {
-          type: "error",
-          error: "rate_limited",
-          message: `Slow down: try again in ${Math.ceil(wait / 100) / 10} s`,
-          retry_after_ms: wait,
-        });
-        return;
-      }
+      // Refused, but not a flood strike: the budget is the user's, and
+      // another of its connections may have used it up unknown to this one.
+      if (wait > 0) return this.#refuse(conn, wait);
       this.#answering = conn;
       this.#answerBytes = 0;
       try {
