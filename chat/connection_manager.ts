@@ -18,6 +18,7 @@ import {
   CloseCode,
   type ErrorCode,
   FrameError,
+  LARGE_ANSWER_FRAMES,
   LOBBY,
   MAX_FRAME_BYTES,
   parseClientFrameText,
@@ -648,7 +649,7 @@ export class ConnectionManager {
   }
 
   #handle(conn: Conn, frame: ClientFrame, now: number): void {
-    if (this.#rateLimits && LARGE_ANSWERS.has(frame.type)) {
+    if (this.#rateLimits && LARGE_ANSWER_FRAMES.has(frame.type)) {
       const answers = conn.user.answers;
       const wait = answers.wait(now);
       // Refused, but not a flood strike: the budget is the user's, and
@@ -1147,14 +1148,6 @@ export class ConnectionManager {
     }
   }
 }
-
-/** Frames whose answer can be large: they count against the user's answer budget. */
-const LARGE_ANSWERS: ReadonlySet<string> = new Set([
-  "join",
-  "who",
-  "rooms",
-  "history",
-]);
 
 function ignore(): void {}
 

@@ -26,6 +26,17 @@ export const DEFAULT_HISTORY_LIMIT = 50;
  * the last message it got.
  */
 export const MAX_PAGE_BYTES = 256 * 1024;
+/**
+ * Client frames whose answer can be large (a page of history, a list of
+ * rooms or users): the server counts them against a per-user budget, the
+ * terminal client keeps few of them in flight.
+ */
+export const LARGE_ANSWER_FRAMES: ReadonlySet<string> = new Set([
+  "join",
+  "who",
+  "rooms",
+  "history",
+]);
 /** The room every connection starts in. */
 export const LOBBY = "lobby";
 

@@ -16,6 +16,7 @@ import {
   type ClientFrame,
   isRoomName,
   isUsername,
+  LARGE_ANSWER_FRAMES,
   LOBBY,
   MAX_HISTORY_LIMIT,
   MAX_PAGE_BYTES,
@@ -129,8 +130,7 @@ function saying(frame: ClientFrame): boolean {
 
 /** Whether a frame's answer can be large (see {@linkcode PAGE_WINDOW}). */
 function carriesPage(frame: ClientFrame): boolean {
-  return frame.type === "join" || frame.type === "history" ||
-    frame.type === "rooms" || frame.type === "who";
+  return LARGE_ANSWER_FRAMES.has(frame.type);
 }
 
 /** What a session hands on to the next login of its user (see `resume`). */
