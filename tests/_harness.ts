@@ -4,6 +4,7 @@
  *
  * @module
  */
+import assert from "node:assert/strict";
 import { type AuthServer, createAuthServer } from "../auth/server.ts";
 import type { ChatLimits } from "../chat/connection_manager.ts";
 import { type ChatServer, createChatServer } from "../chat/server.ts";
@@ -510,6 +511,25 @@ export async function statusWithin(
   clearTimeout(timer);
   if (status === undefined) throw new Error(`still running after ${ms} ms`);
   return status;
+}
+
+/**
+ * SIGTERM to a server process, then: exit 0 within 15 s, its output read to
+ * the end, and no uncaught error or stack trace on stderr.
+ */
+export async function terminatesCleanly(
+  child: Deno.ChildProcess,
+  stdout: LineWatcher,
+  stderr: LineWatcher,
+): Promise<void> {
+  child.kill("SIGTERM");
+  assert.equal(
+    (await statusWithin(child, 15_000)).code,
+    0,
+    stderr.lines.join("\n"),
+  );
+  await Promise.all([stdout.done, stderr.done]);
+  assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
 }
 
 /**

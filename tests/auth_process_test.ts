@@ -8,6 +8,7 @@ import {
   retryUntil,
   statusWithin,
   stopChild,
+  terminatesCleanly,
 } from "./_harness.ts";
 
 const MAIN = fileURLToPath(new URL("../auth/main.ts", import.meta.url));
@@ -227,14 +228,7 @@ Deno.test("out of file descriptors, the entry point does not crash, and answers 
     const health = await retryUntil(() => fetch(`${url}/health`), 10_000);
     assert.deepEqual(await health.json(), { status: "ok" });
     await stderr.waitFor(/^\S+ auth listener accepting connections again$/);
-    child.kill("SIGTERM");
-    assert.equal(
-      (await statusWithin(child, 15_000)).code,
-      0,
-      stderr.lines.join("\n"),
-    );
-    await Promise.all([stdout.done, stderr.done]);
-    assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
+    await terminatesCleanly(child, stdout, stderr);
   } finally {
     for (const conn of held) conn.close();
     await stopChild(child);

@@ -7,6 +7,7 @@ import {
   retryUntil,
   statusWithin,
   stopChild,
+  terminatesCleanly,
   TestClient,
 } from "./_harness.ts";
 
@@ -204,14 +205,7 @@ Deno.test("out of file descriptors, deno task start neither crashes nor drops it
     await stderr.waitFor(/^chat: listener accepting connections again$/);
     bob.send({ type: "message", text: "back" });
     assert.equal((await alice.nextOfType("message")).text, "back");
-    child.kill("SIGTERM");
-    assert.equal(
-      (await statusWithin(child, 15_000)).code,
-      0,
-      stderr.lines.join("\n"),
-    );
-    await Promise.all([stdout.done, stderr.done]);
-    assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
+    await terminatesCleanly(child, stdout, stderr);
   } finally {
     for (const conn of held) conn.close();
     await stopChild(child);
