@@ -262,10 +262,14 @@ export function screen(): { writer: SyncWriter; out: LineStream } {
   };
 }
 
-/** Typed input for an in-process session: each `type` call is one line. */
+/**
+ * Typed input for an in-process session: each `type` call is one line,
+ * `push` sends keys as they are (escape sequences, Ctrl keys).
+ */
 export function keyboard(): {
   input: ReadableStream<Uint8Array>;
   type: (line: string) => void;
+  push: (keys: string) => void;
 } {
   let controller!: ReadableStreamDefaultController<Uint8Array>;
   const input = new ReadableStream<Uint8Array>({
@@ -273,10 +277,12 @@ export function keyboard(): {
       controller = c;
     },
   });
+  const push = (keys: string) =>
+    controller.enqueue(new TextEncoder().encode(keys));
   return {
     input,
-    type: (line: string) =>
-      controller.enqueue(new TextEncoder().encode(`${line}\n`)),
+    type: (line: string) => push(`${line}\n`),
+    push,
   };
 }
 

@@ -16,6 +16,7 @@ import {
   type ViewOptions,
 } from "../cli/render.ts";
 import { parseServerText } from "../cli/server_frames.ts";
+import { keyboard } from "./_cli_helpers.ts";
 
 const view: ViewOptions = { color: false, currentRoom: "lobby", me: "alice" };
 const ts = new Date(2024, 0, 2, 9, 5).toISOString();
@@ -356,7 +357,7 @@ Deno.test("on a terminal the reader edits the line in raw mode, hides passwords 
   await t.step(
     "typing, backspace, escape sequences, echo off, Enter",
     async () => {
-      const { stream, push } = keyboard();
+      const { input: stream, push } = keyboard();
       const out = sink();
       const raw: boolean[] = [];
       const reader = new LineReader({
@@ -388,7 +389,7 @@ Deno.test("on a terminal the reader edits the line in raw mode, hides passwords 
   );
 
   await t.step("Ctrl+C rejects the read and leaves raw mode", async () => {
-    const { stream, push } = keyboard();
+    const { input: stream, push } = keyboard();
     const raw: boolean[] = [];
     const reader = new LineReader({
       input: stream,
@@ -404,7 +405,7 @@ Deno.test("on a terminal the reader edits the line in raw mode, hides passwords 
 });
 
 Deno.test("on a plain terminal (TERM=dumb, or output not to it) the reader never moves the cursor: the terminal edits the lines, only passwords go raw", async () => {
-  const { stream, push } = keyboard();
+  const { input: stream, push } = keyboard();
   const out = sink();
   const prompts = sink();
   const raw: boolean[] = [];
@@ -561,21 +562,5 @@ function sink(): SyncWriter & { text(): string } {
     text() {
       return chunks.map((c) => new TextDecoder().decode(c)).join("");
     },
-  };
-}
-
-function keyboard(): {
-  stream: ReadableStream<Uint8Array>;
-  push: (keys: string) => void;
-} {
-  let controller!: ReadableStreamDefaultController<Uint8Array>;
-  const stream = new ReadableStream<Uint8Array>({
-    start(c) {
-      controller = c;
-    },
-  });
-  return {
-    stream,
-    push: (keys) => controller.enqueue(new TextEncoder().encode(keys)),
   };
 }
