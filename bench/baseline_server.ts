@@ -9,7 +9,13 @@
  * fixed small JSON answer, so the same process is also the floor for the
  * `/validate_token` requests/s figure (bare `Deno.serve` round trip).
  *
- * Usage: `deno run --allow-net=127.0.0.1 bench/baseline_server.ts [--port 0] [--exit-on-eof]`
+ * With `--message-frames` it is the floor of the contract's frames instead:
+ * each frame received is parsed and what every client gets is a chat
+ * `message` frame carrying its text (`id`, `room`, `from`, `ts` added),
+ * serialised once. Any server that sends what CONTRACT section 4 asks for,
+ * one frame per message per recipient, does at least this much.
+ *
+ * Usage: `deno run --allow-net=127.0.0.1 bench/baseline_server.ts [--port 0] [--exit-on-eof] [--message-frames]`
  * Prints `listening on http://HOST:PORT` when ready; SIGTERM/SIGINT exit 0, and
  * so does the end of stdin with `--exit-on-eof` (the bench uses it, so that a
  * killed orchestrator leaves no server behind).
@@ -27,6 +33,8 @@ function main(): void {
     Deno.exit(2);
   }
   const clients = new Set<WebSocket>();
+  const messageFrames = Deno.args.includes("--message-frames");
+  let lastId = 0;
   const body = JSON.stringify({ valid: true, username: "baseline" });
   const controller = new AbortController();
   // Signal handlers go in before the ready line is printed.
@@ -58,14 +66,34 @@ function main(): void {
     const { socket, response } = Deno.upgradeWebSocket(req);
     socket.onopen = () => clients.add(socket);
     socket.onmessage = (event) => {
+      const data = messageFrames ? messageFrame(event.data) : event.data;
       for (const client of clients) {
-        if (client.readyState === WebSocket.OPEN) client.send(event.data);
+        if (client.readyState === WebSocket.OPEN) client.send(data);
       }
     };
     socket.onclose = () => clients.delete(socket);
     socket.onerror = () => clients.delete(socket);
     return response;
   });
+
+  /** The chat `message` frame for a client's `{"type":"message","text"}`. */
+  function messageFrame(data: unknown): string {
+    let text = String(data);
+    try {
+      const frame = JSON.parse(text);
+      if (typeof frame?.text === "string") text = frame.text;
+    } catch {
+      // Not JSON: the frame is the text, as the contract says.
+    }
+    return JSON.stringify({
+      type: "message",
+      id: String(++lastId),
+      room: "lobby",
+      from: "user000001",
+      text,
+      ts: new Date().toISOString(),
+    });
+  }
 }
 
 if (import.meta.main) main();

@@ -47,6 +47,7 @@ import { evaluateTargets, formatTable, type ScenarioResult } from "./report.ts";
 
 const SCENARIOS = [
   "fanout",
+  "fanout_floor",
   "fanout_big_data",
   "saturation",
   "idle",
@@ -208,6 +209,7 @@ async function runScenario(
 ): Promise<ScenarioResult> {
   const { ctx } = run;
   if (name === "fanout") return await fanoutScenario(run);
+  if (name === "fanout_floor") return await floorScenario(run);
   if (name === "fanout_big_data") return await bigData(run);
   const fn = {
     saturation,
@@ -260,6 +262,29 @@ async function fanoutScenario(run: RunContext): Promise<ScenarioResult> {
     () => startBaselineSide(ctx.runtimeFlags),
   );
   return { chat, baseline, ratio: ratios(chat, baseline) };
+}
+
+/**
+ * The fan-out of the contract's frames with nothing else: the baseline
+ * server sending chat `message` frames (`--message-frames`), in the chat
+ * server's place, against the baseline. What any server that sends the
+ * frames CONTRACT section 4 asks for, one per message per recipient, costs
+ * at least; the chat server's figures above it are its own work.
+ */
+async function floorScenario(run: RunContext): Promise<ScenarioResult> {
+  const { ctx } = run;
+  const [floor, baseline] = await onSidePair(
+    ctx,
+    () => startBaselineSide(ctx.runtimeFlags, ["--message-frames"]),
+    () => startBaselineSide(ctx.runtimeFlags),
+  );
+  return {
+    chat: floor,
+    baseline,
+    ratio: ratios(floor, baseline),
+    compared_with:
+      "chat column: the baseline server sending the contract's message frames (bench/baseline_server.ts --message-frames), in the chat server's place",
+  };
 }
 
 /**

@@ -238,9 +238,13 @@ export async function startChatSide(
   }
 }
 
-/** Starts the baseline broadcast server. */
+/**
+ * Starts the baseline broadcast server (`serverArgs`: `--message-frames`
+ * for the floor of the contract's frames).
+ */
 export async function startBaselineSide(
   runtimeFlags: string[] = [],
+  serverArgs: string[] = [],
 ): Promise<Side> {
   const server = await ServerProcess.start("baseline", [
     "run",
@@ -251,6 +255,7 @@ export async function startBaselineSide(
     "--port",
     "0",
     "--exit-on-eof",
+    ...serverArgs,
   ], { pipeStdin: true, env: RUNTIME_ENV });
   return {
     kind: "baseline",

@@ -134,6 +134,50 @@ Deno.test("a load process counts every delivery of the baseline server", async (
   }
 });
 
+Deno.test("the floor server sends every client the contract's message frame for each one received", async () => {
+  const side = await startBaselineSide([], ["--message-frames"]);
+  const sockets: WebSocket[] = [];
+  try {
+    const frames: string[][] = [[], []];
+    const wanted = new Promise<void>((resolve) => {
+      for (let i = 0; i < 2; i++) {
+        const ws = new WebSocket(side.wsUrl);
+        sockets.push(ws);
+        ws.onmessage = (event) => {
+          frames[i]!.push(event.data);
+          if (frames.every((f) => f.length === 2)) resolve();
+        };
+      }
+    });
+    await Promise.all(sockets.map((ws) =>
+      new Promise((resolve, reject) => {
+        ws.onopen = resolve;
+        ws.onerror = reject;
+      })
+    ));
+    sockets[0]!.send(JSON.stringify({ type: "message", text: "hi there" }));
+    sockets[0]!.send("not json");
+    await wanted;
+    assertEquals(frames[0], frames[1], "both clients, the same frames");
+    const [first, second] = frames[0]!.map((f) => JSON.parse(f));
+    assertEquals(
+      Object.keys(first),
+      ["type", "id", "room", "from", "text", "ts"],
+      "fields",
+    );
+    assertEquals(
+      [first.type, first.id, first.room, first.text],
+      ["message", "1", "lobby", "hi there"],
+      "first",
+    );
+    assertEquals([second.id, second.text], ["2", "not json"], "second");
+    assertEquals(new Date(first.ts).toISOString(), first.ts, "ts");
+  } finally {
+    for (const ws of sockets) ws.close();
+    await closeSide(side);
+  }
+});
+
 Deno.test("the paired fan-out measures two servers in turns and adds up each one's runs", async () => {
   const sides: Side[] = [];
   try {
