@@ -24,6 +24,13 @@ export interface HistoryOptions {
   /** Messages kept per room, in memory and on disk. Default 1000. */
   keep?: number;
   /**
+   * Most bytes the kept messages of all rooms may hold together (estimated,
+   * see {@linkcode messageBytes}): past it, the rooms holding the most lose
+   * their oldest messages until all hold at most half of it. Default
+   * {@linkcode DEFAULT_MAX_HISTORY_BYTES}.
+   */
+  maxBytes?: number;
+  /**
    * How long a sender's `client_id` is remembered, across a restart too:
    * a message sent with one stays in the file that long, also past `keep`.
    * Default 10 minutes.
@@ -78,6 +85,27 @@ interface Room {
   writeError: string | undefined;
   /** JSON of the newest messages a `welcome` or `joined` carries; dropped on append. */
   recentJson: string | undefined;
+  /** Estimated bytes of `messages` (see {@linkcode messageBytes}). */
+  bytes: number;
+}
+
+/**
+ * Default of {@linkcode HistoryOptions.maxBytes}: 512 MiB, about two million
+ * messages of everyday length (10,000 rooms of 1000 such messages would hold
+ * about 3 GB; 1000 of the longest, 16 MB a room). A flood in a few rooms
+ * cannot take the memory of the whole server, nor the history of the rooms
+ * that hold less.
+ */
+export const DEFAULT_MAX_HISTORY_BYTES = 512 * 1024 * 1024;
+/**
+ * What a kept message costs besides its text: the object, its id and time
+ * strings, and the array slot (measured about 150 bytes; rounded up).
+ */
+const MESSAGE_OVERHEAD_BYTES = 200;
+
+/** Estimated bytes a kept message holds in memory (its text as UTF-16, the worst case). */
+function messageBytes(message: RoomMessage): number {
+  return 2 * message.text.length + MESSAGE_OVERHEAD_BYTES;
 }
 
 const FILE_SUFFIX = ".jsonl";
@@ -126,6 +154,9 @@ const FILE_CONCURRENCY = 16;
 export class HistoryStore {
   #dir: string;
   #keep: number;
+  #maxBytes: number;
+  /** Estimated bytes of every room's kept messages. */
+  #bytes = 0;
   #dedupWindowMs: number;
   #flushIntervalMs: number;
   #now: () => number;
@@ -149,6 +180,7 @@ export class HistoryStore {
   private constructor(dir: string, options: HistoryOptions) {
     this.#dir = dir;
     this.#keep = options.keep ?? 1000;
+    this.#maxBytes = options.maxBytes ?? DEFAULT_MAX_HISTORY_BYTES;
     this.#dedupWindowMs = options.dedupWindowMs ?? 10 * 60_000;
     this.#flushIntervalMs = options.flushIntervalMs ?? 1000;
     this.#now = options.now ?? Date.now;
@@ -243,6 +275,7 @@ export class HistoryStore {
         r.lastId = Math.max(r.lastId, this.#floor(r.name));
       }
     }
+    this.#shed();
     await Deno.writeTextFile(mark, String(this.#idBase), { mode: 0o600 });
     await syncDir(dir);
     // Compactions found at load happen in the background, off the start-up path.
@@ -252,6 +285,11 @@ export class HistoryStore {
   /** Whether the room has any kept history. */
   has(room: string): boolean {
     return (this.#rooms.get(room)?.messages.length ?? 0) > 0;
+  }
+
+  /** Estimated bytes the kept messages of all rooms hold (see {@linkcode HistoryOptions.maxBytes}). */
+  get bytes(): number {
+    return this.#bytes;
   }
 
   /** How many rooms have history. */
@@ -291,7 +329,9 @@ export class HistoryStore {
       ts: new Date(this.#now()).toISOString(),
     };
     r.messages.push(message);
+    this.#grow(r, messageBytes(message));
     if (r.messages.length > this.#keep + trimSlack(this.#keep)) this.#trim(r);
+    if (this.#bytes > this.#maxBytes) this.#shed();
     const line = JSON.stringify(message);
     let own = line;
     if (clientId !== undefined) {
@@ -465,14 +505,56 @@ export class HistoryStore {
     return r.messages;
   }
 
+  /** Adds to (or takes from) a room's and the store's byte counts. */
+  #grow(r: Room, bytes: number): void {
+    r.bytes += bytes;
+    this.#bytes += bytes;
+  }
+
+  /**
+   * Over the byte budget: trims the room holding the most to half of what
+   * it holds (or as far as needed), again and again, until all rooms hold
+   * at most half the budget. Down to half, so that a flood sheds in large
+   * steps: a shed room's file is rewritten to its new tail, which writes at
+   * most about what the flood sent. Every room keeps its newest message.
+   */
+  #shed(): void {
+    if (this.#bytes <= this.#maxBytes) return;
+    const target = this.#maxBytes / 2;
+    while (this.#bytes > target) {
+      let largest: Room | undefined;
+      for (const r of this.#rooms.values()) {
+        if (r.messages.length > 1 && r.bytes > (largest?.bytes ?? 0)) {
+          largest = r;
+        }
+      }
+      if (largest === undefined) break;
+      const goal = Math.min(this.#bytes - target, largest.bytes / 2);
+      let freed = 0;
+      let n = 0;
+      while (n < largest.messages.length - 1 && freed < goal) {
+        freed += messageBytes(largest.messages[n++]!);
+      }
+      this.#trim(largest, largest.messages.length - n);
+      largest.recentJson = undefined;
+      largest.needsRewrite = true;
+      this.#dirty.add(largest);
+    }
+    this.#schedule();
+    this.#log(
+      `history: over its memory budget of ${this.#maxBytes} bytes: the busiest rooms lost their oldest messages, ${this.#bytes} bytes kept`,
+    );
+  }
+
   /**
    * Trims a room's messages to the newest `keep`; those of them sent with a
    * `client_id` within the exactly-once window move to `sentTail`.
    */
-  #trim(r: Room): void {
+  #trim(r: Room, keep = this.#keep): void {
     const cutoff = this.#now() - this.#dedupWindowMs;
-    const trimmed = r.messages.splice(0, r.messages.length - this.#keep);
+    const trimmed = r.messages.splice(0, r.messages.length - keep);
     for (const message of trimmed) {
+      this.#grow(r, -messageBytes(message));
       const clientId = this.#clientIds.get(message);
       const at = Date.parse(message.ts);
       if (clientId !== undefined && at > cutoff) {
@@ -604,6 +686,7 @@ export class HistoryStore {
         continue;
       }
       r.messages.push(message);
+      this.#grow(r, messageBytes(message));
       if (clientId !== undefined) this.#clientIds.set(message, clientId);
     }
     r.linesOnDisk = lines.length;
@@ -629,6 +712,7 @@ function newRoom(name: string, lastId = 0): Room {
     linesOnDisk: 0,
     writeError: undefined,
     recentJson: undefined,
+    bytes: 0,
   };
 }
 

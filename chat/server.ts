@@ -34,6 +34,11 @@ export interface ChatServerOptions {
   limits?: Partial<ChatLimits>;
   /** Messages kept per room. Default 1000. */
   historyKeep?: number;
+  /**
+   * Most bytes the kept messages of all rooms hold in memory; past it the
+   * rooms holding the most lose their oldest. Default 512 MiB.
+   */
+  historyMaxBytes?: number;
   /** Longest delay before history reaches the disk. Default 1000 ms. */
   historyFlushMs?: number;
   /** Longest wait for the auth server. Default 2000 ms. */
@@ -77,6 +82,7 @@ export async function createChatServer(
   } = options;
   const history = await HistoryStore.open(`${dataDir}/history`, {
     keep: options.historyKeep,
+    maxBytes: options.historyMaxBytes,
     dedupWindowMs: options.limits?.dedupWindowMs ??
       DEFAULT_CHAT_LIMITS.dedupWindowMs,
     flushIntervalMs: options.historyFlushMs,

@@ -20,6 +20,7 @@ export interface StackOptions {
   rateLimits?: boolean;
   chatLimits?: Partial<ChatLimits>;
   historyKeep?: number;
+  historyMaxBytes?: number;
   historyFlushMs?: number;
   allowedOrigins?: string[];
   idleTimeoutSeconds?: number;
@@ -64,6 +65,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
       rateLimits: options.rateLimits ?? false,
       limits: options.chatLimits,
       historyKeep: options.historyKeep,
+      historyMaxBytes: options.historyMaxBytes,
       historyFlushMs: options.historyFlushMs,
       allowedOrigins: options.allowedOrigins,
       idleTimeoutSeconds: options.idleTimeoutSeconds,

@@ -495,3 +495,52 @@ Deno.test("while the disk refuses writes the history says so once per room, and 
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("past its byte budget the history trims the rooms holding the most, oldest first, and leaves the quiet ones whole", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const logs: string[] = [];
+    const store = await HistoryStore.open(dir, {
+      maxBytes: 100_000,
+      log: (line) => logs.push(line),
+    });
+    const quiet = Array.from({ length: 20 }, (_, i) => `hello ${i + 1}`);
+    for (const text of quiet) store.append("quiet", "alice", text);
+    const long = "x".repeat(3990);
+    for (let i = 1; i <= 40; i++) {
+      store.append("flood", "mallory", `${i} ${long}`);
+      assert.ok(store.bytes <= 100_000, `${store.bytes} bytes after ${i}`);
+    }
+    assert.deepEqual(
+      store.recent("quiet", 50).messages.map((m) => m.text),
+      quiet,
+    );
+    // The flood keeps its newest messages, with no hole among them, and
+    // asking from the start says some are gone.
+    const flood = store.after("flood", "0", 500);
+    assert.equal(flood.gap, true);
+    const ids = flood.messages.map((m) => Number(m.id));
+    assert.ok(ids.length > 0 && ids.length < 12, `${ids.length} kept`);
+    assert.deepEqual(ids, ids.map((_, i) => 41 - ids.length + i));
+    // Shed in large steps (to half the budget), so said a few times, not
+    // once a message.
+    const sheds = logs.filter((l) => l.includes("memory budget")).length;
+    assert.ok(sheds > 0 && sheds < 10, `${sheds} sheds`);
+    await store.close();
+    // The shed room's file holds what is kept, no more.
+    const lines = (await Deno.readTextFile(`${dir}/flood.jsonl`)).trimEnd()
+      .split("\n");
+    assert.deepEqual(lines.map((l) => Number(JSON.parse(l).id)), ids);
+    // A smaller budget sheds at open; every room keeps its newest message.
+    const again = await HistoryStore.open(dir, { maxBytes: 30_000 });
+    assert.ok(again.bytes <= 15_000, `${again.bytes} bytes`);
+    assert.equal(again.recent("quiet", 50).messages.length, 20);
+    assert.deepEqual(again.recent("flood", 50).messages.map((m) => m.id), [
+      "40",
+    ]);
+    assert.equal(again.append("flood", "mallory", "next").message.id, "41");
+    await again.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -822,3 +822,38 @@ Deno.test("the rooms answer follows every change of who is where (it is built on
     await stack.close();
   }
 });
+
+Deno.test("a flood past the history's memory budget costs its own room's oldest messages, not the others' history", async () => {
+  const stack = await startStack({ historyMaxBytes: 200_000 });
+  try {
+    const alice = await connectAs(stack, "alice");
+    for (let i = 1; i <= 5; i++) alice.send({ type: "message", text: `q${i}` });
+    await alice.next((f) => f.type === "message" && f.text === "q5");
+    const mallory = await connectAs(stack, "mallory");
+    mallory.send({ type: "join", room: "flood" });
+    await mallory.nextOfType("joined");
+    const long = "y".repeat(3990);
+    for (let i = 1; i <= 60; i++) {
+      mallory.send({ type: "message", text: `${i} ${long}` });
+    }
+    await mallory.next((f) =>
+      f.type === "message" && f.room === "flood" &&
+      String(f.text).startsWith("60 ")
+    );
+    const bob = await connectAs(stack, "bob");
+    const welcome = bob.frames.find((f) => f.type === "welcome")!;
+    assert.deepEqual(
+      (welcome.history as { text: string }[]).map((m) => m.text),
+      ["q1", "q2", "q3", "q4", "q5"],
+    );
+    bob.send({ type: "history", room: "flood", after: "0", limit: 500 });
+    const flood = await bob.nextOfType("history");
+    assert.equal(flood.gap, true);
+    const ids = (flood.messages as { id: string }[]).map((m) => Number(m.id));
+    assert.ok(ids.length > 0 && ids.length < 25, `${ids.length} kept`);
+    assert.equal(ids.at(-1), 60);
+    for (const c of [alice, mallory, bob]) await c.close();
+  } finally {
+    await stack.close();
+  }
+});
