@@ -50,6 +50,15 @@ export interface ChatLimits {
   maxConnectionsPerAddress: number;
   /** Open connections in all. */
   maxConnections: number;
+  /**
+   * Connection attempts per client address in a burst (those refused by
+   * the caps above not counted): each one that passes the caps costs a
+   * token check and a `welcome` with recent history, so closing and opening
+   * again as fast as possible must not be free.
+   */
+  connectBurst: number;
+  /** How fast those come back, per second. */
+  connectsPerSecond: number;
   /** Rooms one connection may be in at once. */
   maxRoomsPerConnection: number;
   /**
@@ -101,6 +110,8 @@ export const DEFAULT_CHAT_LIMITS: ChatLimits = {
   maxConnectionsPerUser: 16,
   maxConnectionsPerAddress: 128,
   maxConnections: 20_000,
+  connectBurst: 256,
+  connectsPerSecond: 32,
   maxRoomsPerConnection: 64,
   maxRooms: 10_000,
   maxBufferedBytes: 1024 * 1024,
@@ -151,6 +162,11 @@ interface User {
   sent: Map<string, { line: string; at: number }>;
   lastSeen: number;
 }
+
+/** How often addresses with a full connection-attempt bucket are forgotten. */
+const CONNECT_SWEEP_MS = 60_000;
+/** Most addresses whose connection attempts are counted at once. */
+const MAX_CONNECT_ADDRESSES = 100_000;
 
 interface Conn {
   id: number;
@@ -253,6 +269,9 @@ export class ConnectionManager {
    */
   #ended = new Map<string, number>();
   #addresses = new Map<string, number>();
+  /** Connection attempts per address (see `ChatLimits.connectBurst`). */
+  #connects = new Map<string, TokenBucket>();
+  #connectsSweptAt = 0;
   /** Open connections plus upgrades in progress: the sum of `#addresses`. */
   #reserved = 0;
   #conns = new Set<Conn>();
@@ -332,6 +351,41 @@ export class ConnectionManager {
     this.#addresses.set(address, count + 1);
     this.#reserved++;
     return true;
+  }
+
+  /**
+   * Counts a connection attempt from `address` that passed the caps.
+   * Returns 0 when it may go on, otherwise the milliseconds until one may.
+   */
+  connectWait(address: string): number {
+    if (!this.#rateLimits) return 0;
+    const now = this.#now();
+    const buckets = this.#connects;
+    // Addresses whose bucket is full again are forgotten (a new one starts
+    // full); so many at once that memory would matter, the oldest too.
+    if (
+      now - this.#connectsSweptAt >= CONNECT_SWEEP_MS ||
+      buckets.size > MAX_CONNECT_ADDRESSES
+    ) {
+      this.#connectsSweptAt = now;
+      for (const [key, bucket] of buckets) {
+        if (bucket.isFull(now)) buckets.delete(key);
+      }
+      for (const key of buckets.keys()) {
+        if (buckets.size <= MAX_CONNECT_ADDRESSES) break;
+        buckets.delete(key);
+      }
+    }
+    let bucket = buckets.get(address);
+    if (bucket === undefined) {
+      bucket = new TokenBucket(
+        this.#limits.connectBurst,
+        this.#limits.connectsPerSecond,
+        now,
+      );
+      buckets.set(address, bucket);
+    }
+    return bucket.take(now);
   }
 
   /** Gives back a reservation that did not become a connection. */

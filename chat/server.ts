@@ -274,6 +274,20 @@ export function createChatHandler(
     }
     let upgraded = false;
     try {
+      const waitMs = manager.connectWait(address);
+      if (waitMs > 0) {
+        return Response.json({
+          error: "rate_limited",
+          message:
+            `Too many connection attempts from this address; try again in ${
+              Math.ceil(waitMs / 1000)
+            } s`,
+          retry_after_ms: waitMs,
+        }, {
+          status: 429,
+          headers: { "retry-after": String(Math.ceil(waitMs / 1000)) },
+        });
+      }
       let check: TokenCheck;
       try {
         check = await validateToken(token);

@@ -53,6 +53,12 @@ export class TokenBucket {
     this.#tokens -= amount;
   }
 
+  /** Whether the bucket is full again at `now` (forgetting it changes nothing). */
+  isFull(now: number): boolean {
+    this.#refill(now);
+    return this.#tokens >= this.#burst;
+  }
+
   #refill(now: number): void {
     const elapsed = Math.max(0, now - this.#updated) / 1000;
     this.#tokens = Math.min(

@@ -847,3 +847,86 @@ Deno.test("the answer budget charges the answer alone (not a join's presence to 
     await stack.close();
   }
 });
+
+Deno.test("connection attempts from one address are rate-limited before the token check; refusals by a cap cost nothing; RATE_LIMITS=off lifts it", async (t) => {
+  await t.step("past the burst: 429 rate_limited, with the wait", async () => {
+    const stack = await startStack({
+      rateLimits: true,
+      chatLimits: { connectBurst: 3, connectsPerSecond: 0.01 },
+    });
+    try {
+      const token = await login(stack.auth.url, "alice");
+      const auth = { authorization: `Bearer ${token}` };
+      for (let i = 0; i < 3; i++) {
+        assert.equal(
+          (await rawUpgrade(stack.chat.port, "/ws", auth)).status,
+          101,
+        );
+      }
+      const res = await rawUpgrade(stack.chat.port, "/ws", auth);
+      assert.equal(res.status, 429);
+      const body = JSON.parse(res.body);
+      assert.equal(body.error, "rate_limited");
+      assert.ok(body.retry_after_ms > 1000, `${body.retry_after_ms}`);
+      assert.match(res.head, /\r\nretry-after: \d+/i);
+      // Refused before the token is checked: a bad token costs no auth call.
+      const bad = await rawUpgrade(stack.chat.port, "/ws", {
+        authorization: "Bearer nosuchtoken",
+      });
+      assert.equal(bad.status, 429);
+      assert.equal(JSON.parse(bad.body).error, "rate_limited");
+    } finally {
+      await stack.close();
+    }
+  });
+  await t.step(
+    "an attempt refused by the address cap spends nothing",
+    async () => {
+      const stack = await startStack({
+        rateLimits: true,
+        chatLimits: {
+          connectBurst: 2,
+          connectsPerSecond: 0.01,
+          maxConnectionsPerAddress: 1,
+        },
+      });
+      try {
+        const held = await connectAs(stack, "alice");
+        const token = await login(stack.auth.url, "bob");
+        const auth = { authorization: `Bearer ${token}` };
+        for (let i = 0; i < 3; i++) {
+          const res = await rawUpgrade(stack.chat.port, "/ws", auth);
+          assert.equal(JSON.parse(res.body).error, "too_many_connections");
+        }
+        await held.close();
+        await waitFor(
+          () => stack.chat.connections === 0,
+          5000,
+          "the close to be seen",
+        );
+        const bob = await TestClient.connect(stack.chat.url, token);
+        await bob.close();
+      } finally {
+        await stack.close();
+      }
+    },
+  );
+  await t.step("RATE_LIMITS=off", async () => {
+    const stack = await startStack({
+      rateLimits: false,
+      chatLimits: { connectBurst: 1, connectsPerSecond: 0.01 },
+    });
+    try {
+      const token = await login(stack.auth.url, "alice");
+      const auth = { authorization: `Bearer ${token}` };
+      for (let i = 0; i < 3; i++) {
+        assert.equal(
+          (await rawUpgrade(stack.chat.port, "/ws", auth)).status,
+          101,
+        );
+      }
+    } finally {
+      await stack.close();
+    }
+  });
+});
