@@ -80,8 +80,11 @@ function main(): void {
   function messageFrame(data: unknown): string {
     let text = String(data);
     try {
-      const frame = JSON.parse(text);
-      if (typeof frame?.text === "string") text = frame.text;
+      const frame: unknown = JSON.parse(text);
+      if (
+        typeof frame === "object" && frame !== null && "text" in frame &&
+        typeof frame.text === "string"
+      ) text = frame.text;
     } catch {
       // Not JSON: the frame is the text, as the contract says.
     }

@@ -53,8 +53,6 @@ const ROWS: Record<string, string[]> = {
     "p99_ms",
     "cpu_us_per_delivery",
     "cpu_sys_us_per_delivery",
-    "lockstep_p99_ms",
-    "lockstep_cpu_us_per_delivery",
   ],
   fanout_big_data: [
     "startup_ms",

@@ -157,6 +157,8 @@ export class HistoryStore {
   #maxBytes: number;
   /** Estimated bytes of every room's kept messages. */
   #bytes = 0;
+  /** Set when a shed could not get under its target: when to try again. */
+  #shedStuckAt = 0;
   #dedupWindowMs: number;
   #flushIntervalMs: number;
   #now: () => number;
@@ -512,37 +514,57 @@ export class HistoryStore {
   }
 
   /**
-   * Over the byte budget: trims the room holding the most to half of what
-   * it holds (or as far as needed), again and again, until all rooms hold
-   * at most half the budget. Down to half, so that a flood sheds in large
+   * Over the byte budget: cuts the rooms holding the most down to one level,
+   * oldest messages first, so that all rooms together hold at most half the
+   * budget (the level is found in one pass over the rooms sorted by size,
+   * however many there are). Down to half, so that a flood sheds in large
    * steps: a shed room's file is rewritten to its new tail, which writes at
-   * most about what the flood sent. Every room keeps its newest message.
+   * most about what the flood sent. Every room keeps its newest message;
+   * when that is all that is left to cut, it waits for another eighth of
+   * the budget before it tries again.
    */
   #shed(): void {
-    if (this.#bytes <= this.#maxBytes) return;
+    if (this.#bytes <= Math.max(this.#maxBytes, this.#shedStuckAt)) return;
     const target = this.#maxBytes / 2;
-    while (this.#bytes > target) {
-      let largest: Room | undefined;
-      for (const r of this.#rooms.values()) {
-        if (r.messages.length > 1 && r.bytes > (largest?.bytes ?? 0)) {
-          largest = r;
-        }
+    const excess = this.#bytes - target;
+    const rooms = [...this.#rooms.values()]
+      .filter((r) => r.messages.length > 1)
+      .sort((a, b) => b.bytes - a.bytes);
+    // Cutting the first k rooms down to the size of the next frees their
+    // sum less k times that size: the first k for which that is enough
+    // gives the level (0 if no k is: all of them to their newest message).
+    let level = 0;
+    let cut = rooms.length;
+    let sum = 0;
+    for (let k = 1; k <= rooms.length; k++) {
+      sum += rooms[k - 1]!.bytes;
+      if (sum - k * (rooms[k]?.bytes ?? 0) >= excess) {
+        level = (sum - excess) / k;
+        cut = k;
+        break;
       }
-      if (largest === undefined) break;
-      const goal = Math.min(this.#bytes - target, largest.bytes / 2);
+    }
+    const before = this.#bytes;
+    for (const r of rooms.slice(0, cut)) {
+      const goal = r.bytes - level;
       let freed = 0;
       let n = 0;
-      while (n < largest.messages.length - 1 && freed < goal) {
-        freed += messageBytes(largest.messages[n++]!);
+      while (n < r.messages.length - 1 && freed < goal) {
+        freed += messageBytes(r.messages[n++]!);
       }
-      this.#trim(largest, largest.messages.length - n);
-      largest.recentJson = undefined;
-      largest.needsRewrite = true;
-      this.#dirty.add(largest);
+      if (n === 0) continue;
+      this.#trim(r, r.messages.length - n);
+      r.recentJson = undefined;
+      r.needsRewrite = true;
+      this.#dirty.add(r);
     }
+    this.#shedStuckAt = this.#bytes > target
+      ? this.#bytes + this.#maxBytes / 8
+      : 0;
+    if (this.#bytes === before) return;
     this.#schedule();
     this.#log(
-      `history: over its memory budget of ${this.#maxBytes} bytes: the busiest rooms lost their oldest messages, ${this.#bytes} bytes kept`,
+      `history: over its memory budget of ${this.#maxBytes} bytes: the rooms holding the most lost their oldest messages, ${this.#bytes} bytes kept`,
     );
   }
 
@@ -610,8 +632,10 @@ export class HistoryStore {
           ...r.sentTail.map((s) => s.own),
           ...kept.map((m) => this.#storedLine(m)),
         ];
-        await writeAtomic(path, text);
+        // Cleared before the write: a shed while it is under way asks for
+        // another (a failure sets it again).
         r.needsRewrite = false;
+        await writeAtomic(path, text);
         r.linesOnDisk = text.length;
       } else if (lines.length > 0) {
         const file = await Deno.open(path, {

@@ -276,17 +276,14 @@ export function createChatHandler(
     try {
       const waitMs = manager.connectWait(address);
       if (waitMs > 0) {
-        return Response.json({
-          error: "rate_limited",
-          message:
-            `Too many connection attempts from this address; try again in ${
-              Math.ceil(waitMs / 1000)
-            } s`,
-          retry_after_ms: waitMs,
-        }, {
-          status: 429,
-          headers: { "retry-after": String(Math.ceil(waitMs / 1000)) },
-        });
+        const seconds = Math.ceil(waitMs / 1000);
+        return jsonError(
+          429,
+          "rate_limited",
+          `Too many connection attempts from this address; try again in ${seconds} s`,
+          { "retry-after": String(seconds) },
+          { retry_after_ms: waitMs },
+        );
       }
       let check: TokenCheck;
       try {
@@ -376,8 +373,9 @@ function jsonError(
   error: string,
   message: string,
   headers: Record<string, string> = {},
+  extra: Record<string, unknown> = {},
 ): Response {
-  return Response.json({ error, message }, { status, headers });
+  return Response.json({ error, message, ...extra }, { status, headers });
 }
 
 export { DEFAULT_CHAT_LIMITS };

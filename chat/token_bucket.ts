@@ -29,6 +29,7 @@ export class TokenBucket {
       this.#tokens -= 1;
       return 0;
     }
+    if (!(this.#perSecond > 0)) return 60_000;
     return Math.ceil(((1 - this.#tokens) / this.#perSecond) * 1000);
   }
 

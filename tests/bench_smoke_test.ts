@@ -17,6 +17,7 @@ import {
   type Side,
   startBaselineSide,
 } from "../bench/scenarios.ts";
+import { waitFor } from "./_harness.ts";
 
 function assertEquals(actual: unknown, expected: unknown, what = ""): void {
   const a = JSON.stringify(actual);
@@ -137,43 +138,61 @@ Deno.test("a load process counts every delivery of the baseline server", async (
 Deno.test("the floor server sends every client the contract's message frame for each one received", async () => {
   const side = await startBaselineSide([], ["--message-frames"]);
   const sockets: WebSocket[] = [];
+  const closed: Promise<unknown>[] = [];
   try {
     const frames: string[][] = [[], []];
-    const wanted = new Promise<void>((resolve) => {
-      for (let i = 0; i < 2; i++) {
-        const ws = new WebSocket(side.wsUrl);
-        sockets.push(ws);
-        ws.onmessage = (event) => {
-          frames[i]!.push(event.data);
-          if (frames.every((f) => f.length === 2)) resolve();
-        };
-      }
-    });
+    for (let i = 0; i < 2; i++) {
+      const ws = new WebSocket(side.wsUrl);
+      sockets.push(ws);
+      closed.push(new Promise((resolve) => ws.onclose = resolve));
+      ws.onmessage = (event) => frames[i]!.push(event.data);
+    }
     await Promise.all(sockets.map((ws) =>
       new Promise((resolve, reject) => {
         ws.onopen = resolve;
         ws.onerror = reject;
       })
     ));
+    // The server adds a client in its own open handler: a frame reaching
+    // both says both are in.
+    for (let i = 0; frames.some((f) => f.length === 0); i++) {
+      if (i === 100) throw new Error("the floor server never reached both");
+      sockets[0]!.send("warm-up");
+      await waitFor(() => frames.every((f) => f.length > 0), 100).catch(
+        () => {},
+      );
+    }
+    // The server handles one client's frames in order, and sends each to
+    // every client: any warm-up still under way arrives before these.
     sockets[0]!.send(JSON.stringify({ type: "message", text: "hi there" }));
     sockets[0]!.send("not json");
-    await wanted;
+    await waitFor(
+      () => frames.every((f) => f.some((line) => line.includes('"not json"'))),
+      10_000,
+      "both frames at both clients",
+    );
     assertEquals(frames[0], frames[1], "both clients, the same frames");
-    const [first, second] = frames[0]!.map((f) => JSON.parse(f));
+    const [first, second] = frames[0]!.map((f) => JSON.parse(f))
+      .filter((m) => m.text !== "warm-up");
     assertEquals(
       Object.keys(first),
       ["type", "id", "room", "from", "text", "ts"],
       "fields",
     );
     assertEquals(
-      [first.type, first.id, first.room, first.text],
-      ["message", "1", "lobby", "hi there"],
+      [first.type, first.room, first.text],
+      ["message", "lobby", "hi there"],
       "first",
     );
-    assertEquals([second.id, second.text], ["2", "not json"], "second");
+    assertEquals(
+      [Number(second.id) - Number(first.id), second.text],
+      [1, "not json"],
+      "second",
+    );
     assertEquals(new Date(first.ts).toISOString(), first.ts, "ts");
   } finally {
     for (const ws of sockets) ws.close();
+    await Promise.all(closed);
     await closeSide(side);
   }
 });

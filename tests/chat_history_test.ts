@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { HistoryStore } from "../chat/history.ts";
+import type { RoomMessage } from "../chat/protocol.ts";
 
 /** A line of `lobby.jsonl` as the store writes it. */
 function good(id: number): string {
@@ -539,6 +540,90 @@ Deno.test("past its byte budget the history trims the rooms holding the most, ol
       "40",
     ]);
     assert.equal(again.append("flood", "mallory", "next").message.id, "41");
+    await again.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/** Every kept message of a room, paging on with `after`. */
+function allKept(store: HistoryStore, room: string): RoomMessage[] {
+  const all: RoomMessage[] = [];
+  let after = "0";
+  for (;;) {
+    const page = store.after(room, after, 500).messages;
+    if (page.length === 0) return all;
+    all.push(...page);
+    after = page.at(-1)!.id;
+  }
+}
+
+Deno.test("a shed over many rooms keeps every room's newest message, the byte count true, and the exactly-once window across a reopen", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const rooms = Array.from({ length: 300 }, (_, i) => `r${i}`);
+    const open = () => HistoryStore.open(dir, { maxBytes: 2_000_000 });
+    const store = await open();
+    // Room i gets i % 12 + 1 messages of about 2 KB (3.9 MB in all), each
+    // sent with a client_id.
+    const sent: string[] = [];
+    for (let round = 0; round < 12; round++) {
+      for (const [i, room] of rooms.entries()) {
+        if (round > i % 12) continue;
+        const clientId = `c${sent.length}`;
+        sent.push(clientId);
+        store.append(room, "m", `${clientId} ${"z".repeat(900)}`, clientId);
+      }
+    }
+    const bytesOf = (messages: RoomMessage[]) =>
+      messages.reduce((sum, m) => sum + 2 * m.text.length + 200, 0);
+    const check = (s: HistoryStore) => {
+      assert.ok(s.bytes <= 2_000_000, `${s.bytes} bytes`);
+      const kept = rooms.map((room) => allKept(s, room));
+      assert.equal(s.bytes, bytesOf(kept.flat()), "bytes match what is kept");
+      for (const [i, messages] of kept.entries()) {
+        assert.equal(messages.at(-1)?.id, String(i % 12 + 1), rooms[i]);
+      }
+      return kept.flat().length;
+    };
+    const before = check(store);
+    assert.ok(before < sent.length, `${before} of ${sent.length} kept`);
+    await store.close();
+    // Reopened: what the files hold, within the budget again, and every
+    // client_id sent still known (the window).
+    const again = await open();
+    check(again);
+    const known = new Set(again.sentSince(0).map((s) => s.clientId));
+    assert.deepEqual(sent.filter((id) => !known.has(id)), []);
+    await again.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a shed while the room's file is being rewritten is not lost: the file ends as what is kept", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const store = await HistoryStore.open(dir, { maxBytes: 60_000 });
+    const long = "w".repeat(3990);
+    for (let i = 1; i <= 8; i++) store.append("flood", "m", `${i} ${long}`);
+    // Passing the budget sheds and asks for a rewrite; start it...
+    store.append("flood", "m", `9 ${long}`);
+    const writing = store.flush();
+    // ...and, while it waits for the disk, pass the budget again.
+    for (let i = 0; i < 5; i++) await Promise.resolve();
+    for (let i = 10; i <= 16; i++) store.append("flood", "m", `${i} ${long}`);
+    await writing;
+    await store.close();
+    const kept = (await Deno.readTextFile(`${dir}/flood.jsonl`)).trimEnd()
+      .split("\n").map((l) => Number(JSON.parse(l).id));
+    const again = await HistoryStore.open(dir, { maxBytes: 60_000 });
+    assert.deepEqual(
+      kept,
+      allKept(again, "flood").map((m) => Number(m.id)),
+    );
+    assert.ok(kept.length < 8, `${kept.length} lines`);
+    assert.equal(kept.at(-1), 16);
     await again.close();
   } finally {
     await Deno.remove(dir, { recursive: true });
