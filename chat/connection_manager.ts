@@ -52,9 +52,10 @@ export interface ChatLimits {
   maxConnections: number;
   /**
    * Connection attempts per client address in a burst (those refused by
-   * the caps above not counted): each one that passes the caps costs a
-   * token check and a `welcome` with recent history, so closing and opening
-   * again as fast as possible must not be free.
+   * the address or server-wide cap not counted; the per-user cap comes
+   * after the token check, so those are): each one that passes the caps
+   * costs a token check and a `welcome` with recent history, so closing and
+   * opening again as fast as possible must not be free.
    */
   connectBurst: number;
   /** How fast those come back, per second. */

@@ -7,6 +7,7 @@ import {
   rawUpgrade,
   readRawFrames,
   retryUntil,
+  type Stack,
   startStack,
   TestClient,
   waitFor,
@@ -848,6 +849,24 @@ Deno.test("the answer budget charges the answer alone (not a join's presence to 
   }
 });
 
+/**
+ * Logs `name` in and upgrades `count` times in a row (each socket dropped
+ * at once), every one let through; returns the handshake's auth header.
+ */
+async function upgradesAs(
+  stack: Stack,
+  name: string,
+  count: number,
+): Promise<Record<string, string>> {
+  const auth = {
+    authorization: `Bearer ${await login(stack.auth.url, name)}`,
+  };
+  for (let i = 0; i < count; i++) {
+    assert.equal((await rawUpgrade(stack.chat.port, "/ws", auth)).status, 101);
+  }
+  return auth;
+}
+
 Deno.test("connection attempts from one address are rate-limited before the token check; refusals by a cap cost nothing; RATE_LIMITS=off lifts it", async (t) => {
   await t.step("past the burst: 429 rate_limited, with the wait", async () => {
     const stack = await startStack({
@@ -855,14 +874,7 @@ Deno.test("connection attempts from one address are rate-limited before the toke
       chatLimits: { connectBurst: 3, connectsPerSecond: 0.01 },
     });
     try {
-      const token = await login(stack.auth.url, "alice");
-      const auth = { authorization: `Bearer ${token}` };
-      for (let i = 0; i < 3; i++) {
-        assert.equal(
-          (await rawUpgrade(stack.chat.port, "/ws", auth)).status,
-          101,
-        );
-      }
+      const auth = await upgradesAs(stack, "alice", 3);
       const res = await rawUpgrade(stack.chat.port, "/ws", auth);
       assert.equal(res.status, 429);
       const body = JSON.parse(res.body);
@@ -917,14 +929,7 @@ Deno.test("connection attempts from one address are rate-limited before the toke
       chatLimits: { connectBurst: 1, connectsPerSecond: 0.01 },
     });
     try {
-      const token = await login(stack.auth.url, "alice");
-      const auth = { authorization: `Bearer ${token}` };
-      for (let i = 0; i < 3; i++) {
-        assert.equal(
-          (await rawUpgrade(stack.chat.port, "/ws", auth)).status,
-          101,
-        );
-      }
+      await upgradesAs(stack, "alice", 3);
     } finally {
       await stack.close();
     }
