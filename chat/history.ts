@@ -99,7 +99,8 @@ interface Room {
 export const DEFAULT_MAX_HISTORY_BYTES = 512 * 1024 * 1024;
 /**
  * What a kept message costs besides its text: the object, its id and time
- * strings, and the array slot (measured: 147 bytes with a one-character text; rounded up).
+ * strings, and the array slot (measured: 147 bytes with a one-character
+ * text; rounded up).
  */
 const MESSAGE_OVERHEAD_BYTES = 200;
 
