@@ -113,12 +113,12 @@ export const FULL_SIZES: BenchSizes = {
   bigRooms: 100,
 };
 
-/** `--quick`: the same code paths in about 20 s; timings are not judged. */
+/** `--quick`: the same code paths in about 25 s; timings are not judged. */
 export const QUICK_SIZES: BenchSizes = {
   fanoutClients: 100,
   senders: 2,
   ratePerSender: 20,
-  fanoutMs: 1000,
+  fanoutMs: 600,
   fanoutRounds: 2,
   lowRateMs: 500,
   idleCpuMs: 500,
