@@ -43,7 +43,12 @@ import {
   startBaselineSide,
   startChatSide,
 } from "./scenarios.ts";
-import { evaluateTargets, formatTable, type ScenarioResult } from "./report.ts";
+import {
+  evaluateTargets,
+  formatTable,
+  pairedRatio,
+  type ScenarioResult,
+} from "./report.ts";
 
 const SCENARIOS = [
   "fanout",
@@ -405,12 +410,33 @@ function summary(metrics: Metrics): string {
 }
 
 /** chat / baseline for every number both sides have. */
+/**
+ * chat / baseline for every figure both have; for the figures of paired
+ * runs (`*_by_round`), the mean of the runs' ratios and its 95 % interval
+ * (`*_paired`).
+ */
 function ratios(chat: Metrics, baseline: Metrics): Metrics {
   const out: Metrics = {};
   for (const [key, value] of Object.entries(chat)) {
     const other = baseline[key];
     if (typeof value === "number" && typeof other === "number" && other !== 0) {
       out[key] = round(value / other, 2);
+    }
+    const numbers = (v: JsonValue | undefined) =>
+      Array.isArray(v) && v.every((x) => typeof x === "number")
+        ? v as number[]
+        : undefined;
+    const a = numbers(value);
+    const b = numbers(other);
+    const r = key.endsWith("_by_round") && a && b
+      ? pairedRatio(a, b)
+      : undefined;
+    if (r !== undefined) {
+      out[key.replace(/_by_round$/, "_paired")] = {
+        mean: round(r.mean, 3),
+        low_95: round(r.low, 3),
+        high_95: round(r.high, 3),
+      };
     }
   }
   return out;

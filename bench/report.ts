@@ -90,6 +90,34 @@ const LABELS: Record<string, string> = {
   fanout_big_data: "fanout_big_data (baseline = chat, empty dir)",
 };
 
+/** Student's t for a two-sided 95 % interval, by degrees of freedom (1 to 10). */
+const T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23];
+
+/**
+ * The paired runs' ratios (`a[k] / b[k]`: the two sides' runs of one turn,
+ * measured one after the other): their mean and a 95 % interval of it, so
+ * that a ratio near 1 can be told from noise. `undefined` with fewer than
+ * two pairs, or a run that delivered nothing.
+ */
+export function pairedRatio(
+  a: readonly number[],
+  b: readonly number[],
+): { mean: number; low: number; high: number } | undefined {
+  const n = Math.min(a.length, b.length);
+  if (n < 2) return undefined;
+  const ratios = [];
+  for (let k = 0; k < n; k++) {
+    if (!(a[k]! > 0 && b[k]! > 0)) return undefined;
+    ratios.push(a[k]! / b[k]!);
+  }
+  const mean = ratios.reduce((x, y) => x + y, 0) / n;
+  const variance = ratios.reduce((sum, r) => sum + (r - mean) ** 2, 0) /
+    (n - 1);
+  const half = (T95[Math.min(n - 1, T95.length) - 1] ?? 1.96) *
+    Math.sqrt(variance / n);
+  return { mean, low: mean - half, high: mean + half };
+}
+
 /** The results as one plain-text table, then the targets. */
 export function formatTable(
   results: Record<string, ScenarioResult>,
@@ -196,6 +224,21 @@ export function evaluateTargets(
     });
   };
   const offered = sizes.senders * sizes.ratePerSender * sizes.fanoutClients;
+  /** What the paired runs say of a CPU ratio ("" when not measured). */
+  const paired = (scenario: string, key: string) => {
+    const byRound = (side: "chat" | "baseline") => {
+      const value = results[scenario]?.[side]?.[`${key}_by_round`];
+      return Array.isArray(value) && value.every((v) => typeof v === "number")
+        ? value as number[]
+        : [];
+    };
+    const r = pairedRatio(byRound("chat"), byRound("baseline"));
+    return r === undefined
+      ? ""
+      : `; the ${byRound("chat").length} paired runs: mean ${
+        fmt(r.mean)
+      }, 95 % interval ${fmt(r.low)} to ${fmt(r.high)}`;
+  };
 
   check(
     "5 fan-out CPU per delivery: chat/baseline <= 1.0",
@@ -203,7 +246,10 @@ export function evaluateTargets(
       get("fanout", "chat", "cpu_us_per_delivery"),
       get("fanout", "baseline", "cpu_us_per_delivery"),
     ],
-    ([c, b]) => `${c} vs ${b} us (ratio ${fmt(c! / b!)})`,
+    ([c, b]) =>
+      `${c} vs ${b} us (ratio ${fmt(c! / b!)}${
+        paired("fanout", "cpu_us_per_delivery")
+      })`,
     ([c, b]) => c! <= b!,
   );
   check(
@@ -218,7 +264,10 @@ export function evaluateTargets(
       get("fanout", "chat", "lockstep_cpu_us_per_delivery"),
       get("fanout", "baseline", "lockstep_cpu_us_per_delivery"),
     ],
-    ([c, b]) => `${c} vs ${b} us (ratio ${fmt(c! / b!)})`,
+    ([c, b]) =>
+      `${c} vs ${b} us (ratio ${fmt(c! / b!)}${
+        paired("fanout", "lockstep_cpu_us_per_delivery")
+      })`,
     ([c, b]) => c! <= b!,
   );
   check(
@@ -245,7 +294,10 @@ export function evaluateTargets(
       get("fanout_floor", "chat", "cpu_us_per_delivery"),
       get("fanout_floor", "baseline", "cpu_us_per_delivery"),
     ],
-    ([f, b]) => `${f} vs ${b} us (ratio ${fmt(f! / b!)}; not a target)`,
+    ([f, b]) =>
+      `${f} vs ${b} us (ratio ${fmt(f! / b!)}${
+        paired("fanout_floor", "cpu_us_per_delivery")
+      }; not a target)`,
   );
   check(
     "5 delay added at a low rate < 5 ms (p50, chat - baseline)",
@@ -301,7 +353,12 @@ export function evaluateTargets(
         get("fanout_big_data", "chat", key),
         get("fanout_big_data", "baseline", key),
       ],
-      ([big, empty]) => `${big} vs ${empty} (ratio ${fmt(big! / empty!)})`,
+      ([big, empty]) =>
+        `${big} vs ${empty} (ratio ${fmt(big! / empty!)}${
+          key === "cpu_us_per_delivery"
+            ? paired("fanout_big_data", "cpu_us_per_delivery")
+            : ""
+        })`,
       ([big, empty]) => big! <= 1.1 * empty!,
     );
   }

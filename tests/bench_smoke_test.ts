@@ -4,6 +4,7 @@
  * and one tiny broadcast through a real load process and the baseline server.
  */
 import { Histogram } from "../bench/histogram.ts";
+import { pairedRatio } from "../bench/report.ts";
 import { parseCpuTicks, parseStatusKb } from "../bench/proc_stats.ts";
 import { benchUsername, writeAuthFixtures } from "../bench/fixtures.ts";
 import { LoadGroup } from "../bench/load_group.ts";
@@ -59,6 +60,31 @@ Deno.test("histogram percentiles survive a trip over the wire and a merge", () =
   assertEquals(merged.quantile(0.5), 50.05, "p50"); // 51st of 0, 1..99, 5000
   assertEquals(merged.quantile(1), 5000, "p100");
   assertEquals(new Histogram().quantile(0.99), 0, "empty");
+});
+
+Deno.test("paired runs give the mean of their ratios and a 95 % interval of it", () => {
+  assertEquals(pairedRatio([2, 2, 2, 2], [1, 1, 1, 1]), {
+    mean: 2,
+    low: 2,
+    high: 2,
+  });
+  // Two pairs: 1.1 and 0.9, sd 0.141, t(1) = 12.71.
+  const two = pairedRatio([1.1, 0.9], [1, 1])!;
+  assertEquals(
+    [two.mean, two.low, two.high].map((v) => Math.round(v * 1000) / 1000),
+    [1, -0.271, 2.271],
+  );
+  // The eighth session's full run: missed, but 1.0 is (just) inside (0.997).
+  const run = pairedRatio(
+    [8, 8.4, 8.2, 9, 6.8, 8.8, 7.4, 8.6],
+    [6.8, 7.6, 7.2, 8, 7.4, 7.2, 8, 7.8],
+  )!;
+  assertEquals(
+    [run.mean, run.low, run.high].map((v) => Math.round(v * 100) / 100),
+    [1.09, 1, 1.18],
+  );
+  assertEquals(pairedRatio([1], [1]), undefined, "one pair");
+  assertEquals(pairedRatio([1, 0], [1, 1]), undefined, "a run with nothing");
 });
 
 Deno.test("proc stat parsing counts fields after a command name with spaces", () => {
@@ -298,6 +324,25 @@ Deno.test("bench --quick drives the real servers and the baseline end to end and
       assertEquals(typeof idle.rss_kb_per_conn, "number", `${side} idle`);
     }
     assertEquals(typeof fanout.ratio.cpu_us_per_delivery, "number", "ratio");
+    // Two paired runs a timing in a quick run: their interval is there,
+    // unless a run was too short to be charged any CPU (10 ms ticks).
+    const charged = [fanout.chat, fanout.baseline].every((m) =>
+      m.cpu_us_per_delivery_by_round.every((v: number) => v > 0)
+    );
+    const paired = fanout.ratio.cpu_us_per_delivery_paired;
+    assertEquals(
+      Object.keys(paired ?? {}),
+      charged ? ["mean", "low_95", "high_95"] : [],
+      "paired runs",
+    );
+    if (
+      charged &&
+      !(paired.low_95 <= paired.mean && paired.mean <= paired.high_95)
+    ) {
+      throw new Error(
+        `paired interval out of order: ${JSON.stringify(paired)}`,
+      );
+    }
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
