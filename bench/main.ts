@@ -409,7 +409,6 @@ function summary(metrics: Metrics): string {
     .join(" ");
 }
 
-/** chat / baseline for every number both sides have. */
 /**
  * chat / baseline for every figure both have; for the figures of paired
  * runs (`*_by_round`), the mean of the runs' ratios and its 95 % interval

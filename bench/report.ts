@@ -90,7 +90,10 @@ const LABELS: Record<string, string> = {
   fanout_big_data: "fanout_big_data (baseline = chat, empty dir)",
 };
 
-/** Student's t for a two-sided 95 % interval, by degrees of freedom (1 to 10). */
+/**
+ * Student's t for a two-sided 95 % interval, by degrees of freedom (1 to 10;
+ * more use 10's, a little wide).
+ */
 const T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23];
 
 /**
@@ -113,7 +116,7 @@ export function pairedRatio(
   const mean = ratios.reduce((x, y) => x + y, 0) / n;
   const variance = ratios.reduce((sum, r) => sum + (r - mean) ** 2, 0) /
     (n - 1);
-  const half = (T95[Math.min(n - 1, T95.length) - 1] ?? 1.96) *
+  const half = T95[Math.min(n - 1, T95.length) - 1]! *
     Math.sqrt(variance / n);
   return { mean, low: mean - half, high: mean + half };
 }
@@ -226,18 +229,13 @@ export function evaluateTargets(
   const offered = sizes.senders * sizes.ratePerSender * sizes.fanoutClients;
   /** What the paired runs say of a CPU ratio ("" when not measured). */
   const paired = (scenario: string, key: string) => {
-    const byRound = (side: "chat" | "baseline") => {
-      const value = results[scenario]?.[side]?.[`${key}_by_round`];
-      return Array.isArray(value) && value.every((v) => typeof v === "number")
-        ? value as number[]
-        : [];
-    };
-    const r = pairedRatio(byRound("chat"), byRound("baseline"));
-    return r === undefined
-      ? ""
-      : `; the ${byRound("chat").length} paired runs: mean ${
-        fmt(r.mean)
-      }, 95 % interval ${fmt(r.low)} to ${fmt(r.high)}`;
+    const r = results[scenario]?.ratio?.[`${key}_paired`];
+    if (typeof r !== "object" || r === null || Array.isArray(r)) return "";
+    const { mean, low_95: low, high_95: high } = r;
+    if (![mean, low, high].every((v) => typeof v === "number")) return "";
+    return `; the paired runs: mean ${fmt(mean as number)}, 95 % interval ${
+      fmt(low as number)
+    } to ${fmt(high as number)}`;
   };
 
   check(

@@ -372,8 +372,10 @@ export class ConnectionManager {
       for (const [key, bucket] of buckets) {
         if (bucket.isFull(now)) buckets.delete(key);
       }
+      // Down to nine tenths, so that the next new addresses do not each
+      // pay for a pass over all of them.
       for (const key of buckets.keys()) {
-        if (buckets.size <= MAX_CONNECT_ADDRESSES) break;
+        if (buckets.size <= MAX_CONNECT_ADDRESSES * 0.9) break;
         buckets.delete(key);
       }
     }

@@ -335,6 +335,7 @@ export class HistoryStore {
     this.#grow(r, messageBytes(message));
     if (r.messages.length > this.#keep + trimSlack(this.#keep)) this.#trim(r);
     if (this.#bytes > this.#maxBytes) this.#shed();
+    else this.#shedStuckAt = 0;
     const line = JSON.stringify(message);
     let own = line;
     if (clientId !== undefined) {
@@ -517,37 +518,44 @@ export class HistoryStore {
   /**
    * Over the byte budget: cuts the rooms holding the most down to one level,
    * oldest messages first, so that all rooms together hold at most half the
-   * budget (the level is found in one pass over the rooms sorted by size,
-   * however many there are). Down to half, so that a flood sheds in large
-   * steps: a shed room's file is rewritten to its new tail, which writes at
-   * most about what the flood sent. Every room keeps its newest message;
-   * when that is all that is left to cut, it waits for another eighth of
-   * the budget before it tries again.
+   * budget (the level is found in one pass over the rooms sorted by what
+   * they can lose, however many there are). Down to half, so that a flood
+   * sheds in large steps: a shed room's file is rewritten to its new tail,
+   * which writes at most about what the flood sent. Every room keeps its
+   * newest message; when that is all that is left to cut, it waits for
+   * another eighth of the budget (or to be back under it) before it tries
+   * again.
    */
   #shed(): void {
     if (this.#bytes <= Math.max(this.#maxBytes, this.#shedStuckAt)) return;
     const target = this.#maxBytes / 2;
     const excess = this.#bytes - target;
+    // What each room can lose: all but its newest message.
+    const cuttable = (r: Room) => r.bytes - messageBytes(r.messages.at(-1)!);
     const rooms = [...this.#rooms.values()]
       .filter((r) => r.messages.length > 1)
-      .sort((a, b) => b.bytes - a.bytes);
-    // Cutting the first k rooms down to the size of the next frees their
-    // sum less k times that size: the first k for which that is enough
-    // gives the level (0 if no k is: all of them to their newest message).
+      .map((room) => ({ room, can: cuttable(room) }))
+      .sort((a, b) => b.can - a.can);
+    // Cutting what the first k rooms can lose down to what the next one
+    // can frees their sum less k times that: the first k for which that is
+    // enough gives the level (0 if no k is: all of them to their newest).
     let level = 0;
     let cut = rooms.length;
     let sum = 0;
     for (let k = 1; k <= rooms.length; k++) {
-      sum += rooms[k - 1]!.bytes;
-      if (sum - k * (rooms[k]?.bytes ?? 0) >= excess) {
+      sum += rooms[k - 1]!.can;
+      if (sum - k * (rooms[k]?.can ?? 0) >= excess) {
         level = (sum - excess) / k;
         cut = k;
         break;
       }
     }
     const before = this.#bytes;
-    for (const r of rooms.slice(0, cut)) {
-      const goal = r.bytes - level;
+    // Largest first; a room loses whole messages, so the first ones may free
+    // more than the level asked of them, and the last ones need not lose any.
+    for (const { room: r, can } of rooms.slice(0, cut)) {
+      if (this.#bytes <= target) break;
+      const goal = can - level;
       let freed = 0;
       let n = 0;
       while (n < r.messages.length - 1 && freed < goal) {

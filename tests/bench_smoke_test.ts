@@ -197,9 +197,13 @@ Deno.test("the floor server sends every client the contract's message frame for 
       10_000,
       "both frames at both clients",
     );
-    assertEquals(frames[0], frames[1], "both clients, the same frames");
-    const [first, second] = frames[0]!.map((f) => JSON.parse(f))
-      .filter((m) => m.text !== "warm-up");
+    // A warm-up may have reached the first client before the server took
+    // in the second: compare what followed.
+    const [mine, theirs] = frames.map((f) =>
+      f.map((line) => JSON.parse(line)).filter((m) => m.text !== "warm-up")
+    );
+    assertEquals(mine, theirs, "both clients, the same frames");
+    const [first, second] = mine!;
     assertEquals(
       Object.keys(first),
       ["type", "id", "room", "from", "text", "ts"],
@@ -324,24 +328,22 @@ Deno.test("bench --quick drives the real servers and the baseline end to end and
       assertEquals(typeof idle.rss_kb_per_conn, "number", `${side} idle`);
     }
     assertEquals(typeof fanout.ratio.cpu_us_per_delivery, "number", "ratio");
-    // Two paired runs a timing in a quick run: their interval is there,
-    // unless a run was too short to be charged any CPU (10 ms ticks).
-    const charged = [fanout.chat, fanout.baseline].every((m) =>
-      m.cpu_us_per_delivery_by_round.every((v: number) => v > 0)
+    // Two paired runs a timing in a quick run: the mean of their ratios is
+    // there, unless a run was too short to be charged any CPU (10 ms ticks).
+    const rounds = [fanout.chat, fanout.baseline].map((m) =>
+      m.cpu_us_per_delivery_by_round as number[]
     );
+    const charged = rounds.every((r) => r.every((v) => v > 0));
     const paired = fanout.ratio.cpu_us_per_delivery_paired;
     assertEquals(
       Object.keys(paired ?? {}),
       charged ? ["mean", "low_95", "high_95"] : [],
       "paired runs",
     );
-    if (
-      charged &&
-      !(paired.low_95 <= paired.mean && paired.mean <= paired.high_95)
-    ) {
-      throw new Error(
-        `paired interval out of order: ${JSON.stringify(paired)}`,
-      );
+    if (charged) {
+      const [a, b] = rounds as [number[], number[]];
+      const mean = (a[0]! / b[0]! + a[1]! / b[1]!) / 2;
+      assertEquals(paired.mean, Math.round(mean * 1000) / 1000, "paired mean");
     }
   } finally {
     await Deno.remove(dir, { recursive: true });

@@ -629,3 +629,22 @@ Deno.test("a shed while the room's file is being rewritten is not lost: the file
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a shed reaches its target when a room's newest message alone is over the level", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const store = await HistoryStore.open(dir, { maxBytes: 50_000 });
+    // Room b: 100 small messages (25,000 bytes as counted); then room a
+    // gets two large ones, the second passing the budget.
+    for (let i = 0; i < 100; i++) store.append("b", "m", "s".repeat(25));
+    store.append("a", "m", "L".repeat(8100));
+    store.append("a", "m", "L".repeat(8100));
+    // Half the budget is reached, room a keeping its newest (16,400), b
+    // making up the rest.
+    assert.ok(store.bytes <= 25_000, `${store.bytes} bytes`);
+    assert.equal(store.recent("a", 50).messages.length, 1);
+    await store.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
