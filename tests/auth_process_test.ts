@@ -219,7 +219,7 @@ Deno.test("out of file descriptors, the entry point does not crash, and answers 
   try {
     const url = (await stdout.waitFor(/^auth: listening on /)).split(" ")
       .pop()!;
-    held = await connectUntilRefused(Number(new URL(url).port), 200);
+    held = await connectUntilRefused(Number(new URL(url).port));
     await stderr.waitFor(
       /^\S+ auth listener stopped reason=".*Too many open files/,
     );

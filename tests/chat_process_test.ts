@@ -184,7 +184,7 @@ Deno.test("out of file descriptors, deno task start neither crashes nor drops it
     );
     // Idle connections until the server can take no more: its accept fails
     // and the runtime's listener is gone (the connect is refused).
-    held = await connectUntilRefused(chatPort, 300);
+    held = await connectUntilRefused(chatPort);
     await stderr.waitFor(
       /^chat: listener stopped reason=".*Too many open files/,
     );
