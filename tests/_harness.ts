@@ -537,21 +537,20 @@ export async function terminatesCleanly(
 /**
  * Opens idle TCP connections to `port` until one is refused (or reset: the
  * listener closed under the handshake), as a server out of file descriptors
- * does; fails if `max` connections all got in. The caller closes them.
- *
- * The kernel completes handshakes into the listener's backlog (511 in this
- * runtime: the 513th connect to a listener that accepts nothing waits)
- * before the server accepts them, so a server slow to reach its limit lets
- * many more in than it has descriptors: `max` is best well above the limit
- * and below the backlog (the default, 450; 200 once let a loaded server's
- * backlog take them all).
+ * does, or until `stopped()` says the server has seen it (its log): the
+ * kernel completes handshakes into the listener's backlog (511 in this
+ * runtime) whether or not the server still accepts, so how many get in
+ * before the first refusal depends on timing. Fails if `max` connections
+ * all got in (the default, 450, stays under the backlog: a connect past it
+ * would wait rather than fail). The caller closes them.
  */
 export async function connectUntilRefused(
   port: number,
+  stopped: () => boolean = () => false,
   max = 450,
 ): Promise<Deno.TcpConn[]> {
   const held: Deno.TcpConn[] = [];
-  while (held.length < max) {
+  while (held.length < max && !stopped()) {
     try {
       held.push(await Deno.connect({ hostname: "127.0.0.1", port }));
     } catch (err) {
@@ -565,6 +564,7 @@ export async function connectUntilRefused(
       return held;
     }
   }
+  if (stopped()) return held;
   for (const conn of held) conn.close();
   throw new Error(`${max} connections got in: no descriptor limit was reached`);
 }

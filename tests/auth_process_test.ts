@@ -219,7 +219,10 @@ Deno.test("out of file descriptors, the entry point does not crash, and answers 
   try {
     const url = (await stdout.waitFor(/^auth: listening on /)).split(" ")
       .pop()!;
-    held = await connectUntilRefused(Number(new URL(url).port)).catch((err) => {
+    held = await connectUntilRefused(
+      Number(new URL(url).port),
+      () => stderr.lines.some((l) => l.includes("auth listener stopped")),
+    ).catch((err) => {
       // What the server said, for a run where its limit was never reached.
       throw new Error(
         `${err.message}; its stderr:\n${stderr.lines.join("\n")}`,

@@ -184,7 +184,10 @@ Deno.test("out of file descriptors, deno task start neither crashes nor drops it
     );
     // Idle connections until the server can take no more: its accept fails
     // and the runtime's listener is gone (the connect is refused).
-    held = await connectUntilRefused(chatPort).catch((err) => {
+    held = await connectUntilRefused(
+      chatPort,
+      () => stderr.lines.some((l) => l.includes("chat: listener stopped")),
+    ).catch((err) => {
       // What the server said, for a run where its limit was never reached.
       throw new Error(
         `${err.message}; its stderr:\n${stderr.lines.join("\n")}`,
