@@ -581,7 +581,13 @@ export class ChatSession {
       const state = await this.#opts.checkSession();
       if (this.#ending) return;
       if (state === "invalid") return this.#finish("expired");
-      if (!this.#everOpened) {
+      // Never connected: a server that cannot be reached ends the session
+      // (a wrong address should not spin), one that says "later" is waited
+      // for (429: too many attempts from here; 503: auth unavailable or
+      // shutting down).
+      if (
+        !this.#everOpened && !/status code:? (429|503)\b/i.test(this.#lastError)
+      ) {
         return this.#finish(
           new CliError(
             `cannot reach the chat server at ${this.#opts.chatUrl} (${this.#describeConnectError()})`,

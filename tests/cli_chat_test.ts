@@ -10,6 +10,7 @@ import {
   register,
   startServers,
 } from "./_cli_helpers.ts";
+import { rawUpgrade } from "./_harness.ts";
 
 const MESSAGE_LINE = /^\[\d\d:\d\d\] /;
 const WRONG_PASSWORD_LINE =
@@ -686,6 +687,30 @@ Deno.test("with the chat server down, login says so in one line and exits 1", as
       /^chatroom: cannot reach the chat server at ws:\/\/127\.0\.0\.1:\d+\/ws \(.+\)$/,
     );
     assert.ok(!looksLikeStackTrace(cli.stderr.text));
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("a first connection refused for now (429: too many attempts from this address) is waited for, then the chat starts", async () => {
+  const servers = await startServers({
+    chatLimits: { connectBurst: 1, connectsPerSecond: 2 },
+  });
+  try {
+    await register(servers.authUrl, "alice");
+    // Another client from this address takes the only attempt there is.
+    const { token } = await login(servers.authUrl, "alice");
+    const first = await rawUpgrade(servers.chat.port, "/ws", {
+      authorization: `Bearer ${token}`,
+    });
+    assert.equal(first.status, 101);
+    const cli = loginProcess(servers.authUrl, "alice");
+    await cli.write(PASSWORD);
+    await cli.stdout.next("still no connection, retrying");
+    await cli.stdout.next("connected as alice");
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    assert.equal(cli.stderr.text, "");
   } finally {
     await servers.close();
   }
