@@ -608,7 +608,7 @@ export class ChatSession {
     this.#print(status(
       opened
         ? `connection lost, reconnecting in ${seconds}s...`
-        : `still no connection, retrying in ${seconds}s...`,
+        : `still no connection (${this.#describeConnectError()}), retrying in ${seconds}s...`,
       this.#view(),
     ));
     if (opened) this.#showPendingAsPending();

@@ -706,7 +706,9 @@ Deno.test("a first connection refused for now (429: too many attempts from this 
     assert.equal(first.status, 101);
     const cli = loginProcess(servers.authUrl, "alice");
     await cli.write(PASSWORD);
-    await cli.stdout.next("still no connection, retrying");
+    await cli.stdout.next(
+      "still no connection (it answered HTTP 429), retrying in",
+    );
     await cli.stdout.next("connected as alice");
     await cli.write("/quit");
     assert.equal(await cli.exit(), 0, cli.stderr.text);
