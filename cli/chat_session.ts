@@ -581,13 +581,7 @@ export class ChatSession {
       const state = await this.#opts.checkSession();
       if (this.#ending) return;
       if (state === "invalid") return this.#finish("expired");
-      // Never connected: a server that cannot be reached ends the session
-      // (a wrong address should not spin), one that says "later" is waited
-      // for (429: too many attempts from here; 503: auth unavailable or
-      // shutting down).
-      if (
-        !this.#everOpened && !/status code:? (429|503)\b/i.test(this.#lastError)
-      ) {
+      if (!this.#everOpened) {
         return this.#finish(
           new CliError(
             `cannot reach the chat server at ${this.#opts.chatUrl} (${this.#describeConnectError()})`,
@@ -624,7 +618,7 @@ export class ChatSession {
     if (reason !== "network error") return reason;
     return /tcp connect/i.test(this.#lastError)
       ? "connection refused"
-      : "no WebSocket connection";
+      : "the connection failed";
   }
 
   /** Ctrl+C or a signal: the end, exit 1 if something is unconfirmed. */
