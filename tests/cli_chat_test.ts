@@ -678,15 +678,7 @@ Deno.test("with the chat server down, login says so in one line and exits 1", as
   try {
     await register(servers.authUrl, "alice");
     await servers.chat.shutdown();
-    const cli = loginProcess(servers.authUrl, "alice");
-    await cli.write(PASSWORD);
-    assert.equal(await cli.exit(), 1);
-    assert.equal(cli.stderr.lines.length, 1, cli.stderr.text);
-    assert.match(
-      cli.stderr.lines[0]!,
-      /^chatroom: cannot reach the chat server at ws:\/\/127\.0\.0\.1:\d+\/ws \(.+\)$/,
-    );
-    assert.ok(!looksLikeStackTrace(cli.stderr.text));
+    await loginCannotReach(servers.authUrl, /.+/);
   } finally {
     await servers.close();
   }
@@ -704,18 +696,29 @@ Deno.test("a first connection refused by the connect rate ends login in one line
       authorization: `Bearer ${token}`,
     });
     assert.equal(first.status, 101);
-    const cli = loginProcess(servers.authUrl, "alice");
-    await cli.write(PASSWORD);
-    assert.equal(await cli.exit(), 1);
-    assert.equal(cli.stderr.lines.length, 1, cli.stderr.text);
-    assert.match(
-      cli.stderr.lines[0]!,
-      /^chatroom: cannot reach the chat server at ws:\/\/127\.0\.0\.1:\d+\/ws \(it answered HTTP 429\)$/,
-    );
+    await loginCannotReach(servers.authUrl, /it answered HTTP 429/);
   } finally {
     await servers.close();
   }
 });
+
+/**
+ * Logs alice in and expects the chat connection to fail: one line on
+ * stderr giving `reason`, no stack trace, exit 1.
+ */
+async function loginCannotReach(authUrl: string, reason: RegExp) {
+  const cli = loginProcess(authUrl, "alice");
+  await cli.write(PASSWORD);
+  assert.equal(await cli.exit(), 1);
+  assert.equal(cli.stderr.lines.length, 1, cli.stderr.text);
+  assert.match(
+    cli.stderr.lines[0]!,
+    new RegExp(
+      `^chatroom: cannot reach the chat server at ws://127\\.0\\.0\\.1:\\d+/ws \\((${reason.source})\\)$`,
+    ),
+  );
+  assert.ok(!looksLikeStackTrace(cli.stderr.text));
+}
 
 /** Starts `chatroom login` as `username` and waits until it is in the lobby. */
 async function chatAs(
