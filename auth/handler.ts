@@ -409,20 +409,13 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   async function logout(req: Request, address: string): Promise<Response> {
     const token = bearerToken(req);
     await drainBody(req, bodyLimits);
-    const hash = token === undefined ? undefined : tokenHash(token);
-    const session = hash === undefined ? undefined : store.getSession(hash);
-    if (token === undefined || hash === undefined || session === undefined) {
+    // No separate look-up first: a logout whose write failed is asked again
+    // through the store, which writes again.
+    const session = token === undefined
+      ? undefined
+      : await store.removeSession(tokenHash(token));
+    if (token === undefined || session === undefined) {
       event("logout", "fail", undefined, address, "reason=invalid_token");
-      throw invalidToken(false);
-    }
-    if (!await store.removeSession(hash)) {
-      event(
-        "logout",
-        "fail",
-        session.username,
-        address,
-        "reason=invalid_token",
-      );
       throw invalidToken(false);
     }
     event("logout", "ok", session.username, address);

@@ -69,8 +69,13 @@ export class AuthStore {
   #sessions: Map<string, SessionRecord>;
   #usersWriter: GroupWriter;
   #sessionsWriter: GroupWriter;
-  /** Sessions removed in memory whose removal did not reach the file yet. */
-  #unsavedRemovals = new Set<string>();
+  /**
+   * Sessions removed in memory whose removal did not reach the file yet, with
+   * the number of the sessions write that will first include it.
+   */
+  #unsavedRemovals = new Map<string, { session: SessionRecord; seq: number }>();
+  /** Sessions writes asked for so far (see {@linkcode #commitSessions}). */
+  #sessionsSeq = 0;
   #closed: Promise<void> | undefined;
 
   private constructor(
@@ -244,7 +249,7 @@ export class AuthStore {
     }
     this.#sessions.set(tokenHash, Object.freeze(session));
     try {
-      await this.#sessionsWriter.commit();
+      await this.#commitSessions();
     } catch (err) {
       if (this.#sessions.get(tokenHash) === session) {
         this.#sessions.delete(tokenHash);
@@ -257,37 +262,57 @@ export class AuthStore {
 
   /**
    * Removes a session (it stops validating at once) and resolves once the
-   * removal is on disk. Returns false when there was no live session.
+   * removal is on disk, with the session removed; `undefined` when there was
+   * no live session.
    */
-  async removeSession(tokenHash: string): Promise<boolean> {
+  async removeSession(tokenHash: string): Promise<SessionRecord | undefined> {
     this.#assertOpen();
     // A removal whose write failed stays in effect, and is not "done" until
     // it is on disk: asking again writes again rather than answering that
     // there is no such session (a restart would otherwise bring it back).
-    if (
-      !this.#unsavedRemovals.has(tokenHash) &&
-      this.getSession(tokenHash) === undefined
-    ) return false;
+    const session = this.getSession(tokenHash) ??
+      this.#unsavedRemovals.get(tokenHash)?.session;
+    if (session === undefined) return undefined;
     this.#sessions.delete(tokenHash);
-    this.#unsavedRemovals.add(tokenHash);
+    this.#unsavedRemovals.set(tokenHash, {
+      session,
+      seq: this.#sessionsSeq + 1,
+    });
+    await this.#commitSessions();
+    return session;
+  }
+
+  /**
+   * Writes the sessions file; once a write succeeds, the removals it
+   * includes are saved (whichever change asked for it).
+   */
+  async #commitSessions(): Promise<void> {
+    const seq = ++this.#sessionsSeq;
     await this.#sessionsWriter.commit();
-    this.#unsavedRemovals.delete(tokenHash);
-    return true;
+    for (const [hash, removal] of this.#unsavedRemovals) {
+      if (removal.seq <= seq) this.#unsavedRemovals.delete(hash);
+    }
   }
 
   /** Drops expired sessions from memory and from the file; returns how many. */
   async pruneSessions(): Promise<number> {
     const dropped = this.#dropExpiredSessions();
     if (dropped > 0 && this.#closed === undefined) {
-      await this.#sessionsWriter.commit();
+      await this.#commitSessions();
     }
     return dropped;
   }
 
-  /** Waits for pending writes, then releases the lock. Idempotent. */
+  /**
+   * Waits for pending writes (and tries once more to save removals whose
+   * write failed), then releases the lock. Idempotent.
+   */
   close(): Promise<void> {
     this.#closed ??= (async () => {
       try {
+        if (this.#unsavedRemovals.size > 0) {
+          await this.#commitSessions().catch(() => {});
+        }
         await Promise.allSettled([
           this.#usersWriter.idle(),
           this.#sessionsWriter.idle(),

@@ -636,6 +636,49 @@ Deno.test("logout revokes only the session it names", async () => {
   });
 });
 
+Deno.test("a logout whose write failed is written when asked again, or at shutdown, and stays revoked after a restart", async (t) => {
+  for (const retry of [true, false]) {
+    await t.step(retry ? "asked again" : "at shutdown", async () => {
+      const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+      const away = `${dataDir}.away`;
+      let token = "";
+      try {
+        await withServer({ dataDir }, async ({ url }) => {
+          await register(url, "gwen");
+          token = await loginToken(url, "gwen");
+          const logout = () =>
+            call(url, "/logout", undefined, {
+              headers: { authorization: `Bearer ${token}` },
+            });
+          // The directory moved away: the write fails, as on a full disk.
+          await Deno.rename(dataDir, away);
+          const failed = await logout();
+          assert.equal(failed.status, 500);
+          assert.equal(field(failed, "error"), "server_error");
+          assert.equal(
+            (await call(url, "/validate_token", { token })).status,
+            401,
+            "revoked at once",
+          );
+          await Deno.rename(away, dataDir);
+          if (retry) {
+            assert.equal((await logout()).status, 204);
+            assert.equal((await logout()).status, 401);
+          }
+        });
+        await withServer({ dataDir }, async ({ url }) => {
+          const check = await call(url, "/validate_token", { token });
+          assert.equal(check.status, 401);
+          assert.equal(field(check, "valid"), false);
+        });
+      } finally {
+        await Deno.remove(away, { recursive: true }).catch(() => {});
+        await Deno.remove(dataDir, { recursive: true });
+      }
+    });
+  }
+});
+
 Deno.test("a login beyond maxSessionsPerUser ends that user's oldest sessions (not with RATE_LIMITS=off)", async (t) => {
   for (const rateLimits of [true, false]) {
     await t.step(`rateLimits: ${rateLimits}`, async () => {
