@@ -246,8 +246,8 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
         "Cannot log in: the request needs a string username",
       );
     }
-    const validName = USERNAME_RE.test(username);
-    if (validName && typeof password !== "string") {
+    // The request's shape first (400), then the rules (401, whichever breaks).
+    if (typeof password !== "string") {
       event("login", "fail", username, address, "reason=invalid_password");
       throw new HttpError(
         400,
@@ -255,6 +255,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
         "Cannot log in: the request needs a string password",
       );
     }
+    const validName = USERNAME_RE.test(username);
     const key = validName ? username.toLowerCase() : undefined;
     let ticket: LoginTicket | undefined;
     if (rateLimits) {
@@ -264,9 +265,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
       }
       ticket = admission.ticket;
     }
-    const normalized = typeof password === "string"
-      ? password.normalize("NFC")
-      : "";
+    const normalized = password.normalize("NFC");
     if (!validName || !isValidPassword(normalized)) {
       // Cannot match any account: no hash needed, and nothing to learn.
       throw invalidCredentials(username, address, "reason=rule_breaking");

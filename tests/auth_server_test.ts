@@ -316,6 +316,20 @@ Deno.test("validation errors answer the contract codes in the contract order", a
       ["login", "no password", { username: "carol" }, 400, "invalid_password"],
       [
         "login",
+        "a rule-breaking username and no password",
+        { username: "a!" },
+        400,
+        "invalid_password",
+      ],
+      [
+        "login",
+        "a rule-breaking username and a number password",
+        { username: "a!", password: 5 },
+        400,
+        "invalid_password",
+      ],
+      [
+        "login",
         "a number password",
         { username: "carol", password: 12345678 },
         400,
