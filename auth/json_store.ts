@@ -564,9 +564,9 @@ async function loadFile<T>(
   path: string,
   parse: (data: unknown) => T,
 ): Promise<T> {
-  let text: string;
+  let bytes: Uint8Array;
   try {
-    text = await Deno.readTextFile(path);
+    bytes = await Deno.readFile(path);
   } catch (err) {
     if (err instanceof Deno.errors.NotFound) return parse(undefined);
     throw new StoreError(
@@ -575,11 +575,18 @@ async function loadFile<T>(
   }
   let data: unknown;
   try {
-    data = JSON.parse(text);
+    // Strict: bytes that are not UTF-8 would be read as U+FFFD and written
+    // back that way, changing the file (a BOM is kept, and refused by JSON).
+    data = JSON.parse(STRICT_UTF8.decode(bytes));
   } catch (err) {
+    const reason = err instanceof TypeError
+      ? "it is not UTF-8 text"
+      : err instanceof Error
+      ? err.message
+      : String(err);
     throw new StoreError(
       `Cannot parse ${path}: ${
-        err instanceof Error ? err.message : err
+        oneLine(reason)
       } (the file is left as it is; fix or move it)`,
     );
   }
@@ -591,6 +598,17 @@ async function loadFile<T>(
       `Cannot parse ${path}: ${err.message} (the file is left as it is; fix or move it)`,
     );
   }
+}
+
+const STRICT_UTF8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
+/** `text` with its control characters escaped, so a message stays one line. */
+function oneLine(text: string): string {
+  return text.replace(
+    // deno-lint-ignore no-control-regex
+    /[\u0000-\u001f\u007f]/g,
+    (c) => JSON.stringify(c).slice(1, -1),
+  );
 }
 
 class FormatError extends Error {}

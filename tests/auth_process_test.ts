@@ -315,26 +315,52 @@ Deno.test("kill -9 in the middle of a burst of registrations loses no registrati
 });
 
 Deno.test("a file that does not parse makes the entry point exit 1 with one line naming it, and stays unchanged", async (t) => {
+  const utf8 = new TextEncoder();
+  // A well-formed file but for two bytes in a username that are not UTF-8
+  // (in place of each `@`): read leniently, they would become U+FFFD and be
+  // written back that way.
+  const notUtf8 = (name: string) =>
+    Uint8Array.from(
+      (name === "users.json"
+        ? '{"version": 1, "users": {"ab@": {"username": "ab@", ' +
+          '"password_hash": "x", "created_at": "2026-01-01T00:00:00.000Z"}}}'
+        : `{"version": 1, "sessions": {"${"a".repeat(64)}": {"username": ` +
+          '"ab@", "created_at": "2026-01-01T00:00:00.000Z", ' +
+          '"expires_at": "2099-01-01T00:00:00.000Z"}}}')
+        .split("@")
+        .flatMap((
+          part,
+          i,
+        ) => [...(i > 0 ? [0xff, 0xfe] : []), ...utf8.encode(part)]),
+    );
+  const cases: [string, (name: string) => Uint8Array][] = [
+    ["truncated", () => utf8.encode('{"version": 1, "oops"')],
+    // V8's message quotes the text, newline and all.
+    ["garbage and a newline", () => utf8.encode("garbage\n")],
+    ["not UTF-8", notUtf8],
+  ];
   for (const name of ["users.json", "sessions.json"]) {
-    await t.step(name, async () => {
-      const dataDir = await Deno.makeTempDir({ prefix: "auth_proc_" });
-      try {
-        const path = join(dataDir, name);
-        const content = '{"version": 1, "oops"';
-        await Deno.writeTextFile(path, content);
-        const proc = await spawnAuth(["--port", "0", "--data-dir", dataDir]);
-        assert.equal(proc.url, undefined);
-        const { code, stderr, stdout } = await proc.ended;
-        assert.equal(code, 1);
-        assert.equal(stdout, "");
-        assert.ok(stderr.includes(path), stderr);
-        assert.equal(stderr.trim().split("\n").length, 1, stderr);
-        assert.ok(!/\n\s+at /.test(stderr), "no stack trace");
-        assert.equal(await Deno.readTextFile(path), content);
-      } finally {
-        await Deno.remove(dataDir, { recursive: true });
-      }
-    });
+    for (const [what, make] of cases) {
+      await t.step(`${name}: ${what}`, async () => {
+        const content = make(name);
+        const dataDir = await Deno.makeTempDir({ prefix: "auth_proc_" });
+        try {
+          const path = join(dataDir, name);
+          await Deno.writeFile(path, content);
+          const proc = await spawnAuth(["--port", "0", "--data-dir", dataDir]);
+          assert.equal(proc.url, undefined);
+          const { code, stderr, stdout } = await proc.ended;
+          assert.equal(code, 1);
+          assert.equal(stdout, "");
+          assert.ok(stderr.includes(path), stderr);
+          assert.equal(stderr.trim().split("\n").length, 1, stderr);
+          assert.ok(!/\n\s+at /.test(stderr), "no stack trace");
+          assert.deepEqual(await Deno.readFile(path), content);
+        } finally {
+          await Deno.remove(dataDir, { recursive: true });
+        }
+      });
+    }
   }
 });
 
