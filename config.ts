@@ -20,6 +20,8 @@ export interface ServerConfig {
   sessionTtlSeconds: number;
   rateLimits: boolean;
   allowedOrigins: string[];
+  /** Flags given that this entry point has no use for (its caller says so). */
+  ignoredFlags: string[];
 }
 
 /** Which entry point is reading the configuration: `--host`/`--port` apply to that server. */
@@ -36,11 +38,13 @@ export const SERVER_USAGE =
   --host HOST        interface to bind (AUTH_HOST / CHAT_HOST, default 127.0.0.1)
   --port PORT        port of this server, 0 = pick a free one (AUTH_PORT 8000 / CHAT_PORT 8001);
                      with 'start': the auth server's, the chat server on the next (0: both free)
-  --auth-port PORT   with 'start': the auth server's port
-  --chat-port PORT   with 'start': the chat server's port
+  --auth-port PORT   with 'start': the auth server's port (with 'auth': as --port)
+  --chat-port PORT   with 'start': the chat server's port (with 'chat': as --port;
+                     with 'auth': the port of the chat address /login hands out)
   --data-dir DIR     data directory (DATA_DIR, default ./data)
   --auth-url URL     with 'chat': where it reaches the auth server (AUTH_URL)
-  --chat-url URL     chat address handed out by /login (CHAT_PUBLIC_URL)
+  --chat-url URL     chat address handed out by /login (CHAT_PUBLIC_URL); the chat
+                     server serves its path as well as /ws
   --session-ttl S    session lifetime in seconds (SESSION_TTL, default 86400)
   --help             show this help`;
 
@@ -59,6 +63,7 @@ const AUTH_READS = [
 const CHAT_READS = [
   "CHAT_HOST",
   "CHAT_PORT",
+  "CHAT_PUBLIC_URL",
   "DATA_DIR",
   "AUTH_URL",
   "RATE_LIMITS",
@@ -71,6 +76,38 @@ const READS: Record<ServerRole, ReadonlySet<string>> = {
   start: new Set(
     [...AUTH_READS, ...CHAT_READS].filter((name) => name !== "AUTH_URL"),
   ),
+};
+
+// The flags each entry point uses: --chat-url is the address /login hands
+// out (the chat server serves its path too), --auth-url where the chat
+// server finds the auth server (start's uses the one started with it).
+const USES: Record<ServerRole, ReadonlySet<string>> = {
+  auth: new Set([
+    "host",
+    "port",
+    "auth-port",
+    "chat-port",
+    "data-dir",
+    "chat-url",
+    "session-ttl",
+  ]),
+  chat: new Set([
+    "host",
+    "port",
+    "chat-port",
+    "data-dir",
+    "auth-url",
+    "chat-url",
+  ]),
+  start: new Set([
+    "host",
+    "port",
+    "auth-port",
+    "chat-port",
+    "data-dir",
+    "chat-url",
+    "session-ttl",
+  ]),
 };
 
 /**
@@ -103,8 +140,26 @@ export function parseServerConfig(
     throw new ConfigError(err instanceof Error ? err.message : String(err));
   }
   // A server does not stop for a variable it does not read (AUTH_URL, often
-  // set for the client in the same shell, is the chat server's alone).
-  const read = (name: string) => READS[role].has(name) ? env(name) : undefined;
+  // set for the client in the same shell, is the chat server's alone). An
+  // empty variable counts as unset, as in `AUTH_HOST= deno task auth`.
+  const read = (name: string) => {
+    const value = READS[role].has(name) ? env(name) : undefined;
+    return value === "" ? undefined : value;
+  };
+  const ignoredFlags = Object.keys(parsed)
+    .filter((flag) => !USES[role].has(flag))
+    .map((flag) => `--${flag}`);
+  // --port, or the same server's own --auth-port / --chat-port: not both.
+  const own = role === "auth"
+    ? parsed["auth-port"]
+    : role === "chat"
+    ? parsed["chat-port"]
+    : undefined;
+  if (own !== undefined && parsed.port !== undefined) {
+    throw new ConfigError(
+      `Cannot use --port with --${role}-port: they set the same port`,
+    );
+  }
   const host = parsed.host;
   const authHost = (role !== "chat" ? host : undefined) ?? read("AUTH_HOST") ??
     "127.0.0.1";
@@ -115,12 +170,10 @@ export function parseServerConfig(
   const [startAuthPort, startChatPort] = role === "start"
     ? startPorts(parsed.port, parsed["auth-port"], parsed["chat-port"])
     : [undefined, undefined];
-  const authPortText =
-    (role === "auth" ? parsed.port : startAuthPort ?? parsed["auth-port"]) ??
-      read("AUTH_PORT") ?? "8000";
-  const chatPortText =
-    (role === "chat" ? parsed.port : startChatPort ?? parsed["chat-port"]) ??
-      read("CHAT_PORT") ?? "8001";
+  const authPortText = (role === "auth" ? parsed.port : startAuthPort) ??
+    parsed["auth-port"] ?? read("AUTH_PORT") ?? "8000";
+  const chatPortText = (role === "chat" ? parsed.port : startChatPort) ??
+    parsed["chat-port"] ?? read("CHAT_PORT") ?? "8001";
   // With start, the chat server uses the auth server it starts: a
   // --auth-url is passed on, so that the entry point can say it is ignored.
   const authUrl = parsed["auth-url"] ?? read("AUTH_URL");
@@ -149,7 +202,24 @@ export function parseServerConfig(
     ),
     rateLimits: rateLimitsText === "on",
     allowedOrigins: parseOrigins(read("ALLOWED_ORIGINS") ?? ""),
+    ignoredFlags,
   };
+}
+
+/** The line an entry point prints for a flag it has no use for. */
+export function ignoredFlagNotice(role: ServerRole, flag: string): string {
+  const why = flag === "--auth-url"
+    ? role === "start"
+      ? "the chat server uses the auth server started with it"
+      : "it tells the chat server and the client where the auth server is"
+    : flag === "--auth-port"
+    ? "the chat server finds the auth server at --auth-url"
+    : flag === "--chat-url"
+    ? "the auth server's /login hands out the chat address"
+    : flag === "--session-ttl"
+    ? "sessions are the auth server's"
+    : "not used by this server";
+  return `${role}: ignoring ${flag}: ${why}`;
 }
 
 /** The default address of the auth server when `AUTH_URL` is not set. */

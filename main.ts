@@ -16,11 +16,12 @@ import {
   ConfigError,
   defaultChatUrl,
   httpAddress,
+  ignoredFlagNotice,
   parseServerConfig,
   SERVER_USAGE,
 } from "./config.ts";
 
-if (Deno.args.includes("--help")) {
+if (Deno.args.includes("--help") || Deno.args.includes("-h")) {
   console.log(`Usage: deno task start [options]\n\n${SERVER_USAGE}`);
   Deno.exit(0);
 }
@@ -34,10 +35,8 @@ try {
   Deno.exit(2);
 }
 
-if (config.authUrl !== undefined) {
-  console.error(
-    "start: ignoring --auth-url: the chat server uses the auth server started with it",
-  );
+for (const flag of config.ignoredFlags) {
+  console.error(ignoredFlagNotice("start", flag));
 }
 
 const stop = new AbortController();
@@ -57,6 +56,7 @@ try {
     // Until the auth server listens, port 0 refuses: 503 auth_unavailable.
     authUrl: () => auth?.url ?? "http://127.0.0.1:0",
     allowedOrigins: config.allowedOrigins,
+    publicUrl: config.chatPublicUrl,
     rateLimits: config.rateLimits,
     log,
   });

@@ -7,6 +7,7 @@
 import {
   ConfigError,
   httpAddress,
+  ignoredFlagNotice,
   parseServerConfig,
   SERVER_USAGE,
   type ServerConfig,
@@ -27,6 +28,10 @@ try {
   if (!(err instanceof ConfigError)) throw err;
   console.error(`auth: ${err.message}\n\n${USAGE}`);
   Deno.exit(2);
+}
+
+for (const flag of config.ignoredFlags) {
+  console.error(ignoredFlagNotice("auth", flag));
 }
 
 if (config.chatPublicUrl === undefined && config.chatPort === 0) {

@@ -8,12 +8,13 @@ import {
   ConfigError,
   DEFAULT_AUTH_URL,
   httpAddress,
+  ignoredFlagNotice,
   parseServerConfig,
   SERVER_USAGE,
 } from "../config.ts";
 import { createChatServer } from "./server.ts";
 
-if (Deno.args.includes("--help")) {
+if (Deno.args.includes("--help") || Deno.args.includes("-h")) {
   console.log(`Usage: deno task chat [options]\n\n${SERVER_USAGE}`);
   Deno.exit(0);
 }
@@ -25,6 +26,10 @@ try {
   if (!(err instanceof ConfigError)) throw err;
   console.error(`chat: ${err.message}\n\n${SERVER_USAGE}`);
   Deno.exit(2);
+}
+
+for (const flag of config.ignoredFlags) {
+  console.error(ignoredFlagNotice("chat", flag));
 }
 
 const stop = new AbortController();
@@ -41,6 +46,7 @@ try {
     dataDir: config.dataDir,
     authUrl: config.authUrl ?? DEFAULT_AUTH_URL,
     allowedOrigins: config.allowedOrigins,
+    publicUrl: config.chatPublicUrl,
     rateLimits: config.rateLimits,
     log: (line) => console.error(line),
   });

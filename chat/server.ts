@@ -29,6 +29,11 @@ export interface ChatServerOptions {
   authUrl: string | (() => string);
   /** Origins allowed besides the server's own. */
   allowedOrigins?: string[];
+  /**
+   * The chat address `/login` hands out (`CHAT_PUBLIC_URL`), when set: its
+   * path is served as well as `/ws`, and its origin is the server's own.
+   */
+  publicUrl?: string;
   /** False lifts message rates and connection caps. Default true. */
   rateLimits?: boolean;
   limits?: Partial<ChatLimits>;
@@ -105,6 +110,7 @@ export async function createChatServer(
     manager,
     validateToken,
     allowedOrigins: options.allowedOrigins ?? [],
+    publicUrl: options.publicUrl,
     idleTimeoutSeconds: options.idleTimeoutSeconds ?? 30,
     log,
   });
@@ -179,11 +185,15 @@ interface HandlerOptions {
   manager: ConnectionManager;
   validateToken: (token: string) => Promise<TokenCheck>;
   allowedOrigins: string[];
+  publicUrl?: string;
   idleTimeoutSeconds: number;
   log: (line: string) => void;
 }
 
-/** The HTTP handler of the chat server: `/ws` upgrades and `/health`. */
+/**
+ * The HTTP handler of the chat server: `/ws` (and the public address's path)
+ * upgrades, and `/health`.
+ */
 export function createChatHandler(
   options: HandlerOptions,
 ): (
@@ -193,6 +203,14 @@ export function createChatHandler(
   const { manager, validateToken, allowedOrigins, idleTimeoutSeconds, log } =
     options;
   const allowed = new Set(allowedOrigins.map((o) => o.replace(/\/+$/, "")));
+  // Behind a proxy the address clients are given may differ from this
+  // server's: its path is served too, and a page from its origin allowed.
+  const paths = new Set(["/ws"]);
+  if (options.publicUrl !== undefined) {
+    const url = new URL(options.publicUrl);
+    paths.add(url.pathname);
+    allowed.add(`${url.protocol === "wss:" ? "https:" : "http:"}//${url.host}`);
+  }
   // An outage of the auth server refuses every upgrade: one line per
   // AUTH_LOG_INTERVAL_MS, not one per refused client (a crowd reconnecting
   // would fill the disk the history needs).
@@ -230,7 +248,7 @@ export function createChatHandler(
         },
       });
     }
-    if (url.pathname !== "/ws") {
+    if (!paths.has(url.pathname)) {
       return jsonError(404, "not_found", `Nothing at ${url.pathname}`);
     }
     if (manager.closing) {

@@ -23,6 +23,7 @@ export interface StackOptions {
   historyMaxBytes?: number;
   historyFlushMs?: number;
   allowedOrigins?: string[];
+  publicUrl?: string;
   idleTimeoutSeconds?: number;
   sessionTtlSeconds?: number;
   now?: () => number;
@@ -68,6 +69,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
       historyMaxBytes: options.historyMaxBytes,
       historyFlushMs: options.historyFlushMs,
       allowedOrigins: options.allowedOrigins,
+      publicUrl: options.publicUrl,
       idleTimeoutSeconds: options.idleTimeoutSeconds,
       log: options.log,
       now: options.now,

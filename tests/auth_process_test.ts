@@ -482,3 +482,45 @@ Deno.test("--help prints the usage and exits 0; a bad flag exits 2 with the usag
   assert.match(err, /port "nope"/);
   assert.match(err, /--data-dir DIR/);
 });
+
+Deno.test("-h is --help for every server entry point; a flag the server has no use for gets a notice, not a refusal", async (t) => {
+  for (const entry of ["../main.ts", "../auth/main.ts", "../chat/main.ts"]) {
+    await t.step(entry, async () => {
+      const help = await new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "--allow-env",
+          "--allow-read",
+          "--allow-write",
+          "--allow-net",
+          fileURLToPath(new URL(entry, import.meta.url)),
+          "-h",
+        ],
+        stdin: "null",
+      }).output();
+      assert.equal(help.code, 0);
+      assert.match(new TextDecoder().decode(help.stdout), /--data-dir DIR/);
+    });
+  }
+  await t.step("auth --auth-url", async () => {
+    const dataDir = await Deno.makeTempDir({ prefix: "auth_proc_" });
+    try {
+      const proc = await spawnAuth([
+        "--auth-port",
+        "0",
+        "--data-dir",
+        dataDir,
+        "--auth-url",
+        "http://127.0.0.1:9",
+      ]);
+      assert.ok(proc.url, "it starts, on a free port");
+      assert.notEqual(new URL(proc.url).port, "8000");
+      proc.child.kill("SIGTERM");
+      const { code, stderr } = await proc.ended;
+      assert.equal(code, 0);
+      assert.match(stderr, /auth: ignoring --auth-url: /);
+    } finally {
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  });
+});

@@ -534,6 +534,31 @@ Deno.test("an upgrade from a foreign Origin gets 403; the own origin and ALLOWED
   }
 });
 
+Deno.test("with a public address (CHAT_PUBLIC_URL), its path upgrades as well as /ws, and its origin is the server's own", async () => {
+  const stack = await startStack({ publicUrl: "wss://chat.example.com/chat" });
+  try {
+    const token = await login(stack.auth.url, "alice");
+    const auth = { authorization: `Bearer ${token}` };
+    for (const path of ["/chat", "/ws"]) {
+      assert.equal((await rawUpgrade(stack.chat.port, path, auth)).status, 101);
+    }
+    const other = await rawUpgrade(stack.chat.port, "/other", auth);
+    assert.equal(other.status, 404);
+    const page = await rawUpgrade(stack.chat.port, "/chat", {
+      ...auth,
+      origin: "https://chat.example.com",
+    });
+    assert.equal(page.status, 101);
+    const evil = await rawUpgrade(stack.chat.port, "/chat", {
+      ...auth,
+      origin: "http://chat.example.com",
+    });
+    assert.equal(evil.status, 403, "wss: the page's origin is https");
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("shutdown closes every WebSocket with 1001 and flushes history", async () => {
   const stack = await startStack({ historyFlushMs: 60_000 });
   try {
