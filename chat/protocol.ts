@@ -211,8 +211,15 @@ export function parseClientFrame(data: unknown): ClientFrame {
       return { type: data.type, room };
     }
     case "dm": {
-      if (typeof data.to !== "string" || !isUsername(data.to)) {
-        throw new FrameError("invalid_frame", "dm needs a valid user in 'to'");
+      if (typeof data.to !== "string") {
+        throw new FrameError("invalid_frame", "dm needs a user name in 'to'");
+      }
+      // A name no account can have is a user with no open connection.
+      if (!isUsername(data.to)) {
+        throw new FrameError(
+          "unknown_user",
+          "No such user: a username is 3 to 32 characters of A-Z, a-z, 0-9, _ . -",
+        );
       }
       return { type: "dm", to: data.to, text: readText(data.text) };
     }

@@ -304,7 +304,14 @@ Deno.test("bad frames get error frames and the connection stays open", async (t)
       ["limit 0", { type: "history", limit: 0 }, "invalid_frame"],
       ["limit 501", { type: "history", limit: 501 }, "invalid_frame"],
       ["dm to nobody", { type: "dm", to: "nobody", text: "x" }, "unknown_user"],
-      ["dm to a bad name", { type: "dm", to: "x", text: "x" }, "invalid_frame"],
+      // No account can have it, so no user with that name is connected.
+      ["dm to a bad name", { type: "dm", to: "x", text: "x" }, "unknown_user"],
+      ["dm to a name with a space", {
+        type: "dm",
+        to: "no body",
+        text: "x",
+      }, "unknown_user"],
+      ["dm to a number", { type: "dm", to: 5, text: "x" }, "invalid_frame"],
       // U+212A lower-cases to an ASCII "k", but is not one.
       [
         "join the Kelvin sign",
