@@ -159,14 +159,19 @@ export async function createChatServer(
     },
     shutdown() {
       stopping ??= (async () => {
-        await manager.close();
+        // The close frames (1001) and whatever was queued before them are
+        // handed to the runtime at once; the listener stops at once too,
+        // rather than accepting while peers answer the close.
+        const closing = manager.close();
+        const serverDown = server.shutdown();
+        await closing;
         // An upgrade whose client left before it was answered never
         // completes (this runtime neither opens nor closes the socket): the
         // graceful shutdown would wait for it forever, so it gets a grace
         // period, then the history is flushed and the process may exit.
         let timer: ReturnType<typeof setTimeout> | undefined;
         await Promise.race([
-          server.shutdown(),
+          serverDown,
           new Promise((resolve) => timer = setTimeout(resolve, 2000)),
         ]);
         clearTimeout(timer);

@@ -576,6 +576,46 @@ Deno.test("shutdown closes every WebSocket with 1001 and flushes history", async
   }
 });
 
+Deno.test("shutdown stops accepting at once, before a peer that does not answer the close is done with", async () => {
+  const stack = await startStack();
+  const conn = await Deno.connect({
+    hostname: "127.0.0.1",
+    port: stack.chat.port,
+  });
+  try {
+    const token = await login(stack.auth.url, "alice");
+    await conn.write(
+      new TextEncoder().encode(
+        [
+          "GET /ws HTTP/1.1",
+          `host: 127.0.0.1:${stack.chat.port}`,
+          "upgrade: websocket",
+          "connection: Upgrade",
+          "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==",
+          "sec-websocket-version: 13",
+          `authorization: Bearer ${token}`,
+          "",
+          "",
+        ].join("\r\n"),
+      ),
+    );
+    const head = new Uint8Array(4096);
+    const n = await conn.read(head);
+    assert.match(
+      new TextDecoder().decode(head.subarray(0, n ?? 0)),
+      /^HTTP\/1.1 101/,
+    );
+    // This peer never answers the close frame.
+    const shutdown = stack.chat.shutdown();
+    // Refused, or reset if it reached the backlog just before it closed.
+    await assert.rejects(fetch(`${stack.chat.httpUrl}/health`), TypeError);
+    await shutdown;
+  } finally {
+    conn.close();
+    await stack.close();
+  }
+});
+
 /** Reads raw server WebSocket frames until a close frame; returns its code. */
 async function readCloseCode(conn: Deno.Conn): Promise<number> {
   let buf = new Uint8Array(0);
