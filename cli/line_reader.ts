@@ -58,7 +58,10 @@ export interface LineReaderOptions {
 
 /** How one line is read. */
 export interface ReadLineOptions {
-  /** Shown before the input on a terminal (never into a pipe). */
+  /**
+   * Shown before the input on a terminal; without one, written as a line of
+   * its own to the output (unless `transient`).
+   */
   prompt?: string;
   /** Whether typed characters are shown (false for passwords). */
   echo?: boolean;
@@ -165,6 +168,12 @@ export class LineReader {
       return Promise.reject(new Interrupted());
     }
     this.#start();
+    // Without a terminal the prompt is a line of its own on stdout, before
+    // every read (also of a line already piped in), so that a script driving
+    // the client can wait for it; the chat's own prompt is left out.
+    if (this.#terminal === null && !options.transient && options.prompt) {
+      this.#write(this.#output, `${options.prompt.trimEnd()}\n`);
+    }
     if (this.#queue.length > 0) {
       return Promise.resolve(this.#queue.shift() ?? null);
     }

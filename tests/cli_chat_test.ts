@@ -93,6 +93,32 @@ Deno.test("the menu driven through piped stdin registers, logs in, says hello an
   }
 });
 
+Deno.test("through pipes, each prompt is a line on stdout, so a script can wait for it before answering", async () => {
+  const servers = await startServers();
+  try {
+    const cli = new CliProcess(["--auth-url", servers.authUrl]);
+    const answer = async (prompt: string, line: string) => {
+      await cli.stdout.next(prompt);
+      await cli.write(line);
+    };
+    await answer("Choose 1 or 2:", "2");
+    await answer("Username:", "alice");
+    await answer("Password:", PASSWORD);
+    await cli.stdout.next("registered alice; you can now log in");
+    await answer("Choose 1 or 2:", "1");
+    await answer("Username:", "alice");
+    await answer("Password:", PASSWORD);
+    await cli.stdout.next("connected as alice");
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    // No chat prompt among the chat's lines.
+    assert.ok(!cli.stdout.lines.some((l) => l.includes("#lobby>")));
+    assert.equal(cli.stderr.text, "");
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("input that ends right after commands still shows their answers (scripted /who, /rooms, /msg, /history)", async (t) => {
   const servers = await startServers();
   try {
