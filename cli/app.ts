@@ -175,7 +175,9 @@ async function askCredentials(
 ): Promise<{ username: string; password: string }> {
   const lines = io.lines();
   let username = args.user;
-  if (username === undefined) {
+  // An empty answer on a terminal asks again; a script's lines are taken
+  // as they come, so that its password is not read as a menu choice.
+  while (username === undefined || (username === "" && lines.interactive)) {
     const answer = await lines.readLine({ prompt: "Username: " });
     if (answer === null) throw new EndOfInput("no username given");
     username = answer.trim();

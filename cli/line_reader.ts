@@ -144,7 +144,7 @@ export class LineReader {
     this.#plain = terminal?.plain ?? false;
   }
 
-  /** Whether a person types at a terminal (prompts shown, input edited here). */
+  /** Whether a person types at a terminal (input edited here). */
   get interactive(): boolean {
     return this.#terminal !== null;
   }

@@ -121,7 +121,9 @@ export function renderPresence(
 
 /** `! rate_limited: Too many messages (retry in 1.5s)`. */
 export function renderError(frame: ErrorFrame, view: ViewOptions): string {
-  const retry = frame.retry_after_ms !== undefined
+  // Unless the message says when already (this server's: "try again in 0.5 s").
+  const retry = frame.retry_after_ms !== undefined &&
+      !/\b(try again|retry)\b/i.test(frame.message)
     ? ` (retry in ${(Math.ceil(frame.retry_after_ms / 100) / 10).toFixed(1)}s)`
     : "";
   const text = `! ${sanitize(frame.error)}${

@@ -3,6 +3,7 @@
  * bytes it writes leave on the screen, not the bytes themselves.
  */
 import assert from "node:assert/strict";
+import { runApp } from "../cli/app.ts";
 import { LineReader } from "../cli/line_reader.ts";
 import { displayWidth, splitGraphemes } from "../cli/render.ts";
 
@@ -86,7 +87,7 @@ function terminal(columns: number) {
     // The reader takes the keys on its next turn.
     await new Promise((resolve) => setTimeout(resolve, 0));
   };
-  return { screen, reader, type };
+  return { screen, reader, type, end: () => controller.close() };
 }
 
 Deno.test("arrows, Home, End, Delete and Backspace edit where the cursor is, one character as seen at a time", async () => {
@@ -234,4 +235,39 @@ Deno.test("Up and Down keep the line being typed; only the chat's lines are reca
   await type("\x1b[A\x1b[A\x1b[A\r");
   assert.equal(await again, "sent before");
   reader.close();
+});
+
+Deno.test("an empty username on a terminal is asked for again", async () => {
+  const { screen, reader, type, end } = terminal(60);
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const authUrl = `http://127.0.0.1:${listener.addr.port}`;
+  listener.close();
+  const errors: string[] = [];
+  const exited = runApp(["--auth-url", authUrl], {
+    env: () => undefined,
+    lines: () => reader,
+    out: (line) => reader.print(line),
+    err: (line) => errors.push(line),
+    color: false,
+  });
+  await type("1\r");
+  await type("\r");
+  await type("  \r");
+  assert.equal(
+    screen.lines.filter((l) => l.startsWith("Username:")).length,
+    3,
+    screen.lines.join("\n"),
+  );
+  await type("alice\r");
+  assert.ok(
+    screen.lines.at(-1)!.startsWith("Password:"),
+    screen.lines.join("\n"),
+  );
+  await type("secretpw1\r");
+  // The auth server is not there: one line, and the menu again.
+  await type("");
+  end();
+  assert.equal(await exited, 0);
+  assert.equal(errors.length, 1, errors.join("\n"));
+  assert.match(errors[0]!, /cannot reach the auth server/);
 });

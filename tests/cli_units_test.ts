@@ -132,6 +132,16 @@ Deno.test("the chat view renders messages, DMs, presence and errors as one line 
     }, view),
     "! rate_limited: Slow down (retry in 1.5s)",
   );
+  // Said once when the message says it already.
+  assert.equal(
+    renderError({
+      type: "error",
+      error: "rate_limited",
+      message: "Slow down: try again in 0.5 s",
+      retry_after_ms: 500,
+    }, view),
+    "! rate_limited: Slow down: try again in 0.5 s",
+  );
   assert.equal(
     formatClock("not a date", new Date(2024, 0, 1, 23, 59)),
     "23:59",
