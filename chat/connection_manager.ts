@@ -624,6 +624,7 @@ export class ConnectionManager {
         // What was queued goes first (the warnings before a flood close),
         // unless the peer's backlog is the reason for closing.
         if (pending !== "" && code !== CloseCode.tryAgainLater) {
+          this.#history.writeOut();
           socket.send(pending);
         }
       } catch {
@@ -1035,7 +1036,10 @@ export class ConnectionManager {
       );
     }
     // A burst: write now rather than hold a large queue of our own.
-    if (conn.outboxBytes >= WRITE_NOW_BYTES) this.#write(conn);
+    if (conn.outboxBytes >= WRITE_NOW_BYTES) {
+      this.#history.writeOut();
+      this.#write(conn);
+    }
   }
 
   /** Writes a connection's queue as one frame, or drops it if it is not keeping up. */
@@ -1100,6 +1104,8 @@ export class ConnectionManager {
 
   /** Writes every listed connection's queue (one already written is skipped). */
   #writeAll(list: ConnList): void {
+    // No message is sent before it is in its room's file (the OS's).
+    this.#history.writeOut();
     // Writes (and drops) below may queue more frames, presence for instance:
     // those land in this same pass, as the loop reads the growing list.
     const items = list.items;

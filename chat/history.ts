@@ -5,10 +5,14 @@
  * `client_id`, so that exactly-once sending holds across a restart, but no
  * message handed out by this module carries it).
  *
- * Appends are batched: a message is queued in memory and written with the
- * others of its room at the next flush (at most `flushIntervalMs` later, and
- * at close), so the hot path never waits for the disk. Files are compacted to
- * the kept tail at start-up and whenever they grow well past it.
+ * A message is handed to the OS (appended to its room's file, one write a
+ * room for the messages of one event-loop turn) before anyone is sent it:
+ * {@linkcode HistoryStore.writeOut}, which the connection manager calls
+ * before it writes frames. So a message that was delivered survives the
+ * process being killed (`kill -9`), its `client_id` with it. Reaching the
+ * disk itself (`fdatasync`, what survives a power cut) is batched: at most
+ * `flushIntervalMs` later, and at close. Files are compacted to the kept
+ * tail at start-up and whenever they grow well past it.
  *
  * @module
  */
@@ -36,7 +40,7 @@ export interface HistoryOptions {
    * Default 10 minutes.
    */
   dedupWindowMs?: number;
-  /** Longest time a message waits in memory before it is written. Default 1000 ms. */
+  /** Longest time a written message waits for `fdatasync`. Default 1000 ms. */
   flushIntervalMs?: number;
   /** Clock in ms. Default `Date.now`. */
   now?: () => number;
@@ -76,10 +80,21 @@ interface Room {
    */
   sentTail: SentLine[];
   lastId: number;
-  /** JSON lines not yet on disk. */
+  /** JSON lines not yet handed to the OS. */
   pending: string[];
   /** Lines in the file beyond the kept tail; compaction rewrites the file. */
   needsRewrite: boolean;
+  /**
+   * The file may end in part of a line (a failed write, a crash's torn
+   * append): nothing is appended to it until a rewrite replaces it.
+   */
+  torn: boolean;
+  /** A rewrite is under way: lines written meanwhile go to `late` too. */
+  rewriting: boolean;
+  /** Lines appended to the old file during a rewrite, for the new one. */
+  late: string[];
+  /** Lines handed to the OS since the last `fdatasync`. */
+  unsynced: boolean;
   linesOnDisk: number;
   /** Why the last write of the room failed, until one succeeds (logged once). */
   writeError: string | undefined;
@@ -175,6 +190,8 @@ export class HistoryStore {
   /** Per room, the ids the room's ids go on above (see `FLOORS_FILE`). */
   #floors = new Map<string, number>();
   #dirty = new Set<Room>();
+  /** Rooms with lines not yet handed to the OS (see {@linkcode writeOut}). */
+  #unwritten = new Set<Room>();
   #timer: ReturnType<typeof setTimeout> | undefined;
   #flushing: Promise<void> = Promise.resolve();
   #closed = false;
@@ -343,6 +360,7 @@ export class HistoryStore {
       own = withClientId(line, clientId);
     }
     r.pending.push(own);
+    this.#unwritten.add(r);
     r.recentJson = undefined;
     this.#dirty.add(r);
     this.#schedule();
@@ -437,7 +455,24 @@ export class HistoryStore {
     return { ...page, gap };
   }
 
-  /** Writes every queued message now. */
+  /**
+   * Hands every message appended since the last call to the OS now, one
+   * append a room (synchronous: a few microseconds for a page-cache write).
+   * Called before messages are sent, so that what was delivered survives the
+   * process being killed. A room whose file cannot take an append now (a
+   * failed write) is rewritten from memory at the next flush instead.
+   */
+  writeOut(): void {
+    if (this.#unwritten.size === 0) return;
+    for (const r of this.#unwritten) {
+      // On disk (fdatasync) at the next flush.
+      if (this.#appendNow(r) && r.unsynced) this.#dirty.add(r);
+    }
+    this.#unwritten.clear();
+    this.#schedule();
+  }
+
+  /** Writes every queued message now, and waits until it is on disk. */
   flush(): Promise<void> {
     if (this.#timer !== undefined) {
       clearTimeout(this.#timer);
@@ -626,14 +661,11 @@ export class HistoryStore {
   }
 
   async #writeRoom(r: Room): Promise<void> {
-    const path = `${this.#dir}/${r.name}${FILE_SUFFIX}`;
-    const lines = r.pending;
-    r.pending = [];
+    const path = this.#path(r);
     try {
       if (
         r.needsRewrite ||
-        r.linesOnDisk + lines.length >
-          (this.#keep + r.sentTail.length) * 4
+        r.linesOnDisk + r.pending.length > (this.#keep + r.sentTail.length) * 4
       ) {
         const kept = this.#kept(r.name);
         this.#pruneSentTail(r, this.#now() - this.#dedupWindowMs);
@@ -641,50 +673,112 @@ export class HistoryStore {
           ...r.sentTail.map((s) => s.own),
           ...kept.map((m) => this.#storedLine(m)),
         ];
-        // Cleared before the write: a shed while it is under way asks for
-        // another (a failure sets it again).
+        // What is queued is in the text; cleared before the write: a shed
+        // while it is under way asks for another (a failure sets it again).
+        r.pending = [];
         r.needsRewrite = false;
-        await writeAtomic(path, text);
-        r.linesOnDisk = text.length;
-      } else if (lines.length > 0) {
-        const file = await Deno.open(path, {
-          append: true,
-          create: true,
-          mode: 0o600,
-        });
+        r.rewriting = true;
+        r.late = [];
+        let late = 0;
         try {
-          await writeAll(
-            file,
-            new TextEncoder().encode(lines.join("\n") + "\n"),
-          );
+          // The lines that came during the write go in just before the
+          // rename, in the same synchronous step: none is missing from
+          // either file whenever the process is killed.
+          late = await writeAtomic(path, text, () => {
+            const lines = [...r.late, ...r.pending];
+            r.late = [];
+            r.pending = [];
+            return lines;
+          });
+        } finally {
+          r.rewriting = false;
+          r.late = [];
+        }
+        r.torn = false;
+        // The late lines went in after the new file's sync.
+        r.unsynced = late > 0;
+        r.linesOnDisk = text.length + late;
+      } else if (!this.#appendNow(r)) {
+        return; // Told, and rewritten from memory at the next flush.
+      }
+      if (r.unsynced) {
+        r.unsynced = false;
+        const file = await Deno.open(path, { write: true });
+        try {
           await file.syncData();
         } finally {
           file.close();
         }
-        r.linesOnDisk += lines.length;
       }
       if (r.writeError !== undefined) {
         r.writeError = undefined;
         this.#log(`history: writing ${path} again`);
       }
     } catch (err) {
-      // Part of the lines may be in the file already: the next flush
-      // rewrites it from memory (what is kept holds them) instead of
-      // appending them twice, so they need not be kept twice meanwhile.
-      r.needsRewrite = true;
-      this.#dirty.add(r);
-      const why = err instanceof Error ? err.message : String(err);
-      // Once per room and reason (not the file named after it, which may be
-      // a temporary one), not once a second while the disk is full.
-      const reason = why.split(": ")[0];
-      if (reason !== r.writeError) {
-        r.writeError = reason;
-        this.#log(
-          `history: cannot write ${path}: ${why} (kept in memory, tried again every ${this.#flushIntervalMs} ms)`,
-        );
-      }
-      if (!this.#closed) this.#schedule();
+      this.#writeFailed(r, path, err);
     }
+  }
+
+  #path(r: Room): string {
+    return `${this.#dir}/${r.name}${FILE_SUFFIX}`;
+  }
+
+  /**
+   * Appends a room's queued lines to its file, synchronously; false (the
+   * room then waits for a rewrite from memory) when the write failed.
+   */
+  #appendNow(r: Room): boolean {
+    if (r.pending.length === 0 || this.#lock === undefined) return true;
+    // After part of a line, an append would join two lines into damage.
+    if (r.torn) {
+      if (r.rewriting) r.late.push(...r.pending.splice(0));
+      return true;
+    }
+    const lines = r.pending;
+    r.pending = [];
+    try {
+      const file = Deno.openSync(this.#path(r), {
+        append: true,
+        create: true,
+        mode: 0o600,
+      });
+      try {
+        writeAllSync(file, encoder.encode(lines.join("\n") + "\n"));
+      } finally {
+        file.close();
+      }
+    } catch (err) {
+      // Part of the lines may be in the file already: it is rewritten from
+      // memory (what is kept holds them), not appended to.
+      r.torn = true;
+      if (r.rewriting) r.late.push(...lines);
+      else this.#writeFailed(r, this.#path(r), err);
+      return false;
+    }
+    if (r.rewriting) r.late.push(...lines);
+    else {
+      r.linesOnDisk += lines.length;
+      r.unsynced = true;
+    }
+    return true;
+  }
+
+  /** A write of the room failed: rewritten from memory at the next flush. */
+  #writeFailed(r: Room, path: string, err: unknown): void {
+    r.needsRewrite = true;
+    r.torn = true;
+    this.#dirty.add(r);
+    const why = err instanceof Error ? err.message : String(err);
+    // Once per room and reason (not the file named after it, which may be
+    // a temporary one), not once a second while the disk is full.
+    const reason = why.split(": ")[0];
+    if (reason !== r.writeError) {
+      r.writeError = reason;
+      this.#log(
+        `history: cannot write ${path}: ${why} (kept in memory, tried again every ${this.#flushIntervalMs} ms)`,
+      );
+    }
+    if (!this.#closed) this.#schedule();
   }
 
   async #load(name: string): Promise<void> {
@@ -723,7 +817,9 @@ export class HistoryStore {
       if (clientId !== undefined) this.#clientIds.set(message, clientId);
     }
     r.linesOnDisk = lines.length;
-    if (!complete || !clean || dropped > 0) r.needsRewrite = true;
+    // A torn or unclean end is not appended to before the rewrite.
+    r.torn = !complete || !clean;
+    if (r.torn || dropped > 0) r.needsRewrite = true;
     if (r.needsRewrite) this.#dirty.add(r);
     this.#rooms.set(name, r);
   }
@@ -742,6 +838,10 @@ function newRoom(name: string, lastId = 0): Room {
     sentTail: [],
     pending: [],
     needsRewrite: false,
+    torn: false,
+    rewriting: false,
+    late: [],
+    unsynced: false,
     linesOnDisk: 0,
     writeError: undefined,
     recentJson: undefined,
@@ -1014,6 +1114,13 @@ async function writeAll(file: Deno.FsFile, data: Uint8Array): Promise<void> {
   }
 }
 
+function writeAllSync(file: Deno.FsFile, data: Uint8Array): void {
+  let written = 0;
+  while (written < data.length) {
+    written += file.writeSync(data.subarray(written));
+  }
+}
+
 async function syncDir(path: string): Promise<void> {
   const dir = await Deno.open(path);
   try {
@@ -1030,9 +1137,11 @@ async function syncDir(path: string): Promise<void> {
 async function writeAtomic(
   path: string,
   content: string | string[],
-): Promise<void> {
+  late?: () => string[],
+): Promise<number> {
   const tmp = `${path}.${crypto.randomUUID()}.tmp`;
   const encoder = new TextEncoder();
+  let lateLines = 0;
   try {
     const file = await Deno.open(tmp, {
       write: true,
@@ -1055,15 +1164,22 @@ async function writeAtomic(
         await writeAll(file, encoder.encode(piece));
       }
       await file.sync();
+      // From here to the rename, nothing else runs.
+      const lines = late?.() ?? [];
+      if (lines.length > 0) {
+        writeAllSync(file, encoder.encode(lines.join("\n") + "\n"));
+      }
+      lateLines = lines.length;
     } finally {
       file.close();
     }
-    await Deno.rename(tmp, path);
+    Deno.renameSync(tmp, path);
   } catch (err) {
     await Deno.remove(tmp).catch(() => {});
     throw err;
   }
   await syncDir(path.slice(0, path.lastIndexOf("/")) || ".");
+  return lateLines;
 }
 
 /** Runs `fn` on every item, at most `limit` at once; settles when all have. */

@@ -305,3 +305,65 @@ Deno.test("SIGHUP (the terminal closed) shuts the servers down like SIGTERM: clo
     });
   }
 });
+
+Deno.test("kill -9 right after a message was delivered loses neither it nor its client_id: a resend after the restart is not broadcast again", async () => {
+  const dataDir = await Deno.makeTempDir();
+  const start = async () => {
+    const proc = startProcess(
+      [
+        "run",
+        "--allow-net",
+        "--allow-read",
+        "--allow-write",
+        "--allow-env",
+        "main.ts",
+        "--port",
+        "0",
+      ],
+      dataDir,
+    );
+    const authUrl = (await proc.stdout.waitFor(/^auth: listening on /))
+      .split(" ").pop()!;
+    const chatUrl = `ws://127.0.0.1:${
+      (await proc.stdout.waitFor(/^chat: listening on /)).split(":").pop()
+    }/ws`;
+    return { ...proc, authUrl, chatUrl };
+  };
+  let run = await start();
+  try {
+    const aliceToken = await login(run.authUrl, "alice");
+    const bobToken = await login(run.authUrl, "bob");
+    const alice = await TestClient.connect(run.chatUrl, aliceToken);
+    const bob = await TestClient.connect(run.chatUrl, bobToken);
+    const frame = { type: "message", text: "said once", client_id: "c-1" };
+    alice.send(frame);
+    const echo = await alice.nextOfType("message");
+    assert.equal((await bob.nextOfType("message")).id, echo.id);
+    run.child.kill("SIGKILL");
+    await run.child.status;
+    await Promise.all([alice.closed, bob.closed]);
+    run = await start();
+    // The sessions are on disk: the same tokens work.
+    const bob2 = await TestClient.connect(run.chatUrl, bobToken);
+    const welcome = bob2.frames.find((f) => f.type === "welcome")!;
+    const history = welcome.history as { id: string; text: string }[];
+    assert.deepEqual(
+      history.map((m) => [m.id, m.text]),
+      [[echo.id, "said once"]],
+    );
+    const alice2 = await TestClient.connect(run.chatUrl, aliceToken);
+    alice2.send(frame);
+    const again = await alice2.nextOfType("message");
+    assert.equal(again.id, echo.id, "the original echo, not a new message");
+    alice2.send({ type: "message", text: "next" });
+    await alice2.nextOfType("message");
+    const seen = await bob2.nextOfType("message");
+    assert.equal(seen.text, "next", "bob never got the resend");
+    await alice2.close();
+    await bob2.close();
+  } finally {
+    await stopChild(run.child);
+    await Promise.all([run.stdout.done, run.stderr.done]);
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
