@@ -224,6 +224,11 @@ export class ChatSession {
   #quietJoins = new Set<string>();
   /** Rooms left again after a reconnect, whose `left` is not announced. */
   #quietLeaves = new Set<string>();
+  /**
+   * Rooms left while disconnected: said when typed, so the server's `left`
+   * is not announced again (kept across failed reconnect attempts).
+   */
+  #offlineLeaves = new Set<string>();
   #quitting = false;
   /** Own messages not yet echoed, by `client_id`, oldest first. */
   #pending = new Map<string, PendingMessage>();
@@ -407,7 +412,10 @@ export class ChatSession {
       case "left":
         this.#answered((f) => f.type === "leave" && f.room === frame.room);
         this.#serverRooms = this.#serverRooms.filter((r) => r !== frame.room);
-        if (!this.#quietLeaves.delete(frame.room)) {
+        if (
+          !this.#quietLeaves.delete(frame.room) &&
+          !this.#offlineLeaves.delete(frame.room)
+        ) {
           this.#print(status(`you left #${frame.room}`, this.#view()));
         }
         return this.#updatePrompt();
@@ -741,8 +749,17 @@ export class ChatSession {
     // The rooms the server had confirmed, which the resync restores (this
     // connection is in the lobby only): they stay the rooms to restore if
     // the connection drops again before the answers. What was typed since
-    // (and not answered) is still in the outbox.
-    const wanted = [...this.#serverRooms];
+    // (and not answered) is still in the outbox; a room left since is not
+    // taken up again (others would see a join and a leave, and its missed
+    // messages would be shown) unless what was typed before the leave still
+    // has to land in it.
+    const needed = new Set<string>();
+    for (const f of this.#outbox) {
+      if (f.type === "message" && f.room !== undefined) needed.add(f.room);
+    }
+    const wanted = this.#serverRooms.filter((r) =>
+      this.#rooms.includes(r) || needed.has(r)
+    );
     if (reconnect) this.#print(status("reconnected", this.#view()));
     else {
       this.#print(status(
@@ -1023,7 +1040,7 @@ export class ChatSession {
         this.#enqueue({ type: "leave", room }, current);
         if (!this.#ready) {
           // Said now; the server's answer after the reconnect is not.
-          this.#quietLeaves.add(room);
+          this.#offlineLeaves.add(room);
           this.#print(status(`left #${room}`, view));
         }
         return;

@@ -426,6 +426,53 @@ Deno.test("a drop in the middle of a paced burst loses nothing: what was typed b
   }
 });
 
+Deno.test("a room left while disconnected is said once and not taken up again at the reconnect", async () => {
+  const servers = await startServers();
+  try {
+    const { bob, cli } = await bobAndAlice(servers);
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    await cli.write("/join alpha");
+    await cli.stdout.next("now in #alpha");
+    await Promise.all([servers.chat.shutdown(), bob.closed()]);
+    await cli.stdout.next("connection lost");
+    await cli.write("/leave alpha", "/join beta", "hi beta");
+    await cli.stdout.next("left #alpha");
+    await servers.restartChat();
+    // In alpha and beta before alice is back (her first retry waits about
+    // half a second): a join of hers in alpha would show here.
+    const watcher = await Peer.connect(
+      servers.chat.url,
+      (await login(servers.authUrl, "bob")).token,
+    );
+    watcher.send({ type: "join", room: "alpha" });
+    watcher.send({ type: "join", room: "beta" });
+    await watcher.next((f) => f.type === "joined" && f.room === "beta");
+    await cli.stdout.next("reconnected");
+    const hi = await watcher.next((f) =>
+      f.type === "message" && f.text === "hi beta"
+    );
+    assert.equal(hi.room, "beta");
+    assert.ok(
+      !watcher.frames.some((f) =>
+        f.type === "join" && f.user === "alice" && f.room === "alpha"
+      ),
+      JSON.stringify(watcher.frames),
+    );
+    await cli.stdout.next(/<alice> hi beta/);
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    assert.equal(
+      cli.stdout.count((l) => l.includes("left #alpha")),
+      1,
+      cli.stdout.text,
+    );
+    await watcher.close();
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 naming the messages never confirmed", async (t) => {
   const servers = await startServers();
   try {
