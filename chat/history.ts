@@ -296,6 +296,14 @@ export class HistoryStore {
       }
     }
     this.#shed();
+    // A file that ends in part of a line takes no append until rewritten:
+    // rewritten now, so that every message of this run is in its file
+    // before it is sent.
+    const torn = [...this.#rooms.values()].filter((r) => r.torn);
+    await inPool(torn, FILE_CONCURRENCY, (r) => this.#writeRoom(r));
+    for (const r of torn) {
+      if (!r.torn && !r.needsRewrite && !r.unsynced) this.#dirty.delete(r);
+    }
     await Deno.writeTextFile(mark, String(this.#idBase), { mode: 0o600 });
     await syncDir(dir);
     // Compactions found at load happen in the background, off the start-up path.
@@ -667,6 +675,9 @@ export class HistoryStore {
         r.needsRewrite ||
         r.linesOnDisk + r.pending.length > (this.#keep + r.sentTail.length) * 4
       ) {
+        // What is queued goes to the file first: the temporary file is no
+        // file until its rename, and its frames may be sent before that.
+        this.#appendNow(r);
         const kept = this.#kept(r.name);
         this.#pruneSentTail(r, this.#now() - this.#dedupWindowMs);
         const text = [
@@ -679,25 +690,30 @@ export class HistoryStore {
         r.needsRewrite = false;
         r.rewriting = true;
         r.late = [];
-        let late = 0;
         try {
           // The lines that came during the write go in just before the
-          // rename, in the same synchronous step: none is missing from
-          // either file whenever the process is killed.
-          late = await writeAtomic(path, text, () => {
-            const lines = [...r.late, ...r.pending];
-            r.late = [];
-            r.pending = [];
-            return lines;
+          // rename, in the same synchronous step, and the room takes the new
+          // file in that step too: none is missing from either file
+          // whenever the process is killed.
+          await writeAtomic(path, text, {
+            late: () => {
+              const lines = [...r.late, ...r.pending];
+              r.late = [];
+              r.pending = [];
+              return lines;
+            },
+            renamed: (late) => {
+              r.rewriting = false;
+              r.torn = false;
+              r.linesOnDisk = text.length + late;
+              // The late lines went in after the new file's sync.
+              if (late > 0) r.unsynced = true;
+            },
           });
         } finally {
           r.rewriting = false;
           r.late = [];
         }
-        r.torn = false;
-        // The late lines went in after the new file's sync.
-        r.unsynced = late > 0;
-        r.linesOnDisk = text.length + late;
       } else if (!this.#appendNow(r)) {
         return; // Told, and rewritten from memory at the next flush.
       }
@@ -710,7 +726,8 @@ export class HistoryStore {
           file.close();
         }
       }
-      if (r.writeError !== undefined) {
+      // Unless an append failed meanwhile (it said so).
+      if (r.writeError !== undefined && !r.torn) {
         r.writeError = undefined;
         this.#log(`history: writing ${path} again`);
       }
@@ -817,9 +834,10 @@ export class HistoryStore {
       if (clientId !== undefined) this.#clientIds.set(message, clientId);
     }
     r.linesOnDisk = lines.length;
-    // A torn or unclean end is not appended to before the rewrite.
-    r.torn = !complete || !clean;
-    if (r.torn || dropped > 0) r.needsRewrite = true;
+    // A torn end (part of a line) is not appended to before the rewrite,
+    // which the opening does at once; a longer file is compacted later.
+    r.torn = !clean;
+    if (!complete || !clean || dropped > 0) r.needsRewrite = true;
     if (r.needsRewrite) this.#dirty.add(r);
     this.#rooms.set(name, r);
   }
@@ -1137,11 +1155,15 @@ async function syncDir(path: string): Promise<void> {
 async function writeAtomic(
   path: string,
   content: string | string[],
-  late?: () => string[],
-): Promise<number> {
+  steps: {
+    /** Lines to add after the content, asked for just before the rename. */
+    late?: () => string[];
+    /** Told, in the same synchronous step as the rename, how many were added. */
+    renamed?: (late: number) => void;
+  } = {},
+): Promise<void> {
   const tmp = `${path}.${crypto.randomUUID()}.tmp`;
   const encoder = new TextEncoder();
-  let lateLines = 0;
   try {
     const file = await Deno.open(tmp, {
       write: true,
@@ -1149,6 +1171,7 @@ async function writeAtomic(
       truncate: true,
       mode: 0o600,
     });
+    let late = 0;
     try {
       if (typeof content === "string") {
         await writeAll(file, encoder.encode(content));
@@ -1164,22 +1187,23 @@ async function writeAtomic(
         await writeAll(file, encoder.encode(piece));
       }
       await file.sync();
-      // From here to the rename, nothing else runs.
-      const lines = late?.() ?? [];
+      // From here to the rename, and the caller's step after it, nothing
+      // else runs.
+      const lines = steps.late?.() ?? [];
       if (lines.length > 0) {
         writeAllSync(file, encoder.encode(lines.join("\n") + "\n"));
       }
-      lateLines = lines.length;
+      late = lines.length;
     } finally {
       file.close();
     }
     Deno.renameSync(tmp, path);
+    steps.renamed?.(late);
   } catch (err) {
     await Deno.remove(tmp).catch(() => {});
     throw err;
   }
   await syncDir(path.slice(0, path.lastIndexOf("/")) || ".");
-  return lateLines;
 }
 
 /** Runs `fn` on every item, at most `limit` at once; settles when all have. */

@@ -479,6 +479,74 @@ Deno.test("messages written out while the room's file is being rewritten are in 
   }
 });
 
+Deno.test("right after a restart, a message goes into its file at once, whether the file was longer than kept or ended in part of a line", async (t) => {
+  for (const torn of [false, true]) {
+    await t.step(torn ? "a torn end" : "longer than kept", async () => {
+      const dir = await Deno.makeTempDir();
+      try {
+        const old = Date.parse("2020-01-01T00:00:00Z");
+        const seed = await HistoryStore.open(dir, {
+          keep: 5,
+          now: () => old,
+        });
+        for (let i = 1; i <= 12; i++) seed.append("lobby", "a", `old${i}`);
+        await seed.close();
+        if (torn) {
+          await Deno.writeTextFile(
+            `${dir}/lobby.jsonl`,
+            '{"type":"message","id":"13","ro',
+            { append: true },
+          );
+        }
+        const store = await HistoryStore.open(dir, {
+          keep: 5,
+          flushIntervalMs: 60_000,
+        });
+        // A torn end is repaired by the opening itself.
+        assert.ok(Deno.readTextFileSync(`${dir}/lobby.jsonl`).endsWith("\n"));
+        store.append("lobby", "bob", "delivered", "c-1");
+        store.writeOut();
+        const texts = Deno.readTextFileSync(`${dir}/lobby.jsonl`).trimEnd()
+          .split("\n").map((l) => JSON.parse(l).text);
+        assert.equal(texts.at(-1), "delivered");
+        assert.equal(texts.at(-2), "old12");
+        await store.close();
+      } finally {
+        await Deno.remove(dir, { recursive: true });
+      }
+    });
+  }
+});
+
+Deno.test("a compaction that starts while a message waits to be written out writes it to the room's file first", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const store = await HistoryStore.open(dir, {
+      keep: 2,
+      flushIntervalMs: 60_000,
+    });
+    for (let i = 1; i <= 9; i++) {
+      store.append("lobby", "alice", `m${i}`);
+      store.writeOut();
+    }
+    // Appended in a message handler; its frames wait for the end of the turn,
+    // and a flush with a compaction starts first.
+    store.append("lobby", "bob", "waiting");
+    const flushing = store.flush();
+    await Promise.resolve();
+    await Promise.resolve();
+    store.writeOut();
+    assert.ok(
+      Deno.readTextFileSync(`${dir}/lobby.jsonl`).includes('"waiting"'),
+      "in the room's file, not only in the compaction's temporary file",
+    );
+    await flushing;
+    await store.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a write that failed halfway is not appended twice: the retry rewrites the file, which opens again", async () => {
   const dir = await Deno.makeTempDir();
   const logs: string[] = [];
