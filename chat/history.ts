@@ -225,6 +225,9 @@ export class HistoryStore {
       store.#lock = lock;
       await store.#openLocked();
     } catch (err) {
+      store.#closed = true;
+      clearTimeout(store.#timer);
+      store.#lock = undefined;
       lock.close();
       throw err;
     }
@@ -300,7 +303,11 @@ export class HistoryStore {
     // rewritten now, so that every message of this run is in its file
     // before it is sent.
     const torn = [...this.#rooms.values()].filter((r) => r.torn);
-    await inPool(torn, FILE_CONCURRENCY, (r) => this.#writeRoom(r));
+    // In the flush chain: a flush the shed above asked for waits for it.
+    this.#flushing = this.#flushing.then(() =>
+      inPool(torn, FILE_CONCURRENCY, (r) => this.#writeRoom(r))
+    );
+    await this.#flushing;
     for (const r of torn) {
       if (!r.torn && !r.needsRewrite && !r.unsynced) this.#dirty.delete(r);
     }
@@ -670,6 +677,12 @@ export class HistoryStore {
 
   async #writeRoom(r: Room): Promise<void> {
     const path = this.#path(r);
+    if (r.rewriting) {
+      // Never two rewrites of one file at once: the next flush.
+      this.#dirty.add(r);
+      this.#schedule();
+      return;
+    }
     try {
       if (
         r.needsRewrite ||
@@ -705,6 +718,9 @@ export class HistoryStore {
             renamed: (late) => {
               r.rewriting = false;
               r.torn = false;
+              // Written whole, whatever failed before in this flush (unless
+              // a shed asked for another rewrite meanwhile).
+              if (!r.needsRewrite) this.#dirty.delete(r);
               r.linesOnDisk = text.length + late;
               // The late lines went in after the new file's sync.
               if (late > 0) r.unsynced = true;

@@ -547,6 +547,99 @@ Deno.test("a compaction that starts while a message waits to be written out writ
   }
 });
 
+Deno.test("the repair of a torn file at open and a flush never rewrite one file at once: a message written out after the open stays", async () => {
+  const dir = await Deno.makeTempDir();
+  const realOpen = Deno.open;
+  try {
+    const stored = (room: string, id: number, text: string) =>
+      JSON.stringify({
+        type: "message",
+        id: String(id),
+        room,
+        from: "x",
+        text,
+        ts: new Date().toISOString(),
+      });
+    const a = Array.from({ length: 40 }, (_, i) => stored("a", i + 1, `a${i}`));
+    await Deno.writeTextFile(
+      `${dir}/a.jsonl`,
+      a.join("\n") + '\n{"type":"message","id":"4',
+    );
+    const b = Array.from(
+      { length: 5 },
+      (_, i) => stored("b", i + 1, "y".repeat(1000)),
+    );
+    await Deno.writeTextFile(`${dir}/b.jsonl`, b.join("\n") + "\n");
+    // A slow disk (injected into the runtime): the second rewrite of a.jsonl
+    // syncs its temporary file 30 ms late.
+    let tmpOpens = 0;
+    Object.assign(Deno, {
+      open: async (path: string, options: Deno.OpenOptions) => {
+        const file = await realOpen(path, options);
+        if (/\/a\.jsonl\..*\.tmp$/.test(path) && ++tmpOpens === 2) {
+          const sync = file.sync.bind(file);
+          Object.assign(file, {
+            sync: async () => {
+              await sync();
+              await new Promise((resolve) => setTimeout(resolve, 30));
+            },
+          });
+        }
+        return file;
+      },
+    });
+    // Over its budget at open (a shed asks for a flush), with a flush
+    // interval shorter than the repair takes.
+    const store = await HistoryStore.open(dir, {
+      keep: 5,
+      maxBytes: 8000,
+      flushIntervalMs: 1,
+    });
+    store.append("a", "bob", "delivered");
+    store.writeOut();
+    await store.flush();
+    await store.close();
+    assert.match(await Deno.readTextFile(`${dir}/a.jsonl`), /"delivered"/);
+  } finally {
+    Object.assign(Deno, { open: realOpen });
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("an append that fails just before a compaction that then succeeds leaves a clean close, not a crash's mark", async () => {
+  const dir = await Deno.makeTempDir();
+  const realOpenSync = Deno.openSync;
+  try {
+    const logs: string[] = [];
+    const store = await HistoryStore.open(dir, {
+      keep: 2,
+      flushIntervalMs: 60_000,
+      log: (line) => logs.push(line),
+    });
+    for (let i = 1; i <= 8; i++) {
+      store.append("lobby", "alice", `m${i}`);
+      store.writeOut();
+    }
+    await store.flush();
+    // Not yet written out when the close's flush compacts the room, whose
+    // first append fails once (injected into the runtime).
+    store.append("lobby", "alice", "m9");
+    Object.assign(Deno, {
+      openSync: () => {
+        Object.assign(Deno, { openSync: realOpenSync });
+        throw new Error("Input/output error (os error 5)");
+      },
+    });
+    await store.close();
+    assert.match(await Deno.readTextFile(`${dir}/lobby.jsonl`), /"m9"/);
+    assert.ok(!existsSync(`${dir}/.running`), logs.join("\n"));
+    assert.ok(!logs.some((l) => l.includes("could not be written")));
+  } finally {
+    Object.assign(Deno, { openSync: realOpenSync });
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a write that failed halfway is not appended twice: the retry rewrites the file, which opens again", async () => {
   const dir = await Deno.makeTempDir();
   const logs: string[] = [];
