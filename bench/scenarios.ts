@@ -216,6 +216,7 @@ export async function startChatSide(
       "--allow-read",
       "--allow-write",
       "--allow-env",
+      "--allow-sys=osUptime",
       "chat/main.ts",
       "--port",
       "0",
