@@ -81,16 +81,17 @@ const READS: Record<ServerRole, ReadonlySet<string>> = {
 // The flags each entry point uses: --chat-url is the address /login hands
 // out (the chat server serves its path too), --auth-url where the chat
 // server finds the auth server (start's uses the one started with it).
+const AUTH_FLAGS = new Set([
+  "host",
+  "port",
+  "auth-port",
+  "chat-port",
+  "data-dir",
+  "chat-url",
+  "session-ttl",
+]);
 const USES: Record<ServerRole, ReadonlySet<string>> = {
-  auth: new Set([
-    "host",
-    "port",
-    "auth-port",
-    "chat-port",
-    "data-dir",
-    "chat-url",
-    "session-ttl",
-  ]),
+  auth: AUTH_FLAGS,
   chat: new Set([
     "host",
     "port",
@@ -99,15 +100,8 @@ const USES: Record<ServerRole, ReadonlySet<string>> = {
     "auth-url",
     "chat-url",
   ]),
-  start: new Set([
-    "host",
-    "port",
-    "auth-port",
-    "chat-port",
-    "data-dir",
-    "chat-url",
-    "session-ttl",
-  ]),
+  // The auth server's flags; its chat server uses the one it starts.
+  start: AUTH_FLAGS,
 };
 
 /**

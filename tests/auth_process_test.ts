@@ -449,57 +449,50 @@ Deno.test("100 parallel logins keep memory bounded while /validate_token stays r
   }
 });
 
+/** Runs a server entry point (`auth/main.ts` unless told) to its end. */
+async function runEntry(
+  args: string[],
+  entry = MAIN,
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-env",
+      "--allow-read",
+      "--allow-write",
+      "--allow-net",
+      entry,
+      ...args,
+    ],
+    stdin: "null",
+  }).output();
+  const text = new TextDecoder();
+  return {
+    code: out.code,
+    stdout: text.decode(out.stdout),
+    stderr: text.decode(out.stderr),
+  };
+}
+
 Deno.test("--help prints the usage and exits 0; a bad flag exits 2 with the usage", async () => {
-  const help = await new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-env",
-      "--allow-read",
-      "--allow-write",
-      "--allow-net",
-      MAIN,
-      "--help",
-    ],
-    stdin: "null",
-  }).output();
+  const help = await runEntry(["--help"]);
   assert.equal(help.code, 0);
-  assert.match(new TextDecoder().decode(help.stdout), /--data-dir DIR/);
-  const bad = await new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-env",
-      "--allow-read",
-      "--allow-write",
-      "--allow-net",
-      MAIN,
-      "--port",
-      "nope",
-    ],
-    stdin: "null",
-  }).output();
+  assert.match(help.stdout, /--data-dir DIR/);
+  const bad = await runEntry(["--port", "nope"]);
   assert.equal(bad.code, 2);
-  const err = new TextDecoder().decode(bad.stderr);
-  assert.match(err, /port "nope"/);
-  assert.match(err, /--data-dir DIR/);
+  assert.match(bad.stderr, /port "nope"/);
+  assert.match(bad.stderr, /--data-dir DIR/);
 });
 
 Deno.test("-h is --help for every server entry point; a flag the server has no use for gets a notice, not a refusal", async (t) => {
   for (const entry of ["../main.ts", "../auth/main.ts", "../chat/main.ts"]) {
     await t.step(entry, async () => {
-      const help = await new Deno.Command(Deno.execPath(), {
-        args: [
-          "run",
-          "--allow-env",
-          "--allow-read",
-          "--allow-write",
-          "--allow-net",
-          fileURLToPath(new URL(entry, import.meta.url)),
-          "-h",
-        ],
-        stdin: "null",
-      }).output();
+      const help = await runEntry(
+        ["-h"],
+        fileURLToPath(new URL(entry, import.meta.url)),
+      );
       assert.equal(help.code, 0);
-      assert.match(new TextDecoder().decode(help.stdout), /--data-dir DIR/);
+      assert.match(help.stdout, /--data-dir DIR/);
     });
   }
   await t.step("auth --auth-url", async () => {

@@ -14,6 +14,28 @@ function good(id: number): string {
   });
 }
 
+/** The messages of a room's file, as stored. */
+function fileLines(dir: string, room: string): Record<string, unknown>[] {
+  return Deno.readTextFileSync(`${dir}/${room}.jsonl`).trimEnd().split("\n")
+    .map((l) => JSON.parse(l));
+}
+
+/**
+ * A store keeping 2 messages a room, whose lobby file holds nine written
+ * out: its next flush compacts the file.
+ */
+async function nineLinesForTwo(dir: string): Promise<HistoryStore> {
+  const store = await HistoryStore.open(dir, {
+    keep: 2,
+    flushIntervalMs: 60_000,
+  });
+  for (let i = 1; i <= 9; i++) {
+    store.append("lobby", "alice", `m${i}`);
+    store.writeOut();
+  }
+  return store;
+}
+
 Deno.test("history keeps the tail of each room across reopen and continues ids", async () => {
   const dir = await Deno.makeTempDir();
   try {
@@ -461,13 +483,10 @@ Deno.test("a message is in its room's file as soon as writeOut returns, long bef
     ids.push(store.append("lobby", "alice", "one", "c1").message.id);
     ids.push(store.append("lobby", "bob", "two").message.id);
     store.writeOut();
-    const read = () =>
-      Deno.readTextFileSync(`${dir}/lobby.jsonl`).trimEnd().split("\n").map(
-        (l) => JSON.parse(l),
-      );
+    const read = () => fileLines(dir, "lobby");
     assert.deepEqual(read().map((m) => m.id), ids);
     // The sender's client_id goes with it, for exactly-once after a restart.
-    assert.equal(read()[0].client_id, "c1");
+    assert.equal(read()[0]?.client_id, "c1");
     ids.push(store.append("dev", "alice", "three").message.id);
     store.writeOut();
     assert.match(Deno.readTextFileSync(`${dir}/dev.jsonl`), /"three"/);
@@ -482,16 +501,9 @@ Deno.test("a message is in its room's file as soon as writeOut returns, long bef
 Deno.test("messages written out while the room's file is being rewritten are in the new file at once, once and in order", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const store = await HistoryStore.open(dir, {
-      keep: 2,
-      flushIntervalMs: 60_000,
-    });
-    for (let i = 1; i <= 9; i++) {
-      store.append("lobby", "alice", `m${i}`);
-      store.writeOut();
-    }
-    // Nine lines for two kept: the flush compacts the file; while it waits
-    // for the disk, two more messages are written out.
+    const store = await nineLinesForTwo(dir);
+    // The flush compacts the file; while it waits for the disk, two more
+    // messages are written out.
     const writing = store.flush();
     for (let i = 0; i < 5; i++) await Promise.resolve();
     for (const text of ["m10", "m11"]) {
@@ -499,10 +511,7 @@ Deno.test("messages written out while the room's file is being rewritten are in 
       store.writeOut();
     }
     await writing;
-    const texts = () =>
-      Deno.readTextFileSync(`${dir}/lobby.jsonl`).trimEnd().split("\n").map(
-        (l) => JSON.parse(l).text,
-      );
+    const texts = () => fileLines(dir, "lobby").map((m) => m.text);
     assert.deepEqual(texts(), ["m8", "m9", "m10", "m11"]);
     await store.close();
     assert.deepEqual(texts(), ["m8", "m9", "m10", "m11"]);
@@ -544,8 +553,7 @@ Deno.test("right after a restart, a message goes into its file at once, whether 
         assert.ok(Deno.readTextFileSync(`${dir}/lobby.jsonl`).endsWith("\n"));
         store.append("lobby", "bob", "delivered", "c-1");
         store.writeOut();
-        const texts = Deno.readTextFileSync(`${dir}/lobby.jsonl`).trimEnd()
-          .split("\n").map((l) => JSON.parse(l).text);
+        const texts = fileLines(dir, "lobby").map((m) => m.text);
         assert.equal(texts.at(-1), "delivered");
         assert.equal(texts.at(-2), "old12");
         await store.close();
@@ -559,14 +567,7 @@ Deno.test("right after a restart, a message goes into its file at once, whether 
 Deno.test("a compaction that starts while a message waits to be written out writes it to the room's file first", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const store = await HistoryStore.open(dir, {
-      keep: 2,
-      flushIntervalMs: 60_000,
-    });
-    for (let i = 1; i <= 9; i++) {
-      store.append("lobby", "alice", `m${i}`);
-      store.writeOut();
-    }
+    const store = await nineLinesForTwo(dir);
     // Appended in a message handler; its frames wait for the end of the turn,
     // and a flush with a compaction starts first.
     store.append("lobby", "bob", "waiting");
