@@ -813,11 +813,8 @@ export class HistoryStore {
       // Part of the lines may be in the file already: it is rewritten from
       // memory (what is kept holds them), not appended to.
       r.torn = true;
-      if (r.rewriting) {
-        // Into the new file at its rename; until then in no whole file.
-        r.late.push(...lines);
-        this.#markUnsafe();
-      } else this.#writeFailed(r, this.#path(r), err);
+      if (r.rewriting) r.late.push(...lines);
+      else this.#writeFailed(r, this.#path(r), err);
       return false;
     }
     if (r.rewriting) r.late.push(...lines);
@@ -828,34 +825,29 @@ export class HistoryStore {
     return true;
   }
 
-  /** The running mark's text: the id base, and the machine's start while it vouches. */
+  /** The running mark's text: the id base, and the boot id while it vouches. */
   #runningMark(): string {
     return this.#bootTime === undefined || this.#unsafe
       ? `${this.#idBase}\n`
       : `${this.#idBase}\nboot ${this.#bootTime}\n`;
   }
 
-  /**
-   * Messages may now be sent that are in no file: a crash from here on is
-   * handled as one that lost some (ids jump). If even this write fails, an
-   * emptied mark is read the same way.
-   */
-  #markUnsafe(): void {
-    if (this.#unsafe) return;
-    this.#unsafe = true;
-    try {
-      Deno.writeTextFileSync(
-        `${this.#dir}/${RUNNING_MARK}`,
-        this.#runningMark(),
-      );
-    } catch {
-      // The write that failed is told by its caller.
-    }
-  }
-
   /** A write of the room failed: rewritten from memory at the next flush. */
   #writeFailed(r: Room, path: string, err: unknown): void {
-    this.#markUnsafe();
+    if (!this.#unsafe) {
+      // Messages may now be sent that are in no file: a crash from here on
+      // is handled as one that lost some (ids jump). If even this write
+      // fails, an emptied mark is read the same way.
+      this.#unsafe = true;
+      try {
+        Deno.writeTextFileSync(
+          `${this.#dir}/${RUNNING_MARK}`,
+          this.#runningMark(),
+        );
+      } catch {
+        // Told below, with the write that failed.
+      }
+    }
     r.needsRewrite = true;
     r.torn = true;
     this.#dirty.add(r);
