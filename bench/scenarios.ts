@@ -216,7 +216,6 @@ export async function startChatSide(
       "--allow-read",
       "--allow-write",
       "--allow-env",
-      "--allow-sys=osUptime",
       "chat/main.ts",
       "--port",
       "0",

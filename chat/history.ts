@@ -126,22 +126,10 @@ function messageBytes(message: RoomMessage): number {
 
 const FILE_SUFFIX = ".jsonl";
 /**
- * Written at open (holding the run's id base, and on a second line `boot
- * <s>`, when the machine started, in seconds since the epoch), removed at a
- * clean close: finding it at open means the last run did not close (a
- * crash, `kill -9`). Every message was in its file (the OS's) before anyone
- * was sent it, so when the machine has not restarted since (the same start,
- * give or take {@linkcode BOOT_SLACK_S}) and no write failed in that run (a
- * failed write drops the boot line), nothing anyone saw was lost: ids simply
- * go on.
+ * Written at open (holding the run's id base), removed at a clean close:
+ * finding it at open means the last run did not close (a crash, `kill -9`).
  */
 const RUNNING_MARK = ".running";
-/**
- * How far two readings of the machine's start may differ and still be the
- * same start: it is read as the clock less the uptime (whole seconds), and a
- * clock set in between makes it another start, which is the safe side.
- */
-const BOOT_SLACK_S = 5;
 /**
  * After a run that did not close, ids go on this far above the last one on
  * disk: the messages of its last unwritten second got ids that clients may
@@ -208,10 +196,6 @@ export class HistoryStore {
   #flushing: Promise<void> = Promise.resolve();
   #closed = false;
   #lock: Deno.FsFile | undefined;
-  /** When the machine started (see `RUNNING_MARK`), when the system tells it. */
-  #bootTime: number | undefined;
-  /** A write failed in this run: the running mark no longer vouches for it. */
-  #unsafe = false;
 
   private constructor(dir: string, options: HistoryOptions) {
     this.#dir = dir;
@@ -258,29 +242,16 @@ export class HistoryStore {
     const floors = await readFloors(floorsPath);
     this.#idBase = floors.base;
     this.#floors = floors.rooms;
-    this.#bootTime = bootTime();
     let crashed = false;
     try {
-      const [first = "", second = ""] = (await Deno.readTextFile(mark)).split(
-        "\n",
-      );
-      // Only the process ended, and every message it sent is in the files.
-      const booted = /^boot \d{1,12}$/.test(second)
-        ? Number(second.slice(5))
-        : undefined;
-      const onlyTheProcess = this.#bootTime !== undefined &&
-        booted !== undefined &&
-        Math.abs(booted - this.#bootTime) <= BOOT_SLACK_S;
-      if (!onlyTheProcess) {
-        // The crashed run's own base counts too: after two crashes in a row,
-        // the second run's ids (base + disk) must not come round again.
-        const previous = Number(first.trim());
-        crashed = true;
-        this.#idBase = Math.max(
-          Number.isSafeInteger(previous) && previous > 0 ? previous : 0,
-          floors.base,
-        ) + CRASH_ID_JUMP;
-      }
+      // The crashed run's own base counts too: after two crashes in a row,
+      // the second run's ids (base + disk) must not come round again.
+      const previous = Number((await Deno.readTextFile(mark)).trim());
+      crashed = true;
+      this.#idBase = Math.max(
+        Number.isSafeInteger(previous) && previous > 0 ? previous : 0,
+        floors.base,
+      ) + CRASH_ID_JUMP;
     } catch (err) {
       if (!(err instanceof Deno.errors.NotFound)) throw err;
     }
@@ -340,7 +311,7 @@ export class HistoryStore {
     for (const r of torn) {
       if (!r.torn && !r.needsRewrite && !r.unsynced) this.#dirty.delete(r);
     }
-    await Deno.writeTextFile(mark, this.#runningMark(), { mode: 0o600 });
+    await Deno.writeTextFile(mark, String(this.#idBase), { mode: 0o600 });
     await syncDir(dir);
     // Compactions found at load happen in the background, off the start-up path.
     if (this.#dirty.size > 0) this.#schedule();
@@ -825,29 +796,8 @@ export class HistoryStore {
     return true;
   }
 
-  /** The running mark's text: the id base, and the boot id while it vouches. */
-  #runningMark(): string {
-    return this.#bootTime === undefined || this.#unsafe
-      ? `${this.#idBase}\n`
-      : `${this.#idBase}\nboot ${this.#bootTime}\n`;
-  }
-
   /** A write of the room failed: rewritten from memory at the next flush. */
   #writeFailed(r: Room, path: string, err: unknown): void {
-    if (!this.#unsafe) {
-      // Messages may now be sent that are in no file: a crash from here on
-      // is handled as one that lost some (ids jump). If even this write
-      // fails, an emptied mark is read the same way.
-      this.#unsafe = true;
-      try {
-        Deno.writeTextFileSync(
-          `${this.#dir}/${RUNNING_MARK}`,
-          this.#runningMark(),
-        );
-      } catch {
-        // Told below, with the write that failed.
-      }
-    }
     r.needsRewrite = true;
     r.torn = true;
     this.#dirty.add(r);
@@ -1153,18 +1103,6 @@ function sentAt(line: string): number {
 }
 
 /** Reads `FLOORS_FILE` (none: base 0); a damaged one stops the start. */
-/**
- * When the machine started, in whole seconds since the epoch; `undefined`
- * without the permission to ask (`--allow-sys=osUptime`).
- */
-function bootTime(): number | undefined {
-  try {
-    return Math.round(Date.now() / 1000 - Deno.osUptime());
-  } catch {
-    return undefined;
-  }
-}
-
 async function readFloors(
   path: string,
 ): Promise<{ base: number; rooms: Map<string, number> }> {
