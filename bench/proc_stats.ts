@@ -1,6 +1,14 @@
 /**
  * CPU time and memory of a process, from the kernel's own accounting in
- * `/proc/PID/stat` and `/proc/PID/status` (Linux only).
+ * `/proc/PID/stat`, `/proc/PID/status` and each thread's
+ * `/proc/PID/task/TID/schedstat` (Linux only).
+ *
+ * `/proc/PID/stat` gives CPU time in clock ticks (10 ms here): over a 1.25 s
+ * run of 50,000 deliveries that is 0.2 us per delivery, a few percent of the
+ * figure being compared. Each thread's `schedstat` gives its time on a CPU in
+ * nanoseconds; {@linkcode cpuDeltaUs} adds those up over the threads, and
+ * falls back to the ticks only when a thread ended between two readings (its
+ * time would be lost).
  *
  * @module
  */
@@ -17,6 +25,33 @@ export interface ProcSample {
   rssKb: number;
   /** Peak resident set size over the process's life, in KiB (`VmHWM`). */
   peakRssKb: number;
+  /**
+   * Each thread's time on a CPU so far, in nanoseconds (`schedstat`), by
+   * thread id; empty where the kernel does not give it.
+   */
+  threadNs: Map<number, number>;
+}
+
+/**
+ * CPU time between two readings of one process, in microseconds: from the
+ * threads' nanosecond counters when every thread of the first reading is in
+ * the second (a thread that starts in between counts from zero), else from
+ * the clock ticks of `/proc/PID/stat`.
+ */
+export function cpuDeltaUs(before: ProcSample, after: ProcSample): number {
+  if (before.threadNs.size === 0 || after.threadNs.size === 0) {
+    return after.cpuUs - before.cpuUs;
+  }
+  let ns = 0;
+  for (const [tid, start] of before.threadNs) {
+    const end = after.threadNs.get(tid);
+    if (end === undefined || end < start) return after.cpuUs - before.cpuUs;
+    ns += end - start;
+  }
+  for (const [tid, end] of after.threadNs) {
+    if (!before.threadNs.has(tid)) ns += end;
+  }
+  return ns / 1000;
 }
 
 let clockTicks: number | undefined;
@@ -44,28 +79,68 @@ export async function clockTicksPerSecond(): Promise<number> {
   return clockTicks;
 }
 
+/** Marks where the thread counters begin in {@linkcode READ_SCRIPT}'s output. */
+const THREADS_MARK = "--threads--";
+
+/**
+ * Prints `/proc/PID/stat` and `/proc/PID/status`, then one `TID NS` line per
+ * thread (a thread that ends meanwhile is left out); fails if the process is
+ * gone.
+ */
+const READ_SCRIPT = `cat "/proc/$1/stat" "/proc/$1/status" || exit 1
+echo "${THREADS_MARK}"
+for t in /proc/"$1"/task/*; do
+  read ns rest 2>/dev/null < "$t/schedstat" && echo "\${t##*/} $ns"
+done
+exit 0`;
+
 /**
  * Reads the CPU time and memory of process `pid`.
  *
  * Deno refuses `Deno.readTextFile` under `/proc` without `--allow-all`, so
- * the files are read through `cat` (one short process per sample).
+ * the files are read through `sh` and `cat` (short processes per sample).
  */
 export async function readProcStats(pid: number): Promise<ProcSample> {
   const ticks = await clockTicksPerSecond();
-  const text = await readProcFiles([
-    `/proc/${pid}/stat`,
-    `/proc/${pid}/status`,
-  ]);
+  const out = await new Deno.Command("sh", {
+    args: ["-c", READ_SCRIPT, "sh", String(pid)],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (!out.success) {
+    throw new Error(
+      `Cannot read /proc/${pid}: ${
+        new TextDecoder().decode(out.stderr).trim()
+      }`,
+    );
+  }
+  return parseProcText(new TextDecoder().decode(out.stdout), ticks);
+}
+
+/** A {@linkcode ProcSample} from what {@linkcode READ_SCRIPT} printed. */
+export function parseProcText(text: string, ticks: number): ProcSample {
   const newline = text.indexOf("\n");
   const stat = text.slice(0, newline);
-  const status = text.slice(newline + 1);
+  const mark = text.indexOf(`\n${THREADS_MARK}\n`);
+  const status = text.slice(newline + 1, mark === -1 ? undefined : mark);
   const { user, system } = parseCpuSplit(stat);
+  const threadNs = new Map<number, number>();
+  if (mark !== -1) {
+    const lines = text.slice(mark + THREADS_MARK.length + 2).split("\n");
+    for (const line of lines) {
+      const [tid, ns] = line.split(" ").map(Number);
+      if (Number.isSafeInteger(tid) && Number.isSafeInteger(ns)) {
+        threadNs.set(tid!, ns!);
+      }
+    }
+  }
   return {
     cpuUs: (user + system) * 1_000_000 / ticks,
     userUs: user * 1_000_000 / ticks,
     sysUs: system * 1_000_000 / ticks,
     rssKb: parseStatusKb(status, "VmRSS"),
     peakRssKb: parseStatusKb(status, "VmHWM"),
+    threadNs,
   };
 }
 

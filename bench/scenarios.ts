@@ -8,7 +8,7 @@
 import { type BenchUser, writeAuthFixtures } from "./fixtures.ts";
 import { Histogram, type HistogramData } from "./histogram.ts";
 import { LoadGroup, type RunOptions, type RunSummary } from "./load_group.ts";
-import { readProcStats } from "./proc_stats.ts";
+import { cpuDeltaUs, type ProcSample, readProcStats } from "./proc_stats.ts";
 import { ServerProcess } from "./processes.ts";
 
 /** A JSON value in results.json. */
@@ -377,13 +377,15 @@ export async function fanoutPair(
     // Both sides at once, past the chat servers' first round of session
     // re-checks (30 s after the connects): the background cost, which the
     // measured runs above include only in part.
-    const background = await Promise.all(sides.map(serverCpuUs));
+    const background = await Promise.all(sides.map(serverSamples));
     await delay(sizes.idleCpuMs);
     for (const [i, side] of sides.entries()) {
-      out[i]!.idle_cpu_ms_per_s = round(
-        ((await serverCpuUs(side)) - background[i]!) / sizes.idleCpuMs,
-        2,
+      const now = await serverSamples(side);
+      const us = now.reduce(
+        (sum, s, k) => sum + cpuDeltaUs(background[i]![k]!, s),
+        0,
       );
+      out[i]!.idle_cpu_ms_per_s = round(us / sizes.idleCpuMs, 2);
     }
     return [out[0]!, out[1]!];
   } finally {
@@ -391,11 +393,10 @@ export async function fanoutPair(
   }
 }
 
-/** CPU time of a side's server processes (chat and auth) so far, in us. */
-async function serverCpuUs(side: Side): Promise<number> {
+/** Readings of a side's server processes (chat, then auth). */
+function serverSamples(side: Side): Promise<ProcSample[]> {
   const pids = [side.server.pid, ...(side.auth ? [side.auth.pid] : [])];
-  const stats = await Promise.all(pids.map(readProcStats));
-  return stats.reduce((sum, s) => sum + s.cpuUs, 0);
+  return Promise.all(pids.map(readProcStats));
 }
 
 /**
@@ -565,12 +566,12 @@ export async function connectStorm(
       max_welcome_ms: round(storm.hist.maxMs, 1),
       cpu_us_per_connect: storm.ok === 0
         ? null
-        : round((after.cpuUs - before.cpuUs) / storm.ok, 0),
+        : round(cpuDeltaUs(before, after) / storm.ok, 0),
     };
     if (authBefore && authAfter) {
       metrics.auth_cpu_us_per_connect = storm.ok === 0
         ? null
-        : round((authAfter.cpuUs - authBefore.cpuUs) / storm.ok, 0);
+        : round(cpuDeltaUs(authBefore, authAfter) / storm.ok, 0);
     }
     if (storm.failed > 0) metrics.failures = storm.failures;
     return metrics;
@@ -614,7 +615,7 @@ export async function authThroughput(
       validate_p99_ms: round(quantileOf(validate.hist, 0.99), 2),
       cpu_us_per_validate: validate.ok === 0
         ? null
-        : round((after.cpuUs - before.cpuUs) / validate.ok, 1),
+        : round(cpuDeltaUs(before, after) / validate.ok, 1),
       validate_statuses: validate.statuses,
       login_per_s: null,
     };
@@ -697,7 +698,7 @@ async function measureTotals(
   const run = await group.run(options);
   const t1 = performance.now();
   const after = await Promise.all(pids.map(readProcStats));
-  const cpu = pids.map((_, i) => after[i]!.cpuUs - before[i]!.cpuUs);
+  const cpu = pids.map((_, i) => cpuDeltaUs(before[i]!, after[i]!));
   const sys = pids.map((_, i) => after[i]!.sysUs - before[i]!.sysUs);
   const authCpuUs = side.auth ? cpu[cpu.length - 1]! : 0;
   const authSysUs = side.auth ? sys[sys.length - 1]! : 0;

@@ -3,9 +3,16 @@
  * latency histogram, the /proc parsers, the fixtures the auth server reads,
  * and one tiny broadcast through a real load process and the baseline server.
  */
+import assert from "node:assert/strict";
 import { Histogram } from "../bench/histogram.ts";
 import { pairedRatio } from "../bench/report.ts";
-import { parseCpuTicks, parseStatusKb } from "../bench/proc_stats.ts";
+import {
+  cpuDeltaUs,
+  parseCpuTicks,
+  parseProcText,
+  parseStatusKb,
+  readProcStats,
+} from "../bench/proc_stats.ts";
 import { benchUsername, writeAuthFixtures } from "../bench/fixtures.ts";
 import { LoadGroup } from "../bench/load_group.ts";
 import { ServerProcess } from "../bench/processes.ts";
@@ -94,6 +101,38 @@ Deno.test("proc stat parsing counts fields after a command name with spaces", ()
   const status = "Name:\tdeno\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\n";
   assertEquals(parseStatusKb(status, "VmRSS"), 102400);
   assertEquals(parseStatusKb(status, "VmHWM"), 204800);
+});
+
+Deno.test("CPU time comes from the threads' nanoseconds, and from the ticks when a thread ended", () => {
+  const reading = (ticks: number, threads: string) =>
+    parseProcText(
+      `42 (deno) S 1 42 42 0 -1 4194560 100 0 0 0 ${ticks} 0 0 0 20 0 9 0 1 2 3\n` +
+        `Name:\tdeno\nVmHWM:\t 2048 kB\nVmRSS:\t 1024 kB\n--threads--\n${threads}`,
+      100,
+    );
+  const before = reading(10, "42 5000000\n43 1000\n");
+  assertEquals(before.threadNs.get(43), 1000);
+  assertEquals(before.rssKb, 1024);
+  // 1.5 ms more on 42, 0.5 ms on 43, and a new thread 44 with 0.25 ms: the
+  // ticks (10 ms each) did not move.
+  const after = reading(10, "42 6500000\n43 501000\n44 250000\n");
+  assertEquals(cpuDeltaUs(before, after), 2250);
+  // Thread 43 ended in between: its time is unknown, the ticks decide.
+  const ended = reading(12, "42 6500000\n");
+  assertEquals(cpuDeltaUs(before, ended), 20_000);
+  // No thread counters at all (another kernel): the ticks.
+  assertEquals(cpuDeltaUs(reading(10, ""), reading(11, "")), 10_000);
+});
+
+Deno.test("a real process's CPU time is read to the nanosecond from its threads", async () => {
+  const before = await readProcStats(Deno.pid);
+  assert(before.threadNs.has(Deno.pid), "the main thread is listed");
+  const until = performance.now() + 30;
+  while (performance.now() < until) {
+    // Spend 30 ms of CPU.
+  }
+  const spent = cpuDeltaUs(before, await readProcStats(Deno.pid));
+  assert(spent >= 25_000 && spent < 2_000_000, `spent ${spent} us`);
 });
 
 Deno.test("fixtures write the auth server's files with mode 0600 and valid sessions", async () => {
