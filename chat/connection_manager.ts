@@ -189,10 +189,17 @@ interface Conn {
   /** Which flush list holds it: none, the presence one, or the prompt one. */
   queued: "none" | "presence" | "prompt";
   /**
-   * An upper bound of the bytes the runtime holds unsent: its
-   * `bufferedAmount` when last read, plus what was handed to it since.
+   * Its place in the manager's per-connection arrays (the bound of what the
+   * runtime holds unsent, and whether a room batch must pass through its own
+   * queue): -1 until it opens and after it is dropped.
    */
-  backlogBound: number;
+  slot: number;
+  /**
+   * How many lines of the room batch of generation `takenGen` it has
+   * already had (queued as its own, or not meant for it: it joined after).
+   */
+  taken: number;
+  takenGen: number;
   open: boolean;
   /** Closed by the server, its socket not gone yet (see `User.lingering`). */
   lingering: boolean;
@@ -211,6 +218,14 @@ interface Room {
   names: string[];
   /** JSON of `names`; dropped when a user arrives or leaves. */
   usersJson: string | undefined;
+  /**
+   * The connections of `conns` again, with their sockets and slots, side by
+   * side in arrays: a room's broadcast reads these dense arrays rather than
+   * one object per member (see `ConnectionManager.#flushBatch`).
+   */
+  list: Conn[];
+  sockets: WebSocket[];
+  slots: number[];
 }
 
 /**
@@ -287,6 +302,33 @@ export class ConnectionManager {
   #lastJoined = "";
   /** A flush is scheduled. */
   #flushPending = false;
+  /**
+   * Per connection slot: an upper bound of the bytes the runtime holds
+   * unsent (its `bufferedAmount` when last read, plus what was handed to it
+   * since), and whether a room batch must go through the connection's own
+   * queue (it has lines queued, or had part of the batch).
+   */
+  #bounds = new Float64Array(256);
+  #special = new Uint8Array(256);
+  #freeSlots: number[] = [];
+  #nextSlot = 0;
+  /**
+   * This turn's messages to one room, not yet queued per member: at the
+   * flush, every member that needs nothing else gets them as one shared
+   * frame, without a queue of its own (a broadcast costs no per-member work
+   * before the write). A line for a member of the room from anything else
+   * first queues the batch's lines it has not had, so each connection's
+   * frames stay in order. `#batchOwn[k]` is the sender's own echo of line k
+   * (with its `client_id`) when it differs.
+   */
+  #batchRoom: Room | undefined;
+  #batchLines: string[] = [];
+  #batchOwn: (string | undefined)[] = [];
+  #batchFrom: User[] = [];
+  #batchBytes = 0;
+  #batchGen = 1;
+  /** Queues past `WRITE_NOW_BYTES` wait (see `#writeLarge`). */
+  #holdWrites = false;
   #recheckTimer: ReturnType<typeof setInterval>;
   #rechecking = false;
   #prunedAt = 0;
@@ -425,7 +467,9 @@ export class ConnectionManager {
       rest: undefined,
       outboxBytes: 0,
       queued: "none",
-      backlogBound: 0,
+      slot: -1,
+      taken: 0,
+      takenGen: 0,
       open: false,
       lingering: false,
       frames: new TokenBucket(
@@ -567,6 +611,7 @@ export class ConnectionManager {
 
   #register(conn: Conn, expiresAt: number): void {
     conn.open = true;
+    conn.slot = this.#allocSlot();
     this.#conns.add(conn);
     conn.user.conns.add(conn);
     let entry = this.#tokens.get(conn.token);
@@ -599,6 +644,9 @@ export class ConnectionManager {
    */
   #drop(conn: Conn, code?: number, reason?: string): void {
     if (!conn.open) return;
+    const batch = this.#batchRoom;
+    // Its pending lines include the batch's (sent below, or dropped with it).
+    if (batch !== undefined && batch.conns.has(conn)) this.#takeBatchHeld(conn);
     conn.open = false;
     const pending = this.#take(conn);
     this.#conns.delete(conn);
@@ -618,6 +666,8 @@ export class ConnectionManager {
       if (room !== undefined) this.#exit(conn, room);
     }
     conn.rooms.clear();
+    if (conn.slot >= 0) this.#freeSlots.push(conn.slot);
+    conn.slot = -1;
     if (code !== undefined) {
       const socket = conn.socket;
       try {
@@ -807,7 +857,176 @@ export class ConnectionManager {
       clientId,
     );
     if (clientId !== undefined) this.#remember(user, clientId, own, now);
-    for (const c of room.conns) this.#send(c, c.user === user ? own : line);
+    this.#broadcast(room, user, line, own);
+  }
+
+  /**
+   * Batches a message line for every member of `room` (`own` for the
+   * sender's connections), to be written at the flush (see `#batchRoom`).
+   */
+  #broadcast(room: Room, from: User, line: string, own: string): void {
+    if (this.#batchRoom !== room) {
+      // One room batches at a time: another's lines go to their members' queues.
+      if (this.#batchRoom !== undefined) this.#queueBatch();
+      this.#batchRoom = room;
+    }
+    this.#batchLines.push(line);
+    this.#batchOwn.push(own === line ? undefined : own);
+    this.#batchFrom.push(from);
+    this.#batchBytes += line.length;
+    if (own !== line) {
+      for (const c of from.conns) if (room.conns.has(c)) this.#takeBatch(c);
+    }
+    this.#scheduleFlush();
+    // A burst: write now rather than hold a large batch.
+    if (this.#batchBytes >= WRITE_NOW_BYTES) this.#flushBatch();
+  }
+
+  /** Queues for `conn`, a member of the batching room, the lines it has not had. */
+  #takeBatch(conn: Conn): void {
+    this.#queueLines(
+      conn,
+      this.#batchGen,
+      this.#batchLines,
+      this.#batchOwn,
+      this.#batchFrom,
+    );
+  }
+
+  /**
+   * {@linkcode #takeBatch} without writing a queue that grows past
+   * `WRITE_NOW_BYTES` at once (a write may drop the connection, which must
+   * not happen while it is being dropped or taken out of a room).
+   */
+  #takeBatchHeld(conn: Conn): void {
+    const held = this.#holdWrites;
+    this.#holdWrites = true;
+    try {
+      this.#takeBatch(conn);
+    } finally {
+      this.#holdWrites = held;
+    }
+  }
+
+  #queueLines(
+    conn: Conn,
+    gen: number,
+    lines: string[],
+    owns: (string | undefined)[],
+    froms: User[],
+  ): void {
+    let k = conn.takenGen === gen ? conn.taken : 0;
+    conn.taken = lines.length;
+    conn.takenGen = gen;
+    if (!conn.open) return;
+    this.#special[conn.slot] = 1;
+    for (; k < lines.length && conn.open; k++) {
+      const own = owns[k];
+      this.#enqueue(
+        conn,
+        own !== undefined && froms[k] === conn.user ? own : lines[k]!,
+        false,
+      );
+    }
+  }
+
+  /** Moves the batch into its members' own queues. */
+  #queueBatch(): void {
+    const members = [...this.#batchRoom!.list];
+    for (const conn of members) this.#takeBatchHeld(conn);
+    this.#endBatch();
+    this.#writeLarge(members);
+  }
+
+  /**
+   * Writes the queues that reached `WRITE_NOW_BYTES` while writes were held
+   * (so that a connection dropped meanwhile, and the presence it sends to
+   * others, comes after every member had its lines).
+   */
+  #writeLarge(conns: Conn[]): void {
+    for (const conn of conns) {
+      if (conn.open && conn.outboxBytes >= WRITE_NOW_BYTES) {
+        this.#history.writeOut();
+        this.#write(conn);
+      }
+    }
+  }
+
+  #endBatch(): void {
+    this.#batchRoom = undefined;
+    this.#batchLines = [];
+    this.#batchOwn = [];
+    this.#batchFrom = [];
+    this.#batchBytes = 0;
+    this.#batchGen++;
+  }
+
+  /**
+   * Writes the batch: one shared frame to each member that needs nothing
+   * else (reading only the room's dense arrays and the slot arrays); the
+   * others get its lines in their own queues, written by `#writeAll`.
+   */
+  #flushBatch(): void {
+    const room = this.#batchRoom;
+    if (room === undefined) return;
+    const gen = this.#batchGen;
+    const lines = this.#batchLines;
+    const owns = this.#batchOwn;
+    const froms = this.#batchFrom;
+    // Whatever is sent from here on comes after the batch.
+    this.#endBatch();
+    // No message is sent before it is in its room's file (the OS's).
+    this.#history.writeOut();
+    const frame = lines.length === 1 ? lines[0]! : lines.join("\n");
+    const { list, sockets, slots } = room;
+    const bounds = this.#bounds;
+    const special = this.#special;
+    const max = this.#limits.maxBufferedBytes;
+    const size = frame.length * 3;
+    const own: Conn[] = [];
+    const failed: Conn[] = [];
+    for (let i = 0; i < list.length; i++) {
+      const slot = slots[i]!;
+      const bound = bounds[slot]!;
+      // Its own queue first, or a backlog to ask the runtime about: `#write`.
+      if (special[slot] !== 0 || bound > max) {
+        own.push(list[i]!);
+        continue;
+      }
+      bounds[slot] = bound + size;
+      try {
+        sockets[i]!.send(frame);
+      } catch {
+        failed.push(list[i]!);
+      }
+    }
+    const held = this.#holdWrites;
+    this.#holdWrites = true;
+    try {
+      for (const conn of own) this.#queueLines(conn, gen, lines, owns, froms);
+    } finally {
+      this.#holdWrites = held;
+    }
+    if (!held) this.#writeLarge(own);
+    for (const conn of own) {
+      if (conn.open && conn.first === "") special[conn.slot] = 0;
+    }
+    for (const conn of failed) this.#drop(conn);
+  }
+
+  #allocSlot(): number {
+    const slot = this.#freeSlots.pop() ?? this.#nextSlot++;
+    if (slot >= this.#bounds.length) {
+      const bounds = new Float64Array(this.#bounds.length * 2);
+      bounds.set(this.#bounds);
+      this.#bounds = bounds;
+      const special = new Uint8Array(this.#special.length * 2);
+      special.set(this.#special);
+      this.#special = special;
+    }
+    this.#bounds[slot] = 0;
+    this.#special[slot] = 0;
+    return slot;
   }
 
   #remember(user: User, clientId: string, line: string, now: number): void {
@@ -904,11 +1123,23 @@ export class ConnectionManager {
         members: new Map(),
         names: [],
         usersJson: "[]",
+        list: [],
+        sockets: [],
+        slots: [],
       };
       this.#rooms.set(name, room);
     }
     conn.rooms.add(name);
     room.conns.add(conn);
+    room.list.push(conn);
+    room.sockets.push(conn.socket);
+    room.slots.push(conn.slot);
+    if (room === this.#batchRoom) {
+      // The lines batched before it came in are not for it.
+      conn.taken = this.#batchLines.length;
+      conn.takenGen = this.#batchGen;
+      this.#special[conn.slot] = 1;
+    }
     const count = room.members.get(conn.user) ?? 0;
     room.members.set(conn.user, count + 1);
     if (count === 0) {
@@ -936,7 +1167,20 @@ export class ConnectionManager {
 
   /** Removes the connection from a room; announces the user's last leave. */
   #exit(conn: Conn, room: Room): void {
-    if (!room.conns.delete(conn)) return;
+    if (!room.conns.has(conn)) return;
+    // The lines batched while it was in are its own.
+    if (room === this.#batchRoom) this.#takeBatchHeld(conn);
+    room.conns.delete(conn);
+    const i = room.list.indexOf(conn);
+    const last = room.list.length - 1;
+    if (i !== last) {
+      room.list[i] = room.list[last]!;
+      room.sockets[i] = room.sockets[last]!;
+      room.slots[i] = room.slots[last]!;
+    }
+    room.list.pop();
+    room.sockets.pop();
+    room.slots.pop();
     const left = (room.members.get(conn.user) ?? 1) - 1;
     if (left > 0) {
       room.members.set(conn.user, left);
@@ -1009,6 +1253,18 @@ export class ConnectionManager {
    */
   #send(conn: Conn, line: string, lazy = false): void {
     if (!conn.open) return;
+    // The batch's lines come before this one.
+    const batch = this.#batchRoom;
+    if (batch !== undefined && batch.conns.has(conn)) {
+      this.#takeBatch(conn);
+      // Written at once and found too slow: dropped.
+      if (!conn.open) return;
+    }
+    this.#enqueue(conn, line, lazy);
+  }
+
+  #enqueue(conn: Conn, line: string, lazy: boolean): void {
+    this.#special[conn.slot] = 1;
     if (conn.first === "") conn.first = line;
     else if (conn.rest === undefined) conn.rest = [line];
     else conn.rest.push(line);
@@ -1018,14 +1274,7 @@ export class ConnectionManager {
       if (conn.queued !== "prompt") {
         conn.queued = "prompt";
         pushConn(this.#dirty, conn);
-        if (!this.#flushPending) {
-          this.#flushPending = true;
-          // setTimeout(0) waits a millisecond or more here; setImmediate
-          // runs once this turn's I/O callbacks are done, which is the point.
-          if (this.#limits.coalesceMs > 0) {
-            setTimeout(this.#flush, this.#limits.coalesceMs);
-          } else setImmediate(this.#flush);
-        }
+        this.#scheduleFlush();
       }
     } else if (conn.queued === "none") {
       conn.queued = "presence";
@@ -1036,10 +1285,20 @@ export class ConnectionManager {
       );
     }
     // A burst: write now rather than hold a large queue of our own.
-    if (conn.outboxBytes >= WRITE_NOW_BYTES) {
+    if (conn.outboxBytes >= WRITE_NOW_BYTES && !this.#holdWrites) {
       this.#history.writeOut();
       this.#write(conn);
     }
+  }
+
+  #scheduleFlush(): void {
+    if (this.#flushPending) return;
+    this.#flushPending = true;
+    // setTimeout(0) waits a millisecond or more here; setImmediate runs once
+    // this turn's I/O callbacks are done, which is the point.
+    if (this.#limits.coalesceMs > 0) {
+      setTimeout(this.#flush, this.#limits.coalesceMs);
+    } else setImmediate(this.#flush);
   }
 
   /** Writes a connection's queue as one frame, or drops it if it is not keeping up. */
@@ -1051,15 +1310,16 @@ export class ConnectionManager {
     // history page) may pass, a reader that stopped cannot pile up more.
     // Reading it is a call into the runtime: only when the bound says the
     // limit could have been passed (a UTF-16 unit is at most 3 UTF-8 bytes).
-    if (conn.backlogBound > this.#limits.maxBufferedBytes) {
+    const slot = conn.slot;
+    if (this.#bounds[slot]! > this.#limits.maxBufferedBytes) {
       const buffered = conn.socket.bufferedAmount;
       if (buffered > this.#limits.maxBufferedBytes) {
         this.#drop(conn, CloseCode.tryAgainLater, "too slow to keep up");
         return;
       }
-      conn.backlogBound = buffered;
+      this.#bounds[slot] = buffered;
     }
-    conn.backlogBound += data.length * 3;
+    this.#bounds[slot]! += data.length * 3;
     try {
       conn.socket.send(data);
     } catch {
@@ -1078,6 +1338,9 @@ export class ConnectionManager {
     conn.first = "";
     conn.rest = undefined;
     conn.outboxBytes = 0;
+    if (conn.slot >= 0 && conn.takenGen !== this.#batchGen) {
+      this.#special[conn.slot] = 0;
+    }
     if (rest === undefined) return first;
     const last = this.#lastRest;
     if (first === this.#lastFirst && last.length === rest.length) {
@@ -1092,6 +1355,7 @@ export class ConnectionManager {
   }
 
   #flush = (): void => {
+    this.#flushBatch();
     this.#writeAll(this.#dirty);
     this.#flushPending = false;
   };

@@ -708,6 +708,111 @@ Deno.test("several messages sent at once arrive coalesced in fewer frames", asyn
   }
 });
 
+Deno.test("a turn's messages to a room go out as one shared frame, and each connection's frames stay in order", async (t) => {
+  // Everything a client sends within 300 ms lands in one flush.
+  const stack = await startStack({ chatLimits: { coalesceMs: 300 } });
+  try {
+    const alice = await connectAs(stack, "alice");
+    const bob = await connectAs(stack, "bob");
+    alice.send({ type: "join", room: "dev" });
+    bob.send({ type: "join", room: "dev" });
+    await alice.nextOfType("joined");
+    await bob.nextOfType("joined");
+    await alice.next((f) => f.type === "join" && f.user === "bob");
+    const seenBy = (client: TestClient, from: number) =>
+      client.frames.slice(from).map((f) =>
+        f.type === "message"
+          ? `${f.room}:${f.text}${f.client_id ? `+${f.client_id}` : ""}`
+          : `${f.type}${f.room ? `:${f.room}` : ""}${
+            f.user ? `:${f.user}` : ""
+          }`
+      );
+
+    await t.step(
+      "its own answers and errors between the messages",
+      async () => {
+        const a = alice.frames.length;
+        const b = bob.frames.length;
+        const raw = alice.rawFrames.length;
+        bob.send({
+          type: "message",
+          room: "lobby",
+          text: "m1",
+          client_id: "c1",
+        });
+        bob.send({ type: "who", room: "lobby" });
+        bob.send({ type: "message", room: "lobby", text: "m2" });
+        bob.send({ type: "message", room: "nowhere", text: "lost" });
+        bob.send({ type: "message", room: "lobby", text: "m3" });
+        await bob.next((f) => f.text === "m3");
+        await alice.next((f) => f.text === "m3");
+        assert.deepEqual(seenBy(bob, b), [
+          "lobby:m1+c1",
+          "who:lobby",
+          "lobby:m2",
+          "error",
+          "lobby:m3",
+        ]);
+        assert.deepEqual(seenBy(alice, a), [
+          "lobby:m1",
+          "lobby:m2",
+          "lobby:m3",
+        ]);
+        // Alice needed nothing else: the three came as the one shared frame.
+        assert.equal(alice.rawFrames.length - raw, 1);
+      },
+    );
+
+    await t.step("leaving and coming back within the turn", async () => {
+      const a = alice.frames.length;
+      const b = bob.frames.length;
+      bob.send({ type: "message", room: "lobby", text: "before" });
+      bob.send({ type: "leave", room: "lobby" });
+      bob.send({ type: "join", room: "lobby" });
+      bob.send({ type: "message", room: "lobby", text: "after" });
+      await alice.next((f) => f.text === "after");
+      await bob.next((f) => f.text === "after");
+      // Bob has "before" once (with the room's history in joined), "after" once.
+      assert.deepEqual(seenBy(bob, b), [
+        "lobby:before",
+        "left:lobby",
+        "joined:lobby",
+        "lobby:after",
+      ]);
+      assert.deepEqual(seenBy(alice, a), [
+        "lobby:before",
+        "leave:lobby:bob",
+        "join:lobby:bob",
+        "lobby:after",
+      ]);
+    });
+
+    await t.step("messages to two rooms, in turn", async () => {
+      const a = alice.frames.length;
+      const b = bob.frames.length;
+      for (
+        const [room, text] of [
+          ["lobby", "l1"],
+          ["dev", "d1"],
+          ["lobby", "l2"],
+          ["dev", "d2"],
+        ]
+      ) {
+        alice.send({ type: "message", room, text });
+      }
+      await alice.next((f) => f.text === "d2");
+      await bob.next((f) => f.text === "d2");
+      const want = ["lobby:l1", "dev:d1", "lobby:l2", "dev:d2"];
+      assert.deepEqual(seenBy(alice, a), want);
+      assert.deepEqual(seenBy(bob, b), want);
+    });
+    await alice.close();
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("history pages stop at MAX_PAGE_BYTES of messages; paging on reaches every message once", async () => {
   // 300 messages of 8 KB in UTF-8 (4 K characters: the limit counts bytes,
   // not characters), 2.4 MB: one page of them would pass the connection's
