@@ -1260,6 +1260,8 @@ export class ConnectionManager {
       // Written at once and found too slow: dropped.
       if (!conn.open) return;
     }
+    // Charged to the request being answered (not the room's messages before it).
+    if (conn === this.#answering) this.#answerBytes += line.length;
     this.#enqueue(conn, line, lazy);
   }
 
@@ -1269,7 +1271,6 @@ export class ConnectionManager {
     else if (conn.rest === undefined) conn.rest = [line];
     else conn.rest.push(line);
     conn.outboxBytes += line.length;
-    if (conn === this.#answering) this.#answerBytes += line.length;
     if (!lazy) {
       if (conn.queued !== "prompt") {
         conn.queued = "prompt";

@@ -932,6 +932,44 @@ async function upgradesAs(
   return auth;
 }
 
+Deno.test("the answer budget is not charged for the room's messages that go out before the answer", async () => {
+  const clock = Date.UTC(2026, 0, 1);
+  // One flush covers all of it; the budget does not refill (fixed clock).
+  const stack = await startStack({
+    now: () => clock,
+    rateLimits: true,
+    chatLimits: {
+      coalesceMs: 300,
+      answerBurstBytes: 5000,
+      answerBytesPerSecond: 0.001,
+    },
+  });
+  try {
+    const alice = await connectAs(stack, "alice");
+    const bob = await connectAs(stack, "bob");
+    await alice.next((f) => f.type === "join" && f.user === "bob");
+    // 9,000 characters of bob's messages to the lobby, still batched when
+    // his two small questions (about 40 characters each) are answered.
+    for (let i = 0; i < 3; i++) {
+      bob.send({ type: "message", text: `${i} ${"x".repeat(3000)}` });
+    }
+    bob.send({ type: "who", room: "lobby" });
+    bob.send({ type: "who", room: "lobby" });
+    const seen: string[] = [];
+    while (seen.length < 5) {
+      const f = await bob.next((f) =>
+        f.type === "who" || f.type === "error" || f.type === "message"
+      );
+      seen.push(f.type === "error" ? `error:${f.error}` : String(f.type));
+    }
+    assert.deepEqual(seen, ["message", "message", "message", "who", "who"]);
+    await alice.close();
+    await bob.close();
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("connection attempts from one address are rate-limited before the token check; refusals by a cap cost nothing; RATE_LIMITS=off lifts it", async (t) => {
   await t.step("past the burst: 429 rate_limited, with the wait", async () => {
     const stack = await startStack({
