@@ -944,11 +944,14 @@ export class ConnectionManager {
    * others, comes after every member had its lines).
    */
   #writeLarge(conns: Conn[]): void {
-    for (const conn of conns) {
-      if (conn.open && conn.outboxBytes >= WRITE_NOW_BYTES) {
-        this.#history.writeOut();
-        this.#write(conn);
-      }
+    for (const conn of conns) this.#writeIfLarge(conn);
+  }
+
+  /** A burst: a queue at `WRITE_NOW_BYTES` is written now rather than held. */
+  #writeIfLarge(conn: Conn): void {
+    if (conn.open && conn.outboxBytes >= WRITE_NOW_BYTES) {
+      this.#history.writeOut();
+      this.#write(conn);
     }
   }
 
@@ -1285,11 +1288,7 @@ export class ConnectionManager {
         this.#limits.presenceCoalesceMs,
       );
     }
-    // A burst: write now rather than hold a large queue of our own.
-    if (conn.outboxBytes >= WRITE_NOW_BYTES && !this.#holdWrites) {
-      this.#history.writeOut();
-      this.#write(conn);
-    }
+    if (!this.#holdWrites) this.#writeIfLarge(conn);
   }
 
   #scheduleFlush(): void {
