@@ -813,6 +813,44 @@ Deno.test("a turn's messages to a room go out as one shared frame, and each conn
   }
 });
 
+Deno.test("a connection that arrives while a room's messages wait for the flush gets them in its welcome, not again", async () => {
+  // The room's batch waits 1 s; its history reaches the file within 20 ms.
+  const stack = await startStack({
+    chatLimits: { coalesceMs: 1000 },
+    historyFlushMs: 20,
+  });
+  try {
+    const alice = await connectAs(stack, "alice");
+    alice.send({ type: "message", text: "before carol" });
+    // In the file: taken by the server, not sent yet.
+    await retryUntil(async () => {
+      const file = await Deno.readTextFile(
+        `${stack.dataDir}/history/lobby.jsonl`,
+      );
+      if (!file.includes("before carol")) throw new Error("not in the file");
+    }, 5000);
+    const carol = await connectAs(stack, "carol");
+    const welcome = carol.frames.find((f) => f.type === "welcome")!;
+    const history = welcome.history as { text: string }[];
+    assert.deepEqual(history.map((m) => m.text), ["before carol"]);
+    alice.send({ type: "message", text: "after carol" });
+    await carol.next((f) => f.text === "after carol");
+    await alice.next((f) => f.text === "after carol");
+    assert.deepEqual(
+      carol.frames.filter((f) => f.type === "message").map((f) => f.text),
+      ["after carol"],
+    );
+    assert.deepEqual(
+      alice.frames.filter((f) => f.type === "message").map((f) => f.text),
+      ["before carol", "after carol"],
+    );
+    await alice.close();
+    await carol.close();
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("history pages stop at MAX_PAGE_BYTES of messages; paging on reaches every message once", async () => {
   // 300 messages of 8 KB in UTF-8 (4 K characters: the limit counts bytes,
   // not characters), 2.4 MB: one page of them would pass the connection's
