@@ -156,11 +156,22 @@ interface User {
    * long as it likes): they count against the caps too.
    */
   lingering: number;
-  bucket: TokenBucket;
-  /** Bytes of large answers (see {@linkcode ChatLimits.answerBurstBytes}). */
-  answers: TokenBucket;
-  /** client_id → the echo line of the message it sent, with when it was sent. */
-  sent: Map<string, { line: string; at: number }>;
+  /**
+   * Its message rate, made at its first message (see `#bucketOf`): most
+   * users of a large room never send, and a bucket made later is the same
+   * full bucket one made at the start would be by then.
+   */
+  bucket: TokenBucket | undefined;
+  /**
+   * Bytes of large answers (see {@linkcode ChatLimits.answerBurstBytes}),
+   * made at its first large request, like `bucket`.
+   */
+  answers: TokenBucket | undefined;
+  /**
+   * client_id → the echo line of the message it sent, with when it was sent
+   * (made at its first message with a client_id).
+   */
+  sent: Map<string, { line: string; at: number }> | undefined;
   lastSeen: number;
 }
 
@@ -203,8 +214,9 @@ interface Conn {
   open: boolean;
   /** Closed by the server, its socket not gone yet (see `User.lingering`). */
   lingering: boolean;
-  frames: TokenBucket;
-  strikes: TokenBucket;
+  /** Its frame rate and flood strikes, made when first needed (as `User.bucket`). */
+  frames: TokenBucket | undefined;
+  strikes: TokenBucket | undefined;
   /** Until when the last `rate_limited` told this connection to wait (ms). */
   retryAt: number;
 }
@@ -356,7 +368,7 @@ export class ConnectionManager {
     for (
       const sent of this.#history.sentSince(now - this.#limits.dedupWindowMs)
     ) {
-      this.#user(sent.from, now).sent.set(sent.clientId, {
+      (this.#user(sent.from, now).sent ??= new Map()).set(sent.clientId, {
         line: sent.own,
         at: sent.at,
       });
@@ -472,16 +484,8 @@ export class ConnectionManager {
       takenGen: 0,
       open: false,
       lingering: false,
-      frames: new TokenBucket(
-        this.#limits.frameBurst,
-        this.#limits.framesPerSecond,
-        now,
-      ),
-      strikes: new TokenBucket(
-        this.#limits.floodStrikes,
-        this.#limits.floodStrikesPerSecond,
-        now,
-      ),
+      frames: undefined,
+      strikes: undefined,
       retryAt: 0,
     };
     let settled = false;
@@ -493,7 +497,9 @@ export class ConnectionManager {
       user.pending--;
       this.releaseAddress(conn.address);
     };
-    const deadline = setTimeout(() => {
+    // Let go of at the open: a pending timer and what it holds are per
+    // connection, for the connection's whole life.
+    let deadline: ReturnType<typeof setTimeout> | undefined = setTimeout(() => {
       if (settled) return;
       giveUp();
       try {
@@ -505,6 +511,7 @@ export class ConnectionManager {
     socket.binaryType = "arraybuffer";
     socket.onopen = () => {
       clearTimeout(deadline);
+      deadline = undefined;
       if (settled) {
         // Opened after the deadline: its places are gone.
         socket.close(CloseCode.tryAgainLater, "handshake too slow");
@@ -591,17 +598,9 @@ export class ConnectionManager {
         conns: new Set(),
         pending: 0,
         lingering: 0,
-        bucket: new TokenBucket(
-          this.#limits.messageBurst,
-          this.#limits.messagesPerSecond,
-          now,
-        ),
-        answers: new TokenBucket(
-          this.#limits.answerBurstBytes,
-          this.#limits.answerBytesPerSecond,
-          now,
-        ),
-        sent: new Map(),
+        bucket: undefined,
+        answers: undefined,
+        sent: undefined,
         lastSeen: now,
       };
       this.#users.set(key, user);
@@ -713,7 +712,11 @@ export class ConnectionManager {
       // an answer, so they would otherwise be a flood nothing closes.
       const now = this.#now();
       if (this.#rateLimits) {
-        const wait = conn.frames.take(now);
+        const wait = (conn.frames ??= new TokenBucket(
+          this.#limits.frameBurst,
+          this.#limits.framesPerSecond,
+          now,
+        )).take(now);
         if (wait > 0) return this.#limited(conn, wait, now);
       }
       if (typeof data !== "string") {
@@ -738,7 +741,12 @@ export class ConnectionManager {
   #limited(conn: Conn, waitMs: number, now: number): void {
     // Only a frame sent before the wait named last time counts toward the
     // flood close: a client that waits as told is refused, never closed.
-    if (now < conn.retryAt && conn.strikes.take(now) > 0) {
+    const strikes = conn.strikes ??= new TokenBucket(
+      this.#limits.floodStrikes,
+      this.#limits.floodStrikesPerSecond,
+      now,
+    );
+    if (now < conn.retryAt && strikes.take(now) > 0) {
       this.#drop(conn, CloseCode.policy, "flooding");
       return;
     }
@@ -758,7 +766,11 @@ export class ConnectionManager {
 
   #handle(conn: Conn, frame: ClientFrame, now: number): void {
     if (this.#rateLimits && LARGE_ANSWER_FRAMES.has(frame.type)) {
-      const answers = conn.user.answers;
+      const answers = conn.user.answers ??= new TokenBucket(
+        this.#limits.answerBurstBytes,
+        this.#limits.answerBytesPerSecond,
+        now,
+      );
       const wait = answers.wait(now);
       // Refused, but not a flood strike: the budget is the user's, and
       // another of its connections may have used it up unknown to this one.
@@ -827,7 +839,7 @@ export class ConnectionManager {
     const user = conn.user;
     const clientId = frame.client_id;
     if (clientId !== undefined) {
-      const earlier = user.sent.get(clientId);
+      const earlier = user.sent?.get(clientId);
       if (
         earlier !== undefined && now - earlier.at < this.#limits.dedupWindowMs
       ) {
@@ -845,7 +857,7 @@ export class ConnectionManager {
       );
     }
     if (this.#rateLimits) {
-      const wait = user.bucket.take(now);
+      const wait = this.#bucketOf(user, now).take(now);
       if (wait > 0) return this.#limited(conn, wait, now);
     }
     const room = this.#rooms.get(roomName)!;
@@ -1033,7 +1045,7 @@ export class ConnectionManager {
   }
 
   #remember(user: User, clientId: string, line: string, now: number): void {
-    const sent = user.sent;
+    const sent = user.sent ??= new Map();
     sent.delete(clientId);
     sent.set(clientId, { line, at: now });
     // Entries are in time order: forget those past the window, and bound the map.
@@ -1045,13 +1057,22 @@ export class ConnectionManager {
     }
   }
 
+  /** The user's message rate (see `User.bucket`). */
+  #bucketOf(user: User, now: number): TokenBucket {
+    return user.bucket ??= new TokenBucket(
+      this.#limits.messageBurst,
+      this.#limits.messagesPerSecond,
+      now,
+    );
+  }
+
   #directMessage(conn: Conn, to: string, text: string, now: number): void {
     const target = this.#users.get(to.toLowerCase());
     if (target === undefined || target.conns.size === 0) {
       throw new FrameError("unknown_user", `${to} is not connected`);
     }
     if (this.#rateLimits) {
-      const wait = conn.user.bucket.take(now);
+      const wait = this.#bucketOf(conn.user, now).take(now);
       if (wait > 0) return this.#limited(conn, wait, now);
     }
     const line = JSON.stringify(
