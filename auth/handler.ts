@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { createHash } from "node:crypto";
+import { tokenHash } from "../token_hash.ts";
 import {
   errorResponse,
   HttpError,
@@ -13,6 +13,7 @@ import {
 } from "./http_error.ts";
 import { HashBusyError, HashLimiter } from "./hash_limiter.ts";
 import type { AuthStore, UserRecord } from "./json_store.ts";
+import type { SessionEvents } from "./session_events.ts";
 import {
   DUMMY_HASH,
   hashPassword,
@@ -53,6 +54,11 @@ export interface AuthHandlerOptions {
    * the store (a chat server in the same process closes its connections).
    */
   onLogout?: (token: string) => void;
+  /**
+   * The streams of `GET /session_events` (not in the contract, see
+   * `session_events.ts`); without it that path is 404.
+   */
+  events?: SessionEvents;
   /** Clock in ms. Default `Date.now`. */
   now?: () => number;
 }
@@ -422,6 +428,20 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     return new Response(null, { status: 204 });
   }
 
+  async function sessionEvents(req: Request): Promise<Response> {
+    await drainBody(req, bodyLimits);
+    const res = options.events?.open();
+    if (res === undefined) {
+      throw new HttpError(
+        503,
+        "busy",
+        "Too many session event streams are open; retry later",
+        { headers: { "retry-after": "5" } },
+      );
+    }
+    return res;
+  }
+
   async function health(req: Request): Promise<Response> {
     await drainBody(req, bodyLimits);
     return jsonResponse(200, { status: "ok" });
@@ -435,6 +455,9 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     ["/logout", { methods: ["POST"], handle: logout }],
     ["/health", { methods: ["GET", "HEAD"], handle: health }],
   ]);
+  if (options.events !== undefined) {
+    routes.set("/session_events", { methods: ["GET"], handle: sessionEvents });
+  }
 
   return async function handleAuthRequest(req, info) {
     const address = "hostname" in info.remoteAddr
@@ -487,13 +510,10 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   };
 }
 
+export { tokenHash };
+
 /** Tokens one `/validate_tokens` request may ask about. */
 export const MAX_BATCH_TOKENS = 100;
-
-/** SHA-256 of a token's UTF-8, in hex: the only form a token is kept in. */
-export function tokenHash(token: string): string {
-  return createHash("sha256").update(token, "utf8").digest("hex");
-}
 
 function newToken(): string {
   const bytes = crypto.getRandomValues(new Uint8Array(TOKEN_BYTES));

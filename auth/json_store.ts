@@ -76,6 +76,12 @@ export class AuthStore {
   #unsavedRemovals = new Map<string, { session: SessionRecord; seq: number }>();
   /** Sessions writes asked for so far (see {@linkcode #commitSessions}). */
   #sessionsSeq = 0;
+  /**
+   * Told the token hashes of sessions that ended before their time (a
+   * removal, the oldest of a user's sessions past the cap), once that is
+   * on disk. Expiry is not told: whoever holds a session knows its end.
+   */
+  onSessionsEnded: ((tokenHashes: string[]) => void) | undefined;
   #closed: Promise<void> | undefined;
 
   private constructor(
@@ -257,6 +263,7 @@ export class AuthStore {
       for (const [hash, s] of ended) this.#sessions.set(hash, s);
       throw err;
     }
+    if (ended.length > 0) this.onSessionsEnded?.(ended.map(([hash]) => hash));
     return ended.length;
   }
 
@@ -279,6 +286,7 @@ export class AuthStore {
       seq: this.#sessionsSeq + 1,
     });
     await this.#commitSessions();
+    this.onSessionsEnded?.([tokenHash]);
     return session;
   }
 

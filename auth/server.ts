@@ -11,6 +11,7 @@ import { type ResilientServer, serveResilient } from "../serve_resilient.ts";
 import { createAuthHandler } from "./handler.ts";
 import { serverErrorResponse } from "./http_error.ts";
 import { AuthStore } from "./json_store.ts";
+import { SessionEvents } from "./session_events.ts";
 import type { AuthLimits } from "./rate_limit.ts";
 
 export {
@@ -81,7 +82,10 @@ export async function createAuthServer(
 ): Promise<AuthServer> {
   const { hostname = "127.0.0.1", port = 8000, dataDir, now } = options;
   const store = await AuthStore.open(dataDir, { now });
-  const handler = createAuthHandler({ ...options, store });
+  // Chat servers that watch are told of sessions ended early at once.
+  const events = new SessionEvents();
+  store.onSessionsEnded = (hashes) => events.ended(hashes);
+  const handler = createAuthHandler({ ...options, store, events });
   let httpServer: ResilientServer;
   try {
     httpServer = serveResilient({
@@ -114,6 +118,8 @@ export async function createAuthServer(
     finished,
     shutdown() {
       closing ??= (async () => {
+        // Streams that never end would hold the graceful shutdown up.
+        events.close();
         let timer: ReturnType<typeof setTimeout> | undefined;
         try {
           await Promise.race([

@@ -6,7 +6,16 @@
 
 /** What the auth server says of a token. */
 export type TokenCheck =
-  | { valid: true; username: string; expiresAt: number }
+  | {
+    valid: true;
+    username: string;
+    expiresAt: number;
+    /**
+     * `performance.now()` when the request that got this answer was sent:
+     * the answer is at least that recent (see `chat/session_watch.ts`).
+     */
+    askedAt?: number;
+  }
   | { valid: false };
 
 /** The auth server could not give an answer (down, slow, or broken). */
@@ -174,6 +183,9 @@ export function createTokenValidator(
     // every check's objects alive for the whole timeout.
     const controller = new AbortController();
     const last = Math.max(...batch.map((w) => w.deadline));
+    const askedAt = performance.now();
+    const stamped = (check: TokenCheck): TokenCheck =>
+      check.valid ? { ...check, askedAt } : check;
     const timer = setTimeout(
       () => controller.abort(new DOMException("Timed out", "TimeoutError")),
       Math.max(0, last - performance.now()),
@@ -185,7 +197,7 @@ export function createTokenValidator(
           batch[0]!.token,
           controller.signal,
         );
-        settle(batch[0]!, check);
+        settle(batch[0]!, stamped(check));
         return;
       }
       const checks = await requestChecks(
@@ -194,7 +206,7 @@ export function createTokenValidator(
         controller.signal,
       );
       if (Array.isArray(checks)) {
-        batch.forEach((w, i) => settle(w, checks[i]!));
+        batch.forEach((w, i) => settle(w, stamped(checks[i]!)));
         return;
       }
       const again = batch.filter((w) => !w.settled);

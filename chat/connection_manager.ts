@@ -25,6 +25,7 @@ import {
   type ServerFrame,
 } from "./protocol.ts";
 import { TokenBucket } from "./token_bucket.ts";
+import { tokenHash } from "../token_hash.ts";
 import { setImmediate } from "node:timers";
 
 /** A connection's queue at this size is written at once, not at the next flush. */
@@ -82,6 +83,12 @@ export interface ChatLimits {
   answerBytesPerSecond: number;
   /** How often open sessions are re-checked with the auth server. */
   recheckIntervalMs: number;
+  /**
+   * How often instead, for a session confirmed while the auth server's
+   * session events are watched (see `chat/session_watch.ts`): its early
+   * end would have been told at once, so this is a safety net only.
+   */
+  watchedRecheckIntervalMs: number;
   /** How long an upgraded socket may take to open before its place is given back. */
   handshakeTimeoutMs: number;
   /**
@@ -119,6 +126,7 @@ export const DEFAULT_CHAT_LIMITS: ChatLimits = {
   answerBurstBytes: 16 * 1024 * 1024,
   answerBytesPerSecond: 2 * 1024 * 1024,
   recheckIntervalMs: 30_000,
+  watchedRecheckIntervalMs: 10 * 60_000,
   handshakeTimeoutMs: 10_000,
   coalesceMs: 0,
   presenceCoalesceMs: 50,
@@ -143,6 +151,11 @@ export interface SessionInfo {
   token: string;
   expiresAt: number;
   address: string;
+  /**
+   * `performance.now()` when the request that confirmed the token was sent
+   * (see `TokenCheck`); unknown counts as before any watch.
+   */
+  askedAt?: number;
 }
 
 interface User {
@@ -255,6 +268,13 @@ interface TokenEntry {
   expiresAt: number;
   /** When the auth server last said the session is valid (or could not say). */
   checkedAt: number;
+  /**
+   * `performance.now()` when that confirmation was asked for: from a time
+   * the session events were watched, an early end would have been told.
+   */
+  askedAt: number;
+  /** The token's SHA-256 (hex), as session events name it. */
+  hash: string;
 }
 
 /** Re-check ticks per `recheckIntervalMs`: the auth calls are spread over them. */
@@ -263,6 +283,8 @@ const RECHECK_TICKS = 30;
 const RECHECK_RETRY_MS = 5000;
 /** How long an ended session's token is kept to refuse upgrades still opening. */
 const ENDED_MEMORY_MS = 60_000;
+/** Most hashes of ended sessions kept for upgrades still opening. */
+const MAX_ENDED_HASHES = 100_000;
 
 /** Live connections, rooms and presence. Call {@linkcode close} to shut down. */
 export class ConnectionManager {
@@ -296,6 +318,18 @@ export class ConnectionManager {
    * with when: an upgrade validated just before still opens, and is closed.
    */
   #ended = new Map<string, number>();
+  /** Token hash → token, of {@linkcode ConnectionManager.#tokens}. */
+  #hashes = new Map<string, string>();
+  /**
+   * Hashes of ended sessions no open connection holds, with when: an
+   * upgrade validated just before still opens, and is closed.
+   */
+  #endedHashes = new Map<string, number>();
+  /**
+   * `performance.now()` since when the auth server's session events are
+   * watched without a break; `Infinity` while they are not.
+   */
+  #watchedSince = Infinity;
   #addresses = new Map<string, number>();
   /** Connection attempts per address (see `ChatLimits.connectBurst`). */
   #connects = new Map<string, TokenBucket>();
@@ -466,7 +500,7 @@ export class ConnectionManager {
   /** Takes over an upgraded socket; its address reservation moves with it. */
   accept(socket: WebSocket, session: SessionInfo): void {
     const now = this.#now();
-    const { expiresAt } = session;
+    const { expiresAt, askedAt = -Infinity } = session;
     const user = this.#user(session.username, now);
     const conn: Conn = {
       id: this.#nextConnId++,
@@ -522,14 +556,20 @@ export class ConnectionManager {
         socket.close(CloseCode.goingAway, "server shutting down");
         return;
       }
-      if (this.#ended.has(conn.token)) {
+      if (
+        this.#ended.has(conn.token) ||
+        (this.#endedHashes.size > 0 &&
+          this.#endedHashes.has(
+            this.#tokens.get(conn.token)?.hash ?? tokenHash(conn.token),
+          ))
+      ) {
         giveUp();
         socket.close(CloseCode.policy, "session ended");
         return;
       }
       settled = true;
       user.pending--;
-      this.#register(conn, expiresAt);
+      this.#register(conn, expiresAt, askedAt);
     };
     socket.onmessage = (event) => this.#onFrame(conn, event.data);
     socket.onclose = () => {
@@ -561,6 +601,40 @@ export class ConnectionManager {
     this.#ended.set(token, this.#now());
     const entry = this.#tokens.get(token);
     if (entry !== undefined) this.#endSession(entry, "session ended");
+  }
+
+  /**
+   * Sessions ended at the auth server (told by its session events, as
+   * SHA-256 hashes of their tokens): their connections close with 1008 now,
+   * and so does one still opening.
+   */
+  endSessions(tokenHashes: string[]): void {
+    const now = this.#now();
+    for (const hash of tokenHashes) {
+      const token = this.#hashes.get(hash);
+      if (token !== undefined) {
+        this.endSession(token);
+        continue;
+      }
+      // Bounded: past the cap the oldest go (an upgrade opening for that
+      // long is refused by the handshake deadline anyway).
+      this.#endedHashes.delete(hash);
+      this.#endedHashes.set(hash, now);
+      if (this.#endedHashes.size > MAX_ENDED_HASHES) {
+        for (const old of this.#endedHashes.keys()) {
+          this.#endedHashes.delete(old);
+          break;
+        }
+      }
+    }
+  }
+
+  /**
+   * Whether the auth server's session events are watched: since when
+   * (`performance.now()`), or `Infinity` when not (see `chat/session_watch.ts`).
+   */
+  setWatchedSince(since: number): void {
+    this.#watchedSince = since;
   }
 
   /**
@@ -608,7 +682,7 @@ export class ConnectionManager {
     return user;
   }
 
-  #register(conn: Conn, expiresAt: number): void {
+  #register(conn: Conn, expiresAt: number, askedAt: number): void {
     conn.open = true;
     conn.slot = this.#allocSlot();
     this.#conns.add(conn);
@@ -616,8 +690,15 @@ export class ConnectionManager {
     let entry = this.#tokens.get(conn.token);
     if (entry === undefined) {
       // The token was validated just before the upgrade.
-      entry = { conns: new Set(), expiresAt, checkedAt: this.#now() };
+      entry = {
+        conns: new Set(),
+        expiresAt,
+        checkedAt: this.#now(),
+        askedAt,
+        hash: tokenHash(conn.token),
+      };
       this.#tokens.set(conn.token, entry);
+      this.#hashes.set(entry.hash, conn.token);
     }
     entry.conns.add(conn);
     const lobby = this.#enter(conn, LOBBY);
@@ -653,7 +734,10 @@ export class ConnectionManager {
     conn.user.lastSeen = this.#now();
     const entry = this.#tokens.get(conn.token);
     entry?.conns.delete(conn);
-    if (entry?.conns.size === 0) this.#tokens.delete(conn.token);
+    if (entry?.conns.size === 0) {
+      this.#tokens.delete(conn.token);
+      this.#hashes.delete(entry.hash);
+    }
     if (code === undefined) this.releaseAddress(conn.address);
     else {
       // Closed by us: its places are given back when the socket is gone.
@@ -1425,6 +1509,10 @@ export class ConnectionManager {
       for (const [token, at] of this.#ended) {
         if (now - at > ENDED_MEMORY_MS) this.#ended.delete(token);
       }
+      for (const [hash, at] of this.#endedHashes) {
+        if (now - at <= ENDED_MEMORY_MS) break;
+        this.#endedHashes.delete(hash);
+      }
     }
     // Oldest confirmation first (a confirmed token moves to the end); at most
     // a share of the tokens per tick, enough to catch up within 2/3 of an
@@ -1432,11 +1520,19 @@ export class ConnectionManager {
     const share = this.#rechecking
       ? 0
       : Math.ceil(this.#tokens.size * 1.5 / RECHECK_TICKS);
+    // A session confirmed while the events are watched (and ever since)
+    // would have been told of: it waits the longer interval.
+    const watchedSince = this.#watchedSince;
+    const watched = this.#limits.watchedRecheckIntervalMs;
     const due: string[] = [];
     for (const [token, entry] of this.#tokens) {
       if (entry.expiresAt <= now) {
         this.#endSession(entry, "session expired");
-      } else if (due.length < share && now - entry.checkedAt >= interval) {
+      } else if (
+        due.length < share &&
+        now - entry.checkedAt >=
+          (entry.askedAt >= watchedSince ? watched : interval)
+      ) {
         due.push(token);
       }
     }
@@ -1464,6 +1560,7 @@ export class ConnectionManager {
 
   async #recheckToken(token: string): Promise<void> {
     let check: TokenCheck | undefined;
+    const askedAt = performance.now();
     try {
       check = await this.#validateToken(token, { background: true });
     } catch (err) {
@@ -1485,6 +1582,8 @@ export class ConnectionManager {
     }
     entry.expiresAt = check.expiresAt;
     entry.checkedAt = this.#now();
+    // A check that joined one in flight was asked for when that one was.
+    entry.askedAt = Math.min(askedAt, check.askedAt ?? Infinity);
     this.#tokens.delete(token);
     this.#tokens.set(token, entry);
   }

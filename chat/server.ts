@@ -15,6 +15,7 @@ import {
   DEFAULT_CHAT_LIMITS,
 } from "./connection_manager.ts";
 import { HistoryStore } from "./history.ts";
+import { type SessionWatch, watchSessions } from "./session_watch.ts";
 import { type ResilientServer, serveResilient } from "../serve_resilient.ts";
 
 /** Options of {@linkcode createChatServer}. */
@@ -48,6 +49,11 @@ export interface ChatServerOptions {
   historyFlushMs?: number;
   /** Longest wait for the auth server. Default 2000 ms. */
   authTimeoutMs?: number;
+  /**
+   * Watch the auth server's session events (not in the contract), so that
+   * a session ended there closes its connections at once. Default true.
+   */
+  watchSessions?: boolean;
   /** Seconds without an answer to the runtime's pings before a peer is dropped. Default 30. */
   idleTimeoutSeconds?: number;
   log?: (line: string) => void;
@@ -106,9 +112,11 @@ export async function createChatServer(
     log,
     now: options.now,
   });
+  let watch: SessionWatch | undefined;
   const handler = createChatHandler({
     manager,
     validateToken,
+    watching: () => (watch?.upSince ?? Infinity) < Infinity,
     allowedOrigins: options.allowedOrigins ?? [],
     publicUrl: options.publicUrl,
     idleTimeoutSeconds: options.idleTimeoutSeconds ?? 30,
@@ -138,6 +146,13 @@ export async function createChatServer(
       }`,
     );
   }
+  if (options.watchSessions ?? true) {
+    watch = watchSessions({
+      authUrl: options.authUrl,
+      onEnded: (hashes) => manager.endSessions(hashes),
+      onState: (since) => manager.setWatchedSince(since),
+    });
+  }
   const addr = server.addr;
   const host = addr.hostname.includes(":")
     ? `[${addr.hostname}]`
@@ -164,7 +179,7 @@ export async function createChatServer(
         // rather than accepting while peers answer the close.
         const closing = manager.close();
         const serverDown = server.shutdown();
-        await closing;
+        await Promise.all([closing, watch?.close()]);
         // An upgrade whose client left before it was answered never
         // completes (this runtime neither opens nor closes the socket): the
         // graceful shutdown would wait for it forever, so it gets a grace
@@ -189,6 +204,8 @@ export async function createChatServer(
 interface HandlerOptions {
   manager: ConnectionManager;
   validateToken: (token: string) => Promise<TokenCheck>;
+  /** Whether the auth server's session events are being watched (`/health` says). */
+  watching?: () => boolean;
   allowedOrigins: string[];
   publicUrl?: string;
   idleTimeoutSeconds: number;
@@ -245,7 +262,11 @@ export function createChatHandler(
           allow: "GET, HEAD",
         });
       }
-      const body = JSON.stringify({ status: "ok", connections: manager.size });
+      const body = JSON.stringify({
+        status: "ok",
+        connections: manager.size,
+        session_events: options.watching?.() ? "watched" : "not_watched",
+      });
       return new Response(req.method === "HEAD" ? null : body, {
         headers: {
           "content-type": "application/json",
@@ -359,6 +380,7 @@ export function createChatHandler(
         token,
         expiresAt: check.expiresAt,
         address,
+        askedAt: check.askedAt,
       });
       upgraded = true;
       return response;

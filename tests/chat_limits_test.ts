@@ -292,6 +292,8 @@ Deno.test("an upgrade the client abandons during the token check gives its place
     dataDir,
     authUrl: `http://127.0.0.1:${auth.addr.port}`,
     limits: { maxConnectionsPerUser: 1, handshakeTimeoutMs: 300 },
+    // An auth server of the contract only: no session events to watch.
+    watchSessions: false,
   });
   try {
     const gone = await openRawWebSocket(chat.port, "t1");
@@ -349,6 +351,8 @@ Deno.test("open sessions are re-checked once per distinct token, not per connect
     dataDir,
     authUrl: `http://127.0.0.1:${auth.addr.port}`,
     limits: { recheckIntervalMs: 300 },
+    // An auth server of the contract only: the re-checks are all there is.
+    watchSessions: false,
   });
   const clients: TestClient[] = [];
   try {

@@ -1,0 +1,305 @@
+/**
+ * The auth server's session events (`GET /session_events`, not in the
+ * contract) and the chat server's watch of them: a session ended at the auth
+ * server closes its chat connections at once, even with the re-checks an
+ * hour apart, and what was missed while not watching is caught by the
+ * re-checks.
+ */
+import assert from "node:assert/strict";
+import { createAuthServer } from "../auth/server.ts";
+import { createChatServer } from "../chat/server.ts";
+import { tokenHash } from "../token_hash.ts";
+import {
+  login,
+  retryUntil,
+  type Stack,
+  startStack,
+  TestClient,
+} from "./_harness.ts";
+
+/** Reads a stream of newline-delimited JSON, a line at a time. */
+class EventReader {
+  #reader: ReadableStreamDefaultReader<string>;
+  #pending = "";
+
+  constructor(body: ReadableStream<Uint8Array>) {
+    this.#reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  }
+
+  /** The next line's JSON, or undefined at the end of the stream. */
+  async next(): Promise<Record<string, unknown> | undefined> {
+    for (;;) {
+      const nl = this.#pending.indexOf("\n");
+      if (nl >= 0) {
+        const line = this.#pending.slice(0, nl);
+        this.#pending = this.#pending.slice(nl + 1);
+        return JSON.parse(line);
+      }
+      const { done, value } = await this.#reader.read();
+      if (done) return undefined;
+      this.#pending += value;
+    }
+  }
+
+  async cancel(): Promise<void> {
+    await this.#reader.cancel().catch(() => {});
+  }
+}
+
+async function logout(authUrl: string, token: string): Promise<number> {
+  const res = await fetch(`${authUrl}/logout`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token}` },
+  });
+  await res.body?.cancel();
+  return res.status;
+}
+
+/** The client's close, or a failure after `ms` (a close that never comes). */
+async function closedWithin(
+  client: TestClient,
+  ms: number,
+): Promise<CloseEvent> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      client.closed,
+      new Promise<never>((_, reject) =>
+        timer = setTimeout(
+          () => reject(new Error(`not closed within ${ms} ms`)),
+          ms,
+        )
+      ),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Waits until the chat server's `/health` says it watches the session events. */
+async function watched(stack: Stack): Promise<void> {
+  await retryUntil(async () => {
+    const health = await (await fetch(`${stack.chat.httpUrl}/health`)).json();
+    assert.equal(health.session_events, "watched");
+  }, 5000);
+}
+
+Deno.test("GET /session_events: a hello, then the hash of each session ended by /logout or by the per-user cap; never a token", async () => {
+  const dataDir = await Deno.makeTempDir();
+  const auth = await createAuthServer({
+    port: 0,
+    dataDir,
+    chatUrl: "ws://127.0.0.1:1/ws",
+    limits: { maxSessionsPerUser: 2, registrationBurst: 100 },
+  });
+  try {
+    const res = await fetch(`${auth.url}/session_events`);
+    assert.equal(res.status, 200);
+    assert.equal(res.headers.get("content-type"), "application/x-ndjson");
+    const events = new EventReader(res.body!);
+    assert.deepEqual(await events.next(), {
+      type: "hello",
+      heartbeat_ms: 15_000,
+    });
+    const first = await login(auth.url, "alice");
+    const second = await login(auth.url, "alice");
+    assert.equal(await logout(auth.url, second), 204);
+    const ended = await events.next();
+    assert.deepEqual(ended, { type: "ended", sessions: [tokenHash(second)] });
+    assert.ok(!JSON.stringify(ended).includes(second));
+    // Past the cap of 2 live sessions, the oldest ends: told too.
+    await login(auth.url, "alice");
+    await login(auth.url, "alice");
+    assert.deepEqual(await events.next(), {
+      type: "ended",
+      sessions: [tokenHash(first)],
+    });
+    // A logout that ends nothing tells nothing: the next line is the next end.
+    assert.equal(await logout(auth.url, second), 401);
+    const third = await login(auth.url, "bob");
+    assert.equal(await logout(auth.url, third), 204);
+    assert.deepEqual(await events.next(), {
+      type: "ended",
+      sessions: [tokenHash(third)],
+    });
+    await events.cancel();
+  } finally {
+    await auth.shutdown();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("GET /session_events: 405 to other methods, 503 busy past 16 streams, and a shutdown ends the streams rather than waiting for them", async () => {
+  const dataDir = await Deno.makeTempDir();
+  const auth = await createAuthServer({
+    port: 0,
+    dataDir,
+    chatUrl: "ws://127.0.0.1:1/ws",
+  });
+  const readers: EventReader[] = [];
+  try {
+    const post = await fetch(`${auth.url}/session_events`, { method: "POST" });
+    assert.equal(post.status, 405);
+    assert.equal(post.headers.get("allow"), "GET");
+    assert.equal((await post.json()).error, "method_not_allowed");
+    for (let i = 0; i < 16; i++) {
+      const res = await fetch(`${auth.url}/session_events`);
+      assert.equal(res.status, 200);
+      readers.push(new EventReader(res.body!));
+      assert.equal((await readers[i]!.next())?.type, "hello");
+    }
+    const refused = await fetch(`${auth.url}/session_events`);
+    assert.equal(refused.status, 503);
+    assert.equal(refused.headers.get("retry-after"), "5");
+    assert.equal((await refused.json()).error, "busy");
+    // One gone makes room for another.
+    await readers.pop()!.cancel();
+    const again = await retryUntil(async () => {
+      const res = await fetch(`${auth.url}/session_events`);
+      if (res.status !== 200) await res.body?.cancel();
+      assert.equal(res.status, 200);
+      return res;
+    }, 5000);
+    readers.push(new EventReader(again.body!));
+    // The streams end with the shutdown; it does not wait out its grace
+    // period (5 s) for them.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const stopped = await Promise.race([
+      auth.shutdown().then(() => "stopped"),
+      new Promise((resolve) => timer = setTimeout(resolve, 4000, "waited")),
+    ]);
+    clearTimeout(timer);
+    assert.equal(stopped, "stopped");
+    for (const reader of readers.slice(0, 3)) {
+      for (
+        let e = await reader.next();
+        e !== undefined;
+        e = await reader.next()
+      ) {
+        assert.notEqual(e.type, "ended");
+      }
+    }
+  } finally {
+    for (const reader of readers) await reader.cancel();
+    await auth.shutdown();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("a session ended at the auth server closes its chat connections at once, with re-checks an hour apart", async () => {
+  const stack = await startStack({
+    chatLimits: { recheckIntervalMs: 3_600_000 },
+  });
+  try {
+    await watched(stack);
+    const token = await login(stack.auth.url, "alice");
+    const other = await login(stack.auth.url, "alice");
+    const alice = await TestClient.connect(stack.chat.url, token);
+    const stays = await TestClient.connect(stack.chat.url, other);
+    assert.equal(await logout(stack.auth.url, token), 204);
+    const event = await closedWithin(alice, 5000);
+    assert.equal(event.code, 1008);
+    assert.equal(event.reason, "session ended");
+    // The user's other session is untouched.
+    await stays.sync();
+    await stays.close();
+  } finally {
+    await stack.close();
+  }
+});
+
+Deno.test("a session that ended while the chat server was not watching is caught by the re-checks once it watches again", async () => {
+  // Re-checks every 3 s for what was not confirmed under the current watch
+  // (longer than the watch is down here, about a second: the re-check that
+  // finds it comes under the new watch); an hour for what was.
+  const stack = await startStack({
+    chatLimits: {
+      recheckIntervalMs: 3000,
+      watchedRecheckIntervalMs: 3_600_000,
+    },
+  });
+  let auth = stack.auth;
+  try {
+    await watched(stack);
+    const token = await login(stack.auth.url, "alice");
+    const other = await login(stack.auth.url, "alice");
+    const alice = await TestClient.connect(stack.chat.url, token);
+    const stays = await TestClient.connect(stack.chat.url, other);
+    // The session vanishes while the auth server is down (its file edited):
+    // no event will ever tell of it.
+    const port = stack.auth.port;
+    await stack.auth.shutdown();
+    const path = `${stack.dataDir}/sessions.json`;
+    const file = JSON.parse(await Deno.readTextFile(path));
+    assert.ok(delete file.sessions[tokenHash(token)]);
+    await Deno.writeTextFile(path, JSON.stringify(file), { mode: 0o600 });
+    auth = await createAuthServer({
+      port,
+      dataDir: stack.dataDir,
+      chatUrl: stack.chat.url,
+      rateLimits: false,
+    });
+    await watched(stack);
+    // Confirmed before this watch began: re-checked, found ended, closed.
+    const event = await closedWithin(alice, 8000);
+    assert.equal(event.code, 1008);
+    assert.equal(event.reason, "session ended");
+    await stays.sync();
+    await stays.close();
+  } finally {
+    await stack.chat.shutdown();
+    await auth.shutdown();
+    await stack.close();
+  }
+});
+
+Deno.test("an auth server without session events (404, or a stream that is not one) is not watched: the re-checks go on", async (t) => {
+  for (
+    const [name, answer] of [
+      ["404", () => Response.json({ error: "not_found" }, { status: 404 })],
+      ["a stream without the hello", () => new Response("not a hello\n")],
+    ] as const
+  ) {
+    await t.step(name, async () => {
+      const dataDir = await Deno.makeTempDir();
+      let checks = 0;
+      let streams = 0;
+      const auth = Deno.serve(
+        { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+        async (req) => {
+          if (new URL(req.url).pathname === "/session_events") {
+            streams++;
+            return answer();
+          }
+          await req.body?.cancel();
+          checks++;
+          return Response.json({
+            valid: true,
+            username: "alice",
+            expires_at: new Date(Date.now() + 3_600_000).toISOString(),
+          });
+        },
+      );
+      const chat = await createChatServer({
+        port: 0,
+        dataDir,
+        authUrl: `http://127.0.0.1:${auth.addr.port}`,
+        limits: { recheckIntervalMs: 200 },
+      });
+      try {
+        const alice = await TestClient.connect(chat.url, "t1");
+        await retryUntil(() => Promise.resolve(assert.ok(streams >= 1)), 5000);
+        const health = await (await fetch(`${chat.httpUrl}/health`)).json();
+        assert.equal(health.session_events, "not_watched");
+        // The upgrade's check, then re-checks.
+        await retryUntil(() => Promise.resolve(assert.ok(checks >= 3)), 5000);
+        await alice.sync();
+        await alice.close();
+      } finally {
+        await chat.shutdown();
+        await auth.shutdown();
+        await Deno.remove(dataDir, { recursive: true });
+      }
+    });
+  }
+});
