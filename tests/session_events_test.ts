@@ -303,3 +303,31 @@ Deno.test("an auth server without session events (404, or a stream that is not o
     });
   }
 });
+
+Deno.test("a session events stream whose reader does not read is cut off once more than its bound waits, and the others go on", async () => {
+  const { SessionEvents } = await import("../auth/session_events.ts");
+  const events = new SessionEvents({ maxBufferedBytes: 4096 });
+  try {
+    const stalled = events.open()!;
+    const reading = new EventReader(events.open()!.body!);
+    assert.equal((await reading.next())?.type, "hello");
+    assert.equal(events.size, 2);
+    const hash = tokenHash("t");
+    // About 80 bytes a line: past 4 KiB after some 50 of them.
+    for (let i = 0; i < 60; i++) {
+      events.ended([hash]);
+      assert.deepEqual(await reading.next(), {
+        type: "ended",
+        sessions: [hash],
+      });
+    }
+    assert.equal(events.size, 1);
+    await assert.rejects(stalled.body!.getReader().read());
+    events.ended([hash]);
+    assert.deepEqual(await reading.next(), { type: "ended", sessions: [hash] });
+    await reading.cancel();
+    assert.equal(events.size, 0);
+  } finally {
+    events.close();
+  }
+});
