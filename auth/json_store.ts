@@ -77,9 +77,11 @@ export class AuthStore {
   /** Sessions writes asked for so far (see {@linkcode #commitSessions}). */
   #sessionsSeq = 0;
   /**
-   * Told the token hashes of sessions that ended before their time (a
-   * removal, the oldest of a user's sessions past the cap), once that is
-   * on disk. Expiry is not told: whoever holds a session knows its end.
+   * Told the token hashes of sessions that ended before their time: a
+   * removal as soon as it stops validating (a failed write does not bring
+   * it back), the oldest of a user's sessions past the cap once that is on
+   * disk (a failed write does). Expiry is not told: whoever holds a session
+   * knows its end.
    */
   onSessionsEnded: ((tokenHashes: string[]) => void) | undefined;
   #closed: Promise<void> | undefined;
@@ -285,8 +287,8 @@ export class AuthStore {
       session,
       seq: this.#sessionsSeq + 1,
     });
-    await this.#commitSessions();
     this.onSessionsEnded?.([tokenHash]);
+    await this.#commitSessions();
     return session;
   }
 

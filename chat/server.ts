@@ -151,6 +151,7 @@ export async function createChatServer(
       authUrl: options.authUrl,
       onEnded: (hashes) => manager.endSessions(hashes),
       onState: (since) => manager.setWatchedSince(since),
+      log,
     });
   }
   const addr = server.addr;

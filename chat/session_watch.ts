@@ -26,6 +26,8 @@ export interface SessionWatchOptions {
    * its hello arrived, and when it goes down, with `Infinity`.
    */
   onState: (upSince: number) => void;
+  /** Told a line when the watch comes up, goes down, or cannot start. */
+  log?: (line: string) => void;
 }
 
 /** A running watch; {@linkcode SessionWatch.close} stops it. */
@@ -43,7 +45,9 @@ const MAX_RETRY_MS = 30_000;
 /** Longest line taken: an "ended" line of a whole per-user cap is a few KiB. */
 const MAX_LINE_CHARS = 1024 * 1024;
 /** Silence, in heartbeats, after which the stream counts as dead. */
-const MISSED_HEARTBEATS = 3;
+const MISSED_HEARTBEATS = 2;
+/** Longest wait for the answer and its hello. */
+const HELLO_TIMEOUT_MS = 15_000;
 
 const HASH_RE = /^[0-9a-f]{64}$/;
 
@@ -54,6 +58,13 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
   let controller = new AbortController();
   let wake: (() => void) | undefined;
 
+  const log = options.log ?? (() => {});
+  // What was last logged: a line per change, not one per attempt.
+  let told = "";
+  const tell = (state: string, line: string) => {
+    if (state !== told) log(line);
+    told = state;
+  };
   const setState = (since: number) => {
     if (since === upSince) return;
     upSince = since;
@@ -71,31 +82,47 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
       wake = done;
     });
 
-  /** One stream, until it ends: "unsupported", or whether it came up. */
+  /** Whether the current attempt got its hello. */
+  let cameUp = false;
+
+  /** One stream, until it ends: "unsupported", whether it came up, or why not. */
   const watchOnce = async (
     signal: AbortSignal,
-  ): Promise<"unsupported" | boolean> => {
+  ): Promise<"unsupported" | boolean | string> => {
     const base = typeof options.authUrl === "function"
       ? options.authUrl()
       : options.authUrl;
-    const res = await fetch(new URL("/session_events", base), { signal });
+    // Until the hello: an auth server that accepts and says nothing (or a
+    // connection that died on the way) is given up on, and asked again.
+    let watchdog: ReturnType<typeof setTimeout> | undefined = setTimeout(
+      () => controller.abort(),
+      HELLO_TIMEOUT_MS,
+    );
+    let res: Response;
+    try {
+      res = await fetch(new URL("/session_events", base), { signal });
+    } catch (err) {
+      clearTimeout(watchdog);
+      throw err;
+    }
     if (res.status === 404 || res.status === 405) {
+      clearTimeout(watchdog);
       await res.body?.cancel().catch(() => {});
       return "unsupported";
     }
     if (res.status !== 200 || res.body === null) {
+      clearTimeout(watchdog);
       await res.body?.cancel().catch(() => {});
-      return false;
+      return `answered ${res.status}`;
     }
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-    let watchdog: ReturnType<typeof setTimeout> | undefined;
     let heartbeatMs = 0;
     let pending = "";
     let hello = false;
     try {
       for (;;) {
         const { done, value } = await reader.read();
-        if (done) return hello;
+        if (done) return hello || "ended before its hello";
         if (heartbeatMs > 0) {
           clearTimeout(watchdog);
           watchdog = setTimeout(
@@ -116,6 +143,8 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
             // Not our stream: treated as a server without one.
             if (event?.type !== "hello") return "unsupported";
             hello = true;
+            cameUp = true;
+            clearTimeout(watchdog);
             const beat = Number(event.heartbeat_ms);
             heartbeatMs = Number.isFinite(beat)
               ? Math.min(300_000, Math.max(1000, beat))
@@ -125,6 +154,7 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
               heartbeatMs * MISSED_HEARTBEATS,
             );
             setState(performance.now());
+            tell("up", "chat: watching the auth server's session events");
           } else if (event?.type === "ended" && Array.isArray(event.sessions)) {
             const hashes = event.sessions.filter((h): h is string =>
               typeof h === "string" && HASH_RE.test(h)
@@ -132,10 +162,12 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
             if (hashes.length > 0) options.onEnded(hashes);
           }
         }
-        if (pending.length > MAX_LINE_CHARS) return hello;
+        if (pending.length > MAX_LINE_CHARS) return hello || "a line too long";
       }
     } finally {
       clearTimeout(watchdog);
+      // Down from now, not once the request is gone.
+      setState(Infinity);
       await reader.cancel().catch(() => {});
     }
   };
@@ -144,17 +176,39 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
     let retryMs = FIRST_RETRY_MS;
     while (!closed) {
       controller = new AbortController();
-      let outcome: "unsupported" | boolean = false;
+      cameUp = false;
+      let outcome: "unsupported" | boolean | string = false;
       try {
         outcome = await watchOnce(controller.signal);
-      } catch {
+      } catch (err) {
         // Unreachable, reset, aborted (silent too long, or closing).
+        outcome = err instanceof Error ? err.message : String(err);
       }
       setState(Infinity);
       if (closed) break;
-      if (outcome === true) retryMs = FIRST_RETRY_MS;
+      if (outcome === "unsupported") {
+        tell(
+          "unsupported",
+          "chat: the auth server has no session events: sessions are re-checked every interval",
+        );
+      } else if (cameUp) {
+        tell(
+          "down",
+          `chat: the auth server's session events stopped${
+            outcome === true ? "" : ` (${String(outcome).slice(0, 200)})`
+          }: sessions are re-checked every interval until they are back`,
+        );
+      } else {
+        tell(
+          "down",
+          `chat: cannot watch the auth server's session events (${
+            String(outcome).slice(0, 200)
+          }): sessions are re-checked every interval until it can`,
+        );
+      }
+      if (cameUp) retryMs = FIRST_RETRY_MS;
       await sleep(outcome === "unsupported" ? UNSUPPORTED_RETRY_MS : retryMs);
-      if (outcome !== true) retryMs = Math.min(MAX_RETRY_MS, retryMs * 2);
+      if (!cameUp) retryMs = Math.min(MAX_RETRY_MS, retryMs * 2);
     }
   };
   const running = loop();

@@ -209,12 +209,12 @@ Deno.test("a session ended at the auth server closes its chat connections at onc
 });
 
 Deno.test("a session that ended while the chat server was not watching is caught by the re-checks once it watches again", async () => {
-  // Re-checks every 3 s for what was not confirmed under the current watch
+  // Re-checks every 2 s for what was not confirmed under the current watch
   // (longer than the watch is down here, about a second: the re-check that
   // finds it comes under the new watch); an hour for what was.
   const stack = await startStack({
     chatLimits: {
-      recheckIntervalMs: 3000,
+      recheckIntervalMs: 2000,
       watchedRecheckIntervalMs: 3_600_000,
     },
   });
@@ -329,5 +329,194 @@ Deno.test("a session events stream whose reader does not read is cut off once mo
     assert.equal(events.size, 0);
   } finally {
     events.close();
+  }
+});
+
+Deno.test("a logout whose write fails (500) still closes that session's chat connections at once: it stops validating at once", async () => {
+  const stack = await startStack({
+    chatLimits: {
+      recheckIntervalMs: 3_600_000,
+      watchedRecheckIntervalMs: 3_600_000,
+    },
+  });
+  const path = `${stack.dataDir}/sessions.json`;
+  try {
+    await watched(stack);
+    const token = await login(stack.auth.url, "alice");
+    const alice = await TestClient.connect(stack.chat.url, token);
+    // The sessions file cannot be replaced: a non-empty directory in its place.
+    await Deno.remove(path);
+    await Deno.mkdir(`${path}/x`, { recursive: true });
+    assert.equal(await logout(stack.auth.url, token), 500);
+    const event = await closedWithin(alice, 5000);
+    assert.equal(event.code, 1008);
+  } finally {
+    await Deno.remove(path, { recursive: true }).catch(() => {});
+    await stack.close();
+  }
+});
+
+/**
+ * An auth server whose session events the test writes, and whose token
+ * checks it counts (and may hold back, per token).
+ */
+function scriptedAuth() {
+  const checks = new Map<string, number>();
+  const held = new Map<string, Promise<void>>();
+  const arrived = new Map<string, () => void>();
+  const streams: ReadableStreamDefaultController<Uint8Array>[] = [];
+  let streamOpened = () => {};
+  const firstStream = new Promise<void>((resolve) => streamOpened = resolve);
+  const answer = (token: string) =>
+    token.startsWith("ended") ? { valid: false } : {
+      valid: true,
+      username: token.replace(/[^a-z]/g, "") || "user",
+      expires_at: new Date(Date.now() + 3_600_000).toISOString(),
+    };
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    async (req) => {
+      const path = new URL(req.url).pathname;
+      if (path === "/session_events") {
+        const body = new ReadableStream<Uint8Array>({
+          start: (c) => void streams.push(c),
+        });
+        streamOpened();
+        return new Response(body);
+      }
+      let tokens: string[];
+      if (path === "/validate_tokens") {
+        tokens = (await req.json()).tokens;
+      } else {
+        await req.body?.cancel();
+        tokens = [req.headers.get("authorization")!.slice("Bearer ".length)];
+      }
+      for (const token of tokens) {
+        checks.set(token, (checks.get(token) ?? 0) + 1);
+        arrived.get(token)?.();
+        await held.get(token);
+      }
+      if (path === "/validate_tokens") {
+        return Response.json({ results: tokens.map(answer) });
+      }
+      const result = answer(tokens[0]!);
+      return Response.json(result, { status: result.valid ? 200 : 401 });
+    },
+  );
+  const write = (event: unknown) =>
+    streams.at(-1)!.enqueue(
+      new TextEncoder().encode(`${JSON.stringify(event)}\n`),
+    );
+  return {
+    url: `http://127.0.0.1:${server.addr.port}`,
+    checks: (token: string) => checks.get(token) ?? 0,
+    firstStream,
+    hello: () => write({ type: "hello", heartbeat_ms: 15_000 }),
+    ended: (tokens: string[]) =>
+      write({ type: "ended", sessions: tokens.map(tokenHash) }),
+    endStream: () => streams.at(-1)!.close(),
+    /** Holds the checks of `token` until the returned function is called; `reached` resolves when one arrives. */
+    hold(token: string) {
+      let release = () => {};
+      held.set(token, new Promise<void>((resolve) => release = resolve));
+      const reached = new Promise<void>((resolve) =>
+        arrived.set(token, resolve)
+      );
+      return { reached, release };
+    },
+    async close() {
+      for (const c of streams) {
+        try {
+          c.close();
+        } catch {
+          // Closed already.
+        }
+      }
+      await server.shutdown();
+    },
+  };
+}
+
+Deno.test("a token confirmed under the watch waits the long interval; one confirmed before it, or once the stream ended, the short one", async () => {
+  const auth = scriptedAuth();
+  const dataDir = await Deno.makeTempDir();
+  const chat = await createChatServer({
+    port: 0,
+    dataDir,
+    authUrl: auth.url,
+    rateLimits: false,
+    limits: { recheckIntervalMs: 200, watchedRecheckIntervalMs: 3_600_000 },
+  });
+  const clients: TestClient[] = [];
+  try {
+    // Confirmed while the stream is open but has not said hello: not watched.
+    await auth.firstStream;
+    clients.push(await TestClient.connect(chat.url, "old"));
+    auth.hello();
+    await retryUntil(async () => {
+      const health = await (await fetch(`${chat.httpUrl}/health`)).json();
+      assert.equal(health.session_events, "watched");
+    }, 5000);
+    clients.push(await TestClient.connect(chat.url, "new"));
+    // "old" is asked again after the short interval, and that confirmation
+    // is under the watch: from then on neither is asked (an absence, so a
+    // wait of three short intervals shows it).
+    await retryUntil(
+      () => Promise.resolve(assert.ok(auth.checks("old") >= 2)),
+      5000,
+    );
+    await new Promise((resolve) => setTimeout(resolve, 600));
+    assert.equal(auth.checks("old"), 2);
+    assert.equal(auth.checks("new"), 1);
+    // The stream ends: an end may now go untold, so "new" is asked again.
+    auth.endStream();
+    await retryUntil(
+      () => Promise.resolve(assert.ok(auth.checks("new") >= 2)),
+      5000,
+    );
+  } finally {
+    for (const client of clients) await client.close();
+    await chat.shutdown();
+    await auth.close();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("an upgrade whose check came just before its session's end was told opens, and is closed with 1008 before any frame", async () => {
+  const auth = scriptedAuth();
+  const dataDir = await Deno.makeTempDir();
+  const chat = await createChatServer({
+    port: 0,
+    dataDir,
+    authUrl: auth.url,
+    rateLimits: false,
+    limits: {
+      recheckIntervalMs: 3_600_000,
+      watchedRecheckIntervalMs: 3_600_000,
+    },
+  });
+  try {
+    await auth.firstStream;
+    auth.hello();
+    await retryUntil(async () => {
+      const health = await (await fetch(`${chat.httpUrl}/health`)).json();
+      assert.equal(health.session_events, "watched");
+    }, 5000);
+    const victim = await TestClient.connect(chat.url, "victim");
+    const slow = auth.hold("slow");
+    const late = new TestClient(chat.url, "slow");
+    await slow.reached;
+    // Both ends in one line: once the victim is closed, the line was read.
+    auth.ended(["victim", "slow"]);
+    assert.equal((await closedWithin(victim, 5000)).code, 1008);
+    slow.release();
+    const event = await closedWithin(late, 5000);
+    assert.equal(event.code, 1008);
+    assert.equal(event.reason, "session ended");
+    assert.equal(late.frames.length, 0);
+  } finally {
+    await chat.shutdown();
+    await auth.close();
+    await Deno.remove(dataDir, { recursive: true });
   }
 });
