@@ -59,6 +59,8 @@ try {
     publicUrl: config.chatPublicUrl,
     rateLimits: config.rateLimits,
     log,
+    // The auth server below tells it of sessions that end early.
+    sessionEvents: "in_process",
   });
   const chatUrl = config.chatPublicUrl ??
     defaultChatUrl(chat.hostname, chat.port);
@@ -72,7 +74,7 @@ try {
       rateLimits: config.rateLimits,
       log,
       // One process: a logout closes that session's chat connections at once.
-      onLogout: (token) => chat?.endSession(token),
+      onSessionsEnded: (hashes) => chat?.endSessions(hashes),
     });
   } catch (err) {
     await chat.shutdown();

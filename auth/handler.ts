@@ -50,11 +50,6 @@ export interface AuthHandlerOptions {
   /** Receives one line per auth event. Default: no logging. */
   log?: (line: string) => void;
   /**
-   * Told the token of every session ended by `/logout`, once it is gone from
-   * the store (a chat server in the same process closes its connections).
-   */
-  onLogout?: (token: string) => void;
-  /**
    * The streams of `GET /session_events` (not in the contract, see
    * `session_events.ts`); without it that path is 404.
    */
@@ -424,7 +419,6 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
       throw invalidToken(false);
     }
     event("logout", "ok", session.username, address);
-    options.onLogout?.(token);
     return new Response(null, { status: 204 });
   }
 

@@ -48,8 +48,12 @@ export interface AuthServerOptions {
   limits?: Partial<AuthLimits>;
   /** Receives one line per auth event. Default: no logging. */
   log?: (line: string) => void;
-  /** Told the token of every session ended by `/logout`. */
-  onLogout?: (token: string) => void;
+  /**
+   * Told the token hashes of sessions that end early (`/logout`, the
+   * per-user cap), as `GET /session_events` tells them: for a chat server in
+   * the same process.
+   */
+  onSessionsEnded?: (tokenHashes: string[]) => void;
   /** Clock in ms, for tests. Default `Date.now`. */
   now?: () => number;
 }
@@ -84,7 +88,10 @@ export async function createAuthServer(
   const store = await AuthStore.open(dataDir, { now });
   // Chat servers that watch are told of sessions ended early at once.
   const events = new SessionEvents();
-  store.onSessionsEnded = (hashes) => events.ended(hashes);
+  store.onSessionsEnded = (hashes) => {
+    events.ended(hashes);
+    options.onSessionsEnded?.(hashes);
+  };
   const handler = createAuthHandler({ ...options, store, events });
   let httpServer: ResilientServer;
   try {

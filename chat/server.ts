@@ -50,10 +50,13 @@ export interface ChatServerOptions {
   /** Longest wait for the auth server. Default 2000 ms. */
   authTimeoutMs?: number;
   /**
-   * Watch the auth server's session events (not in the contract), so that
-   * a session ended there closes its connections at once. Default true.
+   * How sessions that end early at the auth server are told, so that their
+   * connections close at once: `"watch"` its `GET /session_events` (not in
+   * the contract; the default), `"in_process"` (an auth server in this
+   * process calls {@linkcode ChatServer.endSessions}), or `"none"` (the
+   * re-checks alone, for an auth server of the contract only).
    */
-  watchSessions?: boolean;
+  sessionEvents?: "watch" | "in_process" | "none";
   /** Seconds without an answer to the runtime's pings before a peer is dropped. Default 30. */
   idleTimeoutSeconds?: number;
   log?: (line: string) => void;
@@ -73,10 +76,11 @@ export interface ChatServer {
   /** Number of open WebSocket connections. */
   readonly connections: number;
   /**
-   * Closes the connections of a session that ended (for an auth server in
-   * the same process to call on `/logout`) with 1008.
+   * Closes the connections of sessions that ended (token hashes, as the
+   * auth server's session events name them) with 1008: for an auth server
+   * in the same process (`sessionEvents: "in_process"`).
    */
-  endSession(token: string): void;
+  endSessions(tokenHashes: string[]): void;
   /** Closes every WebSocket with 1001, stops listening, flushes history. Idempotent. */
   shutdown(): Promise<void>;
 }
@@ -116,7 +120,9 @@ export async function createChatServer(
   const handler = createChatHandler({
     manager,
     validateToken,
-    watching: () => (watch?.upSince ?? Infinity) < Infinity,
+    watching: () =>
+      options.sessionEvents === "in_process" ||
+      (watch?.upSince ?? Infinity) < Infinity,
     allowedOrigins: options.allowedOrigins ?? [],
     publicUrl: options.publicUrl,
     idleTimeoutSeconds: options.idleTimeoutSeconds ?? 30,
@@ -146,7 +152,11 @@ export async function createChatServer(
       }`,
     );
   }
-  if (options.watchSessions ?? true) {
+  // Told in process, nothing can go untold: every confirmation is covered.
+  if (options.sessionEvents === "in_process") {
+    manager.setWatchedSince(-Infinity);
+  }
+  if ((options.sessionEvents ?? "watch") === "watch") {
     watch = watchSessions({
       authUrl: options.authUrl,
       onEnded: (hashes) => manager.endSessions(hashes),
@@ -170,8 +180,8 @@ export async function createChatServer(
     get connections() {
       return manager.size;
     },
-    endSession(token) {
-      manager.endSession(token);
+    endSessions(tokenHashes) {
+      manager.endSessions(tokenHashes);
     },
     shutdown() {
       stopping ??= (async () => {

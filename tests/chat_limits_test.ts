@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { tokenHash } from "../token_hash.ts";
 import {
   clientWireFrame,
   connectAs,
@@ -293,7 +294,7 @@ Deno.test("an upgrade the client abandons during the token check gives its place
     authUrl: `http://127.0.0.1:${auth.addr.port}`,
     limits: { maxConnectionsPerUser: 1, handshakeTimeoutMs: 300 },
     // An auth server of the contract only: no session events to watch.
-    watchSessions: false,
+    sessionEvents: "none",
   });
   try {
     const gone = await openRawWebSocket(chat.port, "t1");
@@ -352,7 +353,7 @@ Deno.test("open sessions are re-checked once per distinct token, not per connect
     authUrl: `http://127.0.0.1:${auth.addr.port}`,
     limits: { recheckIntervalMs: 300 },
     // An auth server of the contract only: the re-checks are all there is.
-    watchSessions: false,
+    sessionEvents: "none",
   });
   const clients: TestClient[] = [];
   try {
@@ -453,7 +454,7 @@ Deno.test("a connection whose session is revoked or expires is closed with 1008"
     }
   });
   await t.step(
-    "ended in this process (endSession): at once, an upgrade still opening too",
+    "ended in this process (endSessions): at once, an upgrade still opening too",
     async () => {
       // No re-check would come in time: a tick a second, every 30 s.
       const stack = await startStack({
@@ -464,7 +465,7 @@ Deno.test("a connection whose session is revoked or expires is closed with 1008"
         const other = await login(stack.auth.url, "alice");
         const alice = await TestClient.connect(stack.chat.url, token);
         const stays = await TestClient.connect(stack.chat.url, other);
-        stack.chat.endSession(token);
+        stack.chat.endSessions([tokenHash(token)]);
         const event = await alice.closed;
         assert.equal(event.code, 1008);
         assert.equal(event.reason, "session ended");

@@ -92,8 +92,51 @@ Deno.test("deno task start runs both servers on port 0, hands out the real chat 
     await Promise.all([stdout.done, stderr.done]);
     assert.doesNotMatch(stderr.lines.join("\n"), /Uncaught|^\s+at /m);
     assert.match(stderr.lines.join("\n"), /start: ignoring --auth-url/);
+    // One process: the auth server tells the chat server directly, nothing
+    // to watch over HTTP (nor to complain about while the auth server starts).
+    assert.doesNotMatch(stderr.lines.join("\n"), /session events/);
   } finally {
     await stopChild(child);
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("deno task auth and deno task chat as two processes: a /logout closes that session's chat connections at once (the session events)", async () => {
+  const dataDir = await Deno.makeTempDir();
+  const auth = startProcess(["task", "auth", "--port", "0"], dataDir);
+  let chat: ReturnType<typeof startProcess> | undefined;
+  try {
+    const authUrl = (await auth.stdout.waitFor(/^auth: listening on /))
+      .split(" ").pop()!;
+    chat = startProcess(
+      ["task", "chat", "--port", "0", "--auth-url", authUrl],
+      dataDir,
+    );
+    const chatUrl = `ws://127.0.0.1:${
+      (await chat.stdout.waitFor(/^chat: listening on /)).split(":").pop()
+    }/ws`;
+    await chat.stderr.waitFor(
+      /^chat: watching the auth server's session events$/,
+    );
+    const token = await login(authUrl, "alice");
+    const alice = await TestClient.connect(chatUrl, token);
+    const loggedOutAt = Date.now();
+    const logout = await fetch(`${authUrl}/logout`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${token}` },
+    });
+    assert.equal(logout.status, 204);
+    const closed = await alice.closed;
+    assert.equal(closed.code, 1008);
+    // At once, not at a re-check (every 10 minutes for this session).
+    assert.ok(Date.now() - loggedOutAt < 5_000);
+  } finally {
+    if (chat !== undefined) {
+      await stopChild(chat.child);
+      await Promise.all([chat.stdout.done, chat.stderr.done]);
+    }
+    await stopChild(auth.child);
+    await Promise.all([auth.stdout.done, auth.stderr.done]);
     await Deno.remove(dataDir, { recursive: true });
   }
 });
