@@ -7,15 +7,10 @@
  */
 import assert from "node:assert/strict";
 import { createAuthServer } from "../auth/server.ts";
+import type { ChatLimits } from "../chat/connection_manager.ts";
 import { createChatServer } from "../chat/server.ts";
 import { tokenHash } from "../token_hash.ts";
-import {
-  login,
-  retryUntil,
-  type Stack,
-  startStack,
-  TestClient,
-} from "./_harness.ts";
+import { login, retryUntil, startStack, TestClient } from "./_harness.ts";
 
 /** Reads a stream of newline-delimited JSON, a line at a time. */
 class EventReader {
@@ -77,9 +72,9 @@ async function closedWithin(
 }
 
 /** Waits until the chat server's `/health` says it watches the session events. */
-async function watched(stack: Stack): Promise<void> {
+async function watched(chat: { httpUrl: string }): Promise<void> {
   await retryUntil(async () => {
-    const health = await (await fetch(`${stack.chat.httpUrl}/health`)).json();
+    const health = await (await fetch(`${chat.httpUrl}/health`)).json();
     assert.equal(health.session_events, "watched");
   }, 5000);
 }
@@ -191,7 +186,7 @@ Deno.test("a session ended at the auth server closes its chat connections at onc
     chatLimits: { recheckIntervalMs: 3_600_000 },
   });
   try {
-    await watched(stack);
+    await watched(stack.chat);
     const token = await login(stack.auth.url, "alice");
     const other = await login(stack.auth.url, "alice");
     const alice = await TestClient.connect(stack.chat.url, token);
@@ -220,7 +215,7 @@ Deno.test("a session that ended while the chat server was not watching is caught
   });
   let auth = stack.auth;
   try {
-    await watched(stack);
+    await watched(stack.chat);
     const token = await login(stack.auth.url, "alice");
     const other = await login(stack.auth.url, "alice");
     const alice = await TestClient.connect(stack.chat.url, token);
@@ -239,7 +234,7 @@ Deno.test("a session that ended while the chat server was not watching is caught
       chatUrl: stack.chat.url,
       rateLimits: false,
     });
-    await watched(stack);
+    await watched(stack.chat);
     // Confirmed before this watch began: re-checked, found ended, closed.
     const event = await closedWithin(alice, 8000);
     assert.equal(event.code, 1008);
@@ -341,7 +336,7 @@ Deno.test("a logout whose write fails (500) still closes that session's chat con
   });
   const path = `${stack.dataDir}/sessions.json`;
   try {
-    await watched(stack);
+    await watched(stack.chat);
     const token = await login(stack.auth.url, "alice");
     const alice = await TestClient.connect(stack.chat.url, token);
     // The sessions file cannot be replaced: a non-empty directory in its place.
@@ -437,26 +432,39 @@ function scriptedAuth() {
   };
 }
 
-Deno.test("a token confirmed under the watch waits the long interval; one confirmed before it, or once the stream ended, the short one", async () => {
-  const auth = scriptedAuth();
+/** A chat server (limits off) on a fresh data directory, its auth server `authUrl`. */
+async function chatOn(authUrl: string, limits: Partial<ChatLimits>) {
   const dataDir = await Deno.makeTempDir();
   const chat = await createChatServer({
     port: 0,
     dataDir,
-    authUrl: auth.url,
+    authUrl,
     rateLimits: false,
-    limits: { recheckIntervalMs: 200, watchedRecheckIntervalMs: 3_600_000 },
+    limits,
   });
+  return {
+    chat,
+    async close() {
+      await chat.shutdown();
+      await Deno.remove(dataDir, { recursive: true });
+    },
+  };
+}
+
+Deno.test("a token confirmed under the watch waits the long interval; one confirmed before it, or once the stream ended, the short one", async () => {
+  const auth = scriptedAuth();
+  const server = await chatOn(auth.url, {
+    recheckIntervalMs: 200,
+    watchedRecheckIntervalMs: 3_600_000,
+  });
+  const { chat } = server;
   const clients: TestClient[] = [];
   try {
     // Confirmed while the stream is open but has not said hello: not watched.
     await auth.firstStream;
     clients.push(await TestClient.connect(chat.url, "old"));
     auth.hello();
-    await retryUntil(async () => {
-      const health = await (await fetch(`${chat.httpUrl}/health`)).json();
-      assert.equal(health.session_events, "watched");
-    }, 5000);
+    await watched(chat);
     clients.push(await TestClient.connect(chat.url, "new"));
     // "old" is asked again after the short interval, and that confirmation
     // is under the watch: from then on neither is asked (an absence, so a
@@ -476,32 +484,22 @@ Deno.test("a token confirmed under the watch waits the long interval; one confir
     );
   } finally {
     for (const client of clients) await client.close();
-    await chat.shutdown();
+    await server.close();
     await auth.close();
-    await Deno.remove(dataDir, { recursive: true });
   }
 });
 
 Deno.test("an upgrade whose check came just before its session's end was told opens, and is closed with 1008 before any frame", async () => {
   const auth = scriptedAuth();
-  const dataDir = await Deno.makeTempDir();
-  const chat = await createChatServer({
-    port: 0,
-    dataDir,
-    authUrl: auth.url,
-    rateLimits: false,
-    limits: {
-      recheckIntervalMs: 3_600_000,
-      watchedRecheckIntervalMs: 3_600_000,
-    },
+  const server = await chatOn(auth.url, {
+    recheckIntervalMs: 3_600_000,
+    watchedRecheckIntervalMs: 3_600_000,
   });
+  const { chat } = server;
   try {
     await auth.firstStream;
     auth.hello();
-    await retryUntil(async () => {
-      const health = await (await fetch(`${chat.httpUrl}/health`)).json();
-      assert.equal(health.session_events, "watched");
-    }, 5000);
+    await watched(chat);
     const victim = await TestClient.connect(chat.url, "victim");
     const slow = auth.hold("slow");
     const late = new TestClient(chat.url, "slow");
@@ -515,8 +513,7 @@ Deno.test("an upgrade whose check came just before its session's end was told op
     assert.equal(event.reason, "session ended");
     assert.equal(late.frames.length, 0);
   } finally {
-    await chat.shutdown();
+    await server.close();
     await auth.close();
-    await Deno.remove(dataDir, { recursive: true });
   }
 });
