@@ -90,7 +90,16 @@ export async function createAuthServer(
   const events = new SessionEvents();
   store.onSessionsEnded = (hashes) => {
     events.ended(hashes);
-    options.onSessionsEnded?.(hashes);
+    try {
+      options.onSessionsEnded?.(hashes);
+    } catch (err) {
+      // The chat server's trouble is not the store's: the change stands.
+      options.log?.(
+        `auth: telling of ended sessions failed: ${
+          err instanceof Error ? err.message : err
+        }`,
+      );
+    }
   };
   const handler = createAuthHandler({ ...options, store, events });
   let httpServer: ResilientServer;

@@ -314,7 +314,7 @@ export class ConnectionManager {
   #roomsJson: string | undefined;
   #tokens = new Map<string, TokenEntry>();
   /**
-   * Tokens of sessions ended by {@linkcode ConnectionManager.endSession},
+   * Tokens of sessions ended by {@linkcode ConnectionManager.endSessions},
    * with when: an upgrade validated just before still opens, and is closed.
    */
   #ended = new Map<string, number>();
@@ -593,11 +593,10 @@ export class ConnectionManager {
   }
 
   /**
-   * The session of `token` is over (logged out at an auth server that shares
-   * this process): its connections close with 1008 now, not at the next
-   * re-check, and so does one still opening.
+   * The session of `token` is over (told by the auth server): its
+   * connections close with 1008 now, and so does one still opening.
    */
-  endSession(token: string): void {
+  #endToken(token: string): void {
     this.#ended.set(token, this.#now());
     const entry = this.#tokens.get(token);
     if (entry !== undefined) this.#endSession(entry, "session ended");
@@ -613,7 +612,7 @@ export class ConnectionManager {
     for (const hash of tokenHashes) {
       const token = this.#hashes.get(hash);
       if (token !== undefined) {
-        this.endSession(token);
+        this.#endToken(token);
         continue;
       }
       // Bounded: past the cap the oldest go (an upgrade opening for that

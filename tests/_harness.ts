@@ -131,6 +131,27 @@ export async function connectAs(
   );
 }
 
+/** The client's close, or a failure after `ms` (a close that never comes). */
+export async function closedWithin(
+  client: TestClient,
+  ms: number,
+): Promise<CloseEvent> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      client.closed,
+      new Promise<never>((_, reject) =>
+        timer = setTimeout(
+          () => reject(new Error(`not closed within ${ms} ms`)),
+          ms,
+        )
+      ),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** A WebSocket client that records frames and lets tests await them. */
 export class TestClient {
   readonly socket: WebSocket;

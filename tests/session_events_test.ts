@@ -8,9 +8,15 @@
 import assert from "node:assert/strict";
 import { createAuthServer } from "../auth/server.ts";
 import type { ChatLimits } from "../chat/connection_manager.ts";
-import { createChatServer } from "../chat/server.ts";
+import { type ChatServer, createChatServer } from "../chat/server.ts";
 import { tokenHash } from "../token_hash.ts";
-import { login, retryUntil, startStack, TestClient } from "./_harness.ts";
+import {
+  closedWithin,
+  login,
+  retryUntil,
+  startStack,
+  TestClient,
+} from "./_harness.ts";
 
 /** Reads a stream of newline-delimited JSON, a line at a time. */
 class EventReader {
@@ -48,27 +54,6 @@ async function logout(authUrl: string, token: string): Promise<number> {
   });
   await res.body?.cancel();
   return res.status;
-}
-
-/** The client's close, or a failure after `ms` (a close that never comes). */
-async function closedWithin(
-  client: TestClient,
-  ms: number,
-): Promise<CloseEvent> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      client.closed,
-      new Promise<never>((_, reject) =>
-        timer = setTimeout(
-          () => reject(new Error(`not closed within ${ms} ms`)),
-          ms,
-        )
-      ),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 /** Waits until the chat server's `/health` says it watches the session events. */
@@ -515,5 +500,42 @@ Deno.test("an upgrade whose check came just before its session's end was told op
   } finally {
     await server.close();
     await auth.close();
+  }
+});
+
+Deno.test("in one process (as deno task start wires it), a session ended by the per-user cap closes its chat connections at once", async () => {
+  const dataDir = await Deno.makeTempDir();
+  let chat: ChatServer | undefined;
+  const auth = await createAuthServer({
+    port: 0,
+    dataDir,
+    chatUrl: "ws://127.0.0.1:1/ws",
+    limits: { maxSessionsPerUser: 2, registrationBurst: 100 },
+    onSessionsEnded: (hashes) => chat?.endSessions(hashes),
+  });
+  chat = await createChatServer({
+    port: 0,
+    dataDir,
+    authUrl: auth.url,
+    sessionEvents: "in_process",
+    limits: {
+      recheckIntervalMs: 3_600_000,
+      watchedRecheckIntervalMs: 3_600_000,
+    },
+  });
+  try {
+    const health = await (await fetch(`${chat.httpUrl}/health`)).json();
+    assert.equal(health.session_events, "watched");
+    const first = await login(auth.url, "alice");
+    const alice = await TestClient.connect(chat.url, first);
+    await login(auth.url, "alice");
+    await login(auth.url, "alice");
+    const event = await closedWithin(alice, 5000);
+    assert.equal(event.code, 1008);
+    assert.equal(event.reason, "session ended");
+  } finally {
+    await chat.shutdown();
+    await auth.shutdown();
+    await Deno.remove(dataDir, { recursive: true });
   }
 });
