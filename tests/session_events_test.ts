@@ -8,7 +8,7 @@
 import assert from "node:assert/strict";
 import { createAuthServer } from "../auth/server.ts";
 import type { ChatLimits } from "../chat/connection_manager.ts";
-import { type ChatServer, createChatServer } from "../chat/server.ts";
+import { createChatServer } from "../chat/server.ts";
 import { tokenHash } from "../token_hash.ts";
 import {
   closedWithin,
@@ -505,15 +505,16 @@ Deno.test("an upgrade whose check came just before its session's end was told op
 
 Deno.test("in one process (as deno task start wires it), a session ended by the per-user cap closes its chat connections at once", async () => {
   const dataDir = await Deno.makeTempDir();
-  let chat: ChatServer | undefined;
+  // Set once the chat server exists, as main.ts does.
+  let tell = (_hashes: string[]) => {};
   const auth = await createAuthServer({
     port: 0,
     dataDir,
     chatUrl: "ws://127.0.0.1:1/ws",
     limits: { maxSessionsPerUser: 2, registrationBurst: 100 },
-    onSessionsEnded: (hashes) => chat?.endSessions(hashes),
+    onSessionsEnded: (hashes) => tell(hashes),
   });
-  chat = await createChatServer({
+  const chat = await createChatServer({
     port: 0,
     dataDir,
     authUrl: auth.url,
@@ -523,6 +524,7 @@ Deno.test("in one process (as deno task start wires it), a session ended by the 
       watchedRecheckIntervalMs: 3_600_000,
     },
   });
+  tell = (hashes) => chat.endSessions(hashes);
   try {
     const health = await (await fetch(`${chat.httpUrl}/health`)).json();
     assert.equal(health.session_events, "watched");
