@@ -474,6 +474,37 @@ Deno.test("a token confirmed under the watch waits the long interval; one confir
   }
 });
 
+Deno.test("a check asked for before the watch began is not covered by it, though its answer came after", async () => {
+  const auth = scriptedAuth();
+  const server = await chatOn(auth.url, {
+    recheckIntervalMs: 200,
+    watchedRecheckIntervalMs: 3_600_000,
+  });
+  const { chat } = server;
+  let client: TestClient | undefined;
+  try {
+    await auth.firstStream;
+    const check = auth.hold("early");
+    const connecting = TestClient.connect(chat.url, "early");
+    await check.reached;
+    // The request is out; the watch begins; then the answer comes.
+    auth.hello();
+    await watched(chat);
+    check.release();
+    client = await connecting;
+    // An end told between the request and the hello would have been
+    // missed: so it is asked about again after the short interval.
+    await retryUntil(
+      () => Promise.resolve(assert.ok(auth.checks("early") >= 2)),
+      5000,
+    );
+  } finally {
+    await client?.close();
+    await server.close();
+    await auth.close();
+  }
+});
+
 Deno.test("an upgrade whose check came just before its session's end was told opens, and is closed with 1008 before any frame", async () => {
   const auth = scriptedAuth();
   const server = await chatOn(auth.url, {
