@@ -390,6 +390,12 @@ function scriptedAuth() {
   return {
     url: `http://127.0.0.1:${server.addr.port}`,
     checks: (token: string) => checks.get(token) ?? 0,
+    /** Waits (at most 5 s) until `token` has been checked `times` times. */
+    checked: (token: string, times: number) =>
+      retryUntil(
+        () => Promise.resolve(assert.ok((checks.get(token) ?? 0) >= times)),
+        5000,
+      ),
     firstStream,
     hello: () => write({ type: "hello", heartbeat_ms: 15_000 }),
     ended: (tokens: string[]) =>
@@ -454,19 +460,13 @@ Deno.test("a token confirmed under the watch waits the long interval; one confir
     // "old" is asked again after the short interval, and that confirmation
     // is under the watch: from then on neither is asked (an absence, so a
     // wait of three short intervals shows it).
-    await retryUntil(
-      () => Promise.resolve(assert.ok(auth.checks("old") >= 2)),
-      5000,
-    );
+    await auth.checked("old", 2);
     await new Promise((resolve) => setTimeout(resolve, 600));
     assert.equal(auth.checks("old"), 2);
     assert.equal(auth.checks("new"), 1);
     // The stream ends: an end may now go untold, so "new" is asked again.
     auth.endStream();
-    await retryUntil(
-      () => Promise.resolve(assert.ok(auth.checks("new") >= 2)),
-      5000,
-    );
+    await auth.checked("new", 2);
   } finally {
     for (const client of clients) await client.close();
     await server.close();
@@ -494,10 +494,7 @@ Deno.test("a check asked for before the watch began is not covered by it, though
     client = await connecting;
     // An end told between the request and the hello would have been
     // missed: so it is asked about again after the short interval.
-    await retryUntil(
-      () => Promise.resolve(assert.ok(auth.checks("early") >= 2)),
-      5000,
-    );
+    await auth.checked("early", 2);
   } finally {
     await client?.close();
     await server.close();
