@@ -422,9 +422,12 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
     return new Response(null, { status: 204 });
   }
 
-  async function sessionEvents(req: Request): Promise<Response> {
+  async function sessionEvents(
+    req: Request,
+    address: string,
+  ): Promise<Response> {
     await drainBody(req, bodyLimits);
-    const res = options.events?.open();
+    const res = options.events?.open(address);
     if (res === undefined) {
       throw new HttpError(
         503,

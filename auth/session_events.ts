@@ -9,7 +9,9 @@
  * token, hex>", ...]}`, and `{"type":"ping"}` every N ms. Only hashes go out,
  * the form the sessions file keeps; sessions that merely expire are not
  * told (their holders know `expires_at`). At most `maxWatchers` streams at
- * once (more get 503 `busy`), and a watcher that does not read is cut off
+ * once, `maxPerAddress` of them from one client address (more get 503
+ * `busy`: one address cannot take every place), and a watcher that does not
+ * read is cut off
  * once `maxBufferedBytes` wait for it: a chat server that was not watching
  * checks its tokens again.
  *
@@ -18,8 +20,10 @@
 
 /** Options of {@linkcode SessionEvents}. */
 export interface SessionEventsOptions {
-  /** Streams open at once, at most. Default 16. */
+  /** Streams open at once, at most. Default 64. */
   maxWatchers?: number;
+  /** Streams open at once from one client address, at most. Default 4. */
+  maxPerAddress?: number;
   /** A ping goes to every stream this often. Default 15,000 ms. */
   heartbeatMs?: number;
   /** Bytes waiting for one watcher before it is cut off. Default 1 MiB. */
@@ -28,6 +32,7 @@ export interface SessionEventsOptions {
 
 interface Watcher {
   controller: ReadableStreamDefaultController<Uint8Array>;
+  address: string;
 }
 
 const encoder = new TextEncoder();
@@ -35,14 +40,18 @@ const encoder = new TextEncoder();
 /** The open `/session_events` streams of one auth server. */
 export class SessionEvents {
   readonly #maxWatchers: number;
+  readonly #maxPerAddress: number;
   readonly #heartbeatMs: number;
   readonly #maxBufferedBytes: number;
   #watchers = new Set<Watcher>();
+  /** Open streams per client address. */
+  #addresses = new Map<string, number>();
   #timer: ReturnType<typeof setInterval> | undefined;
   #closed = false;
 
   constructor(options: SessionEventsOptions = {}) {
-    this.#maxWatchers = options.maxWatchers ?? 16;
+    this.#maxWatchers = options.maxWatchers ?? 64;
+    this.#maxPerAddress = options.maxPerAddress ?? 4;
     this.#heartbeatMs = options.heartbeatMs ?? 15_000;
     this.#maxBufferedBytes = options.maxBufferedBytes ?? 1024 * 1024;
   }
@@ -52,15 +61,23 @@ export class SessionEvents {
     return this.#watchers.size;
   }
 
-  /** A new stream's response, or undefined when there are too many (or it closed). */
-  open(): Response | undefined {
-    if (this.#closed || this.#watchers.size >= this.#maxWatchers) {
+  /**
+   * A new stream's response for a client at `address`, or undefined when
+   * there are too many, in all or from that address (or it closed).
+   */
+  open(address: string): Response | undefined {
+    const fromAddress = this.#addresses.get(address) ?? 0;
+    if (
+      this.#closed || this.#watchers.size >= this.#maxWatchers ||
+      fromAddress >= this.#maxPerAddress
+    ) {
       return undefined;
     }
+    this.#addresses.set(address, fromAddress + 1);
     let watcher!: Watcher;
     const body = new ReadableStream<Uint8Array>({
       start: (controller) => {
-        watcher = { controller };
+        watcher = { controller, address };
       },
       cancel: () => this.#remove(watcher),
     }, { highWaterMark: 0, size: (chunk) => chunk.byteLength });
@@ -124,7 +141,10 @@ export class SessionEvents {
   }
 
   #remove(watcher: Watcher): void {
-    this.#watchers.delete(watcher);
+    if (!this.#watchers.delete(watcher)) return;
+    const count = this.#addresses.get(watcher.address) ?? 0;
+    if (count <= 1) this.#addresses.delete(watcher.address);
+    else this.#addresses.set(watcher.address, count - 1);
     if (this.#watchers.size === 0 && this.#timer !== undefined) {
       clearInterval(this.#timer);
       this.#timer = undefined;

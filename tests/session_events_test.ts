@@ -109,7 +109,7 @@ Deno.test("GET /session_events: a hello, then the hash of each session ended by 
   }
 });
 
-Deno.test("GET /session_events: 405 to other methods, 503 busy past 16 streams, and a shutdown ends the streams rather than waiting for them", async () => {
+Deno.test("GET /session_events: 405 to other methods, 503 busy past 4 streams from one address, and a shutdown ends the streams rather than waiting for them", async () => {
   const dataDir = await Deno.makeTempDir();
   const auth = await createAuthServer({
     port: 0,
@@ -122,7 +122,7 @@ Deno.test("GET /session_events: 405 to other methods, 503 busy past 16 streams, 
     assert.equal(post.status, 405);
     assert.equal(post.headers.get("allow"), "GET");
     assert.equal((await post.json()).error, "method_not_allowed");
-    for (let i = 0; i < 16; i++) {
+    for (let i = 0; i < 4; i++) {
       const res = await fetch(`${auth.url}/session_events`);
       assert.equal(res.status, 200);
       readers.push(new EventReader(res.body!));
@@ -163,6 +163,30 @@ Deno.test("GET /session_events: 405 to other methods, 503 busy past 16 streams, 
     for (const reader of readers) await reader.cancel();
     await auth.shutdown();
     await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("session event streams: at most maxWatchers in all and maxPerAddress from one address; a stream gone gives its place back", async () => {
+  const { SessionEvents } = await import("../auth/session_events.ts");
+  const events = new SessionEvents({ maxWatchers: 3, maxPerAddress: 2 });
+  const open: Response[] = [];
+  try {
+    for (const address of ["10.0.0.1", "10.0.0.1", "10.0.0.2"]) {
+      open.push(events.open(address)!);
+    }
+    assert.equal(events.size, 3);
+    // Full in all: even a new address waits.
+    assert.equal(events.open("10.0.0.3"), undefined);
+    await open.pop()!.body!.cancel();
+    // A place again, but not for the address that holds two already.
+    assert.equal(events.open("10.0.0.1"), undefined);
+    open.push(events.open("10.0.0.3")!);
+    await open[0]!.body!.cancel();
+    open.push(events.open("10.0.0.1")!);
+    assert.equal(events.size, 3);
+  } finally {
+    for (const res of open) await res.body?.cancel().catch(() => {});
+    events.close();
   }
 });
 
@@ -288,8 +312,8 @@ Deno.test("a session events stream whose reader does not read is cut off once mo
   const { SessionEvents } = await import("../auth/session_events.ts");
   const events = new SessionEvents({ maxBufferedBytes: 4096 });
   try {
-    const stalled = events.open()!;
-    const reading = new EventReader(events.open()!.body!);
+    const stalled = events.open("10.0.0.1")!;
+    const reading = new EventReader(events.open("10.0.0.2")!.body!);
     assert.equal((await reading.next())?.type, "hello");
     assert.equal(events.size, 2);
     const hash = tokenHash("t");
