@@ -507,8 +507,6 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
   };
 }
 
-export { tokenHash };
-
 /** Tokens one `/validate_tokens` request may ask about. */
 export const MAX_BATCH_TOKENS = 100;
 

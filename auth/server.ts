@@ -18,7 +18,6 @@ export {
   type AuthHandler,
   type AuthHandlerOptions,
   createAuthHandler,
-  tokenHash,
 } from "./handler.ts";
 export { AuthStore, StoreError } from "./json_store.ts";
 export { type AuthLimits, DEFAULT_AUTH_LIMITS } from "./rate_limit.ts";

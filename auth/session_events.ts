@@ -11,9 +11,8 @@
  * told (their holders know `expires_at`). At most `maxWatchers` streams at
  * once, `maxPerAddress` of them from one client address (more get 503
  * `busy`: one address cannot take every place), and a watcher that does not
- * read is cut off
- * once `maxBufferedBytes` wait for it: a chat server that was not watching
- * checks its tokens again.
+ * read is cut off once `maxBufferedBytes` wait for it: a chat server that
+ * was not watching checks its tokens again.
  *
  * @module
  */

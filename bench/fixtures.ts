@@ -9,6 +9,7 @@
  *
  * @module
  */
+import { tokenHash } from "../token_hash.ts";
 
 /** A user the benchmark can connect as. */
 export interface BenchUser {
@@ -67,7 +68,7 @@ export async function writeAuthFixtures(
   for (let i = 0; i < Math.min(sessions, users); i++) {
     const username = benchUsername(i);
     const token = newToken();
-    sessionEntries[await sha256Hex(token)] = {
+    sessionEntries[tokenHash(token)] = {
       username,
       created_at: createdAt,
       expires_at: expiresAt,
@@ -163,11 +164,4 @@ function base64NoPad(bytes: Uint8Array): string {
   let binary = "";
   for (const byte of bytes) binary += String.fromCharCode(byte);
   return btoa(binary).replace(/=+$/, "");
-}
-
-async function sha256Hex(text: string): Promise<string> {
-  const digest = new Uint8Array(
-    await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text)),
-  );
-  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
 }
