@@ -109,6 +109,12 @@ const DEFAULT_HISTORY_PAGE = 20;
 /** Ids (with their `ts`) remembered per room to tell a history that started over. */
 const SEEN_KEPT = 256;
 /**
+ * The user's own messages remembered the same way, beyond the last
+ * {@linkcode SEEN_KEPT} of the room: a resend after a reconnect gets the
+ * original's echo again (its old id), however much was said since.
+ */
+const OWN_KEPT = 1024;
+/**
  * Own messages sent and not yet echoed, at most: pasted or piped lines beyond
  * it wait their turn instead of running into the server's message rate (a
  * burst of 10 by default) and its flood close.
@@ -149,6 +155,8 @@ export interface SessionState {
   gapTold: [string, string][];
   /** Per room, the `ts` of the newest messages shown, by id. */
   seenTs: [string, [string, string][]][];
+  /** The same for the user's own newest messages (see `OWN_KEPT`). */
+  ownTs: [string, [string, string][]][];
 }
 
 /** A message typed and not yet confirmed by the server. */
@@ -199,6 +207,12 @@ export class ChatSession {
    * again): the ids seen before say nothing any more.
    */
   #seenTs = new Map<string, Map<string, string>>();
+  /**
+   * Per room, the `ts` of the user's own newest messages shown (up to
+   * {@linkcode OWN_KEPT}), by id: the original echo of a message sent again
+   * is one of them, and neither shown twice nor taken for a start-over.
+   */
+  #ownTs = new Map<string, Map<string, string>>();
   /** Rooms waiting for their `history after` answer, with held-back messages. */
   #syncing = new Map<string, RoomMessage[]>();
   /**
@@ -289,6 +303,9 @@ export class ChatSession {
       this.#seenTs = new Map(
         resume.seenTs.map(([room, seen]) => [room, new Map(seen)]),
       );
+      this.#ownTs = new Map(
+        resume.ownTs.map(([room, own]) => [room, new Map(own)]),
+      );
     }
     this.#me = options.username;
   }
@@ -321,6 +338,7 @@ export class ChatSession {
       pending: [...this.#pending],
       gapTold: [...this.#gapTold],
       seenTs: [...this.#seenTs].map(([room, seen]) => [room, [...seen]]),
+      ownTs: [...this.#ownTs].map(([room, own]) => [room, [...own]]),
     };
   }
 
@@ -937,6 +955,12 @@ export class ChatSession {
       if (seen === undefined) this.#seenTs.set(room, seen = new Map());
       seen.set(message.id, message.ts);
       if (seen.size > SEEN_KEPT) seen.delete(seen.keys().next().value!);
+      if (message.from.toLowerCase() === this.#me.toLowerCase()) {
+        let own = this.#ownTs.get(room);
+        if (own === undefined) this.#ownTs.set(room, own = new Map());
+        own.set(message.id, message.ts);
+        if (own.size > OWN_KEPT) own.delete(own.keys().next().value!);
+      }
       this.#print(renderRoomMessage(message, this.#messageView()));
     }
     this.#lastId.set(room, last ?? 0n);
@@ -950,11 +974,12 @@ export class ChatSession {
   #checkStartOver(room: string, messages: RoomMessage[]): boolean {
     const seen = this.#seenTs.get(room);
     if (seen === undefined) return false;
+    const own = this.#ownTs.get(room);
     const last = this.#lastId.get(room);
     const oldest = seen.keys().next().value;
     const changed = last !== undefined && oldest !== undefined &&
       messages.some((m) => {
-        const ts = seen.get(m.id);
+        const ts = seen.get(m.id) ?? own?.get(m.id);
         if (ts !== undefined) return ts !== m.ts;
         // Not remembered: new (above the last shown), or older than all
         // that is remembered, which a server only sends again after its
@@ -967,6 +992,7 @@ export class ChatSession {
     this.#oldestId.delete(room);
     this.#gapTold.delete(room);
     this.#seenTs.delete(room);
+    this.#ownTs.delete(room);
     this.#print(status(
       `the server's history of #${room} has started over: messages shown before are no longer there`,
       this.#view(),

@@ -7,7 +7,13 @@ import assert from "node:assert/strict";
 import { ChatSession, type SessionState } from "../cli/chat_session.ts";
 import { LineReader } from "../cli/line_reader.ts";
 import { keyboard, screen } from "./_cli_helpers.ts";
-import { login, type Stack, startStack } from "./_harness.ts";
+import {
+  connectAs,
+  login,
+  type Stack,
+  startStack,
+  waitFor,
+} from "./_harness.ts";
 
 function storedLine(room: string, id: number, text: string, ts: string) {
   return JSON.stringify({
@@ -31,6 +37,7 @@ function leftOff(rooms: string[], ts: string): SessionState {
     pending: [],
     gapTold: [],
     seenTs: rooms.map((r) => [r, [["1", ts]]]),
+    ownTs: [],
   };
 }
 
@@ -198,5 +205,61 @@ Deno.test("a message on disk longer than the protocol allows does not end a resy
   } finally {
     await stack.close();
     await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
+Deno.test("an own message stored before the drop, echoed again after more than a screenful of others, is shown once and is not taken for a history that started over", async () => {
+  const stack = await startStack();
+  try {
+    // alice's message reached the server, and bob; her echo never came back.
+    const bob = await connectAs(stack, "bob");
+    bob.send({ type: "message", text: "seen-before" });
+    const seen = await bob.next((f) => f.text === "seen-before");
+    const alice = await connectAs(stack, "alice");
+    const clientId = crypto.randomUUID();
+    alice.send({ type: "message", text: "my-message", client_id: clientId });
+    await alice.next((f) => f.client_id === clientId);
+    await alice.close();
+    // Then more than the client remembers of the room's ids (256).
+    for (let i = 1; i <= 300; i++) {
+      bob.send({ type: "message", text: `b-${i}` });
+    }
+    await bob.next((f) => f.text === "b-300");
+    await bob.close();
+
+    let replays = 0;
+    const session = await resumed(stack, {
+      ...leftOff(["lobby"], String(seen.ts)),
+      lastId: [["lobby", BigInt(String(seen.id))]],
+      oldestId: [["lobby", String(seen.id)]],
+      seenTs: [["lobby", [[String(seen.id), String(seen.ts)]]]],
+      // As typed: the frame waits in the outbox, the text shows as pending.
+      outbox: [{
+        type: "message",
+        room: "lobby",
+        text: "my-message",
+        client_id: clientId,
+      }],
+      pending: [[clientId, { room: "lobby", text: "my-message" }]],
+    }, (way, f) => {
+      if (way === "in" && "client_id" in f && f.client_id === clientId) {
+        replays++;
+      }
+    });
+    await session.out.next(/<bob> b-300$/);
+    await waitFor(() => replays > 0, 5000, "the original's echo");
+    await session.quit();
+    assert.equal(
+      session.out.count((l) => /\] <alice> my-message$/.test(l)),
+      1,
+      session.out.text,
+    );
+    assert.equal(
+      session.out.count((l) => l.includes("started over")),
+      0,
+      session.out.text,
+    );
+  } finally {
+    await stack.close();
   }
 });
