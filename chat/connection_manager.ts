@@ -281,7 +281,11 @@ interface TokenEntry {
 const RECHECK_TICKS = 30;
 /** When the auth server could not answer a re-check, ask again after this long. */
 const RECHECK_RETRY_MS = 5000;
-/** How long an ended session's token is kept to refuse upgrades still opening. */
+/**
+ * How long an ended session's token is kept to refuse upgrades still
+ * opening, beyond the longest a handshake may take (`handshakeTimeoutMs`):
+ * the check that let it through may have been answered just before the end.
+ */
 const ENDED_MEMORY_MS = 60_000;
 /** Most hashes of ended sessions kept for upgrades still opening. */
 const MAX_ENDED_HASHES = 100_000;
@@ -1505,11 +1509,12 @@ export class ConnectionManager {
     if (now - this.#prunedAt >= interval) {
       this.#prunedAt = now;
       this.#forgetIdleUsers(now);
+      const keep = this.#limits.handshakeTimeoutMs + ENDED_MEMORY_MS;
       for (const [token, at] of this.#ended) {
-        if (now - at > ENDED_MEMORY_MS) this.#ended.delete(token);
+        if (now - at > keep) this.#ended.delete(token);
       }
       for (const [hash, at] of this.#endedHashes) {
-        if (now - at <= ENDED_MEMORY_MS) break;
+        if (now - at <= keep) break;
         this.#endedHashes.delete(hash);
       }
     }

@@ -375,7 +375,10 @@ function scriptedAuth() {
     token.startsWith("ended") ? { valid: false } : {
       valid: true,
       username: token.replace(/[^a-z]/g, "") || "user",
-      expires_at: new Date(Date.now() + 3_600_000).toISOString(),
+      // "brief…" sessions end in 30 s, others in an hour.
+      expires_at: new Date(
+        Date.now() + (token.startsWith("brief") ? 30_000 : 3_600_000),
+      ).toISOString(),
     };
   const server = Deno.serve(
     { hostname: "127.0.0.1", port: 0, onListen: () => {} },
@@ -552,6 +555,51 @@ Deno.test("an upgrade whose check came just before its session's end was told op
   } finally {
     await server.close();
     await auth.close();
+  }
+});
+
+Deno.test("an ended session is remembered for as long as a handshake may take, plus a minute: an upgrade checked just before the end is refused even after a long handshake", async () => {
+  const auth = scriptedAuth();
+  const dataDir = await Deno.makeTempDir();
+  // The server's clock; moved forward past the minute below.
+  let ahead = 0;
+  const chat = await createChatServer({
+    port: 0,
+    dataDir,
+    authUrl: auth.url,
+    rateLimits: false,
+    now: () => Date.now() + ahead,
+    limits: {
+      recheckIntervalMs: 100,
+      watchedRecheckIntervalMs: 3_600_000,
+      handshakeTimeoutMs: 120_000,
+    },
+  });
+  try {
+    // Its expiry, found by a re-check tick, shows that a tick (which also
+    // forgets old ends) has run on the moved clock.
+    const canary = await TestClient.connect(chat.url, "briefcanary");
+    await auth.firstStream;
+    auth.hello();
+    await watched(chat);
+    const victim = await TestClient.connect(chat.url, "victim");
+    const slow = auth.hold("slow");
+    const late = new TestClient(chat.url, "slow");
+    await slow.reached;
+    auth.ended(["victim", "slow"]);
+    assert.equal((await closedWithin(victim, 5000)).code, 1008);
+    // 90 s later by the server's clock: past a minute, within the handshake.
+    ahead = 90_000;
+    assert.equal((await closedWithin(canary, 5000)).code, 1008);
+    slow.release();
+    const event = await closedWithin(late, 5000);
+    assert.equal(event.code, 1008);
+    assert.equal(event.reason, "session ended");
+    assert.equal(late.frames.length, 0);
+  } finally {
+    await chat.shutdown();
+    await auth.close();
+    await Deno.remove(dataDir, { recursive: true });
   }
 });
 
