@@ -437,6 +437,23 @@ Deno.test("a second store on a directory in use refuses to open, and leaves the 
   }
 });
 
+Deno.test("a store opening just as the one before it lets go waits for the lock instead of refusing", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const first = await HistoryStore.open(dir);
+    first.append("dev", "alice", "one");
+    const second = HistoryStore.open(dir);
+    // Let go once the second has found the lock held at least once.
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    await first.close();
+    const again = await second;
+    assert.equal(again.append("dev", "bob", "two").message.id, "2");
+    await again.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a message is in its room's file as soon as writeOut returns, long before the flush that syncs it", async () => {
   const dir = await Deno.makeTempDir();
   try {
