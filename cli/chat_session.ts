@@ -1278,7 +1278,9 @@ export class ChatSession {
       }
       if (this.#ready) break;
     }
-    this.#finish(this.#unconfirmed() ?? "quit");
+    // Ends the program from the menu's chat too: going back to the menu
+    // would drop what is unconfirmed without the exit code saying so.
+    this.#finish(this.#unconfirmed({ endsProgram: true }) ?? "quit");
   }
 
   /**

@@ -536,6 +536,26 @@ Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 
       },
     );
     await t.step(
+      "in the menu's chat, /quit with a message pending ends the program (exit 1), not back to the menu",
+      async () => {
+        const cli = new CliProcess(["--auth-url", servers.authUrl]);
+        await cli.write("1", "alice", PASSWORD);
+        await cli.stdout.next("connected as alice");
+        await servers.chat.shutdown();
+        await cli.stdout.next("connection lost");
+        await cli.write("pending at /quit");
+        await cli.stdout.next(/pending at \/quit \(pending\)$/);
+        await cli.write("/quit");
+        assert.equal(await cli.exit(), 1);
+        assert.equal(
+          cli.stderr.text.trim(),
+          "chatroom: 1 message(s) not confirmed by the server",
+        );
+        assert.equal(cli.stdout.count((l) => l === "1) login"), 1);
+        await servers.restartChat();
+      },
+    );
+    await t.step(
       "SIGINT with a message pending: exit 1, and says so",
       async () => {
         const cli = loginProcess(servers.authUrl, "alice");
