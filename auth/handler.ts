@@ -12,7 +12,7 @@ import {
   serverErrorResponse,
 } from "./http_error.ts";
 import { HashBusyError, HashLimiter } from "./hash_limiter.ts";
-import type { AuthStore, UserRecord } from "./json_store.ts";
+import { type AuthStore, USERNAME_RE, type UserRecord } from "./json_store.ts";
 import type { SessionEvents } from "./session_events.ts";
 import {
   DUMMY_HASH,
@@ -73,7 +73,6 @@ export const MIN_PASSWORD_CHARS = 8;
 /** Longest password, in code points after NFC normalisation. */
 export const MAX_PASSWORD_CHARS = 1024;
 
-const USERNAME_RE = /^[A-Za-z0-9_.-]{3,32}$/;
 const BEARER_RE = /^Bearer[ \t]+([^\s]+)[ \t]*$/i;
 const TOKEN_BYTES = 32;
 const SESSION_PRUNE_INTERVAL_MS = 60_000;

@@ -10,6 +10,10 @@
  */
 import { basename, dirname, join } from "node:path";
 import { tryLockFile } from "../lock_file.ts";
+import { parsePasswordHash } from "./password.ts";
+
+/** The contract's usernames: 3 to 32 characters of `[A-Za-z0-9_.-]`. */
+export const USERNAME_RE = /^[A-Za-z0-9_.-]{3,32}$/;
 
 /** A user as stored in `users.json`. */
 export interface UserRecord {
@@ -637,9 +641,31 @@ function parseUsers(data: unknown): Map<string, UserRecord> {
         `user "${key}" needs string username, password_hash and created_at`,
       );
     }
+    // What the server itself writes, so that a hand edit gone wrong stops
+    // the start rather than being rewritten, or locking its user out, in
+    // silence.
     const lower = value.username.toLowerCase();
+    const name = JSON.stringify(value.username.slice(0, 80));
+    if (!USERNAME_RE.test(value.username)) {
+      throw new FormatError(`user ${name} breaks the username rules`);
+    }
+    if (key !== lower) {
+      throw new FormatError(
+        `user ${name} is filed under "${
+          key.slice(0, 80)
+        }", not its lower-case name`,
+      );
+    }
     if (users.has(lower)) {
-      throw new FormatError(`user "${value.username}" appears twice`);
+      throw new FormatError(`user ${name} appears twice`);
+    }
+    if (parsePasswordHash(value.password_hash) === undefined) {
+      throw new FormatError(
+        `user ${name} has a password_hash that is not an Argon2id PHC string`,
+      );
+    }
+    if (Number.isNaN(Date.parse(value.created_at))) {
+      throw new FormatError(`user ${name} has an unreadable created_at`);
     }
     users.set(
       lower,

@@ -1075,11 +1075,30 @@ Deno.test("data files are mode 0600 and no temporary file is left, even one a cr
   }
 });
 
+/** A well-formed Argon2id PHC string (of no password in particular). */
+const PHC =
+  "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$aGhoaGhoaGhoaGhoaGhoaGhoaGhoaGhoaGhoaGhoaGg";
+
 Deno.test("a file that does not parse stops the server at start, named in the message and left unchanged", async (t) => {
   const cases: [string, string][] = [
     ["users.json", '{"version":1,"users":{"a":'],
     ["users.json", '{"version":2,"users":{}}'],
     ["users.json", '{"version":1,"users":{"a":{"username":"a"}}}'],
+    ...[
+      ["bob", "bob", "nope", PHC],
+      ["bob", "bob", "2026-01-01T00:00:00.000Z", "plaintext"],
+      ["a b", "a b", "2026-01-01T00:00:00.000Z", PHC],
+      ["bob", "alice", "2026-01-01T00:00:00.000Z", PHC],
+      ["Bob", "Bob", "2026-01-01T00:00:00.000Z", PHC],
+    ].map(([key, username, created, hash]): [string, string] => [
+      "users.json",
+      JSON.stringify({
+        version: 1,
+        users: {
+          [key!]: { username, password_hash: hash, created_at: created },
+        },
+      }),
+    ]),
     ["sessions.json", "not json"],
     ["sessions.json", '{"version":1,"sessions":[]}'],
     ["users.json", ""],
