@@ -1125,8 +1125,11 @@ async function readFloors(
     throw damaged;
   }
   if (typeof value !== "object" || value === null) throw damaged;
-  const { base, rooms }: Record<string, unknown> = { ...value };
-  if (!isId(base) || typeof rooms !== "object" || rooms === null) {
+  const { version, base, rooms }: Record<string, unknown> = { ...value };
+  if (
+    version !== 1 || !isId(base) || typeof rooms !== "object" ||
+    rooms === null || Array.isArray(rooms)
+  ) {
     throw damaged;
   }
   const floors = new Map<string, number>();

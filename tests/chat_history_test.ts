@@ -401,7 +401,16 @@ Deno.test("a damaged id floors file stops the start with its name and is left as
   const dir = await Deno.makeTempDir();
   try {
     const path = `${dir}/.id_floors.json`;
-    for (const text of ["{", '{"version":1,"base":-1,"rooms":{}}', "[]"]) {
+    for (
+      const text of [
+        "{",
+        '{"version":1,"base":-1,"rooms":{}}',
+        "[]",
+        '{"version":2,"base":5,"rooms":{}}',
+        '{"base":5,"rooms":{}}',
+        '{"version":1,"base":5,"rooms":[7]}',
+      ]
+    ) {
       await Deno.writeTextFile(path, text);
       await assert.rejects(
         HistoryStore.open(dir),
