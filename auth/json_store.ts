@@ -123,9 +123,21 @@ export class AuthStore {
     options: AuthStoreOptions = {},
   ): Promise<AuthStore> {
     const { now = Date.now } = options;
-    await Deno.mkdir(dataDir, { recursive: true, mode: 0o700 });
+    // The runtime's own errors do not always name the path (not with
+    // --allow-read/--allow-write, as the tasks run): say which directory.
+    const named = (err: unknown) =>
+      err instanceof Error && !(err instanceof StoreError) &&
+        !err.message.includes(dataDir)
+        ? new StoreError(`Cannot use data directory ${dataDir}: ${err.message}`)
+        : err;
     const lockPath = join(dataDir, LOCK_FILE);
-    const lock = await tryLockFile(lockPath);
+    let lock: Deno.FsFile | null;
+    try {
+      await Deno.mkdir(dataDir, { recursive: true, mode: 0o700 });
+      lock = await tryLockFile(lockPath);
+    } catch (err) {
+      throw named(err);
+    }
     if (lock === null) {
       throw new StoreError(
         `Cannot use data directory ${dataDir}: another auth server holds its lock file ${lockPath}`,
@@ -145,7 +157,7 @@ export class AuthStore {
       return store;
     } catch (err) {
       lock.close();
-      throw err;
+      throw named(err);
     }
   }
 

@@ -1130,6 +1130,22 @@ Deno.test("a file that does not parse stops the server at start, named in the me
   }
 });
 
+Deno.test("a data directory the server cannot use stops the start with a message naming it", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+  try {
+    // The lock file cannot be opened. (The runtime's "Permission denied"
+    // without a path, which the server then names itself, needs a user
+    // other than root to happen.)
+    await Deno.mkdir(join(dataDir, ".lock"));
+    await assert.rejects(
+      createAuthServer({ port: 0, dataDir, chatUrl: "ws://x/ws" }),
+      (err: unknown) => err instanceof Error && err.message.includes(dataDir),
+    );
+  } finally {
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
+
 Deno.test("a second server on the same data directory refuses to start until the first stops", async () => {
   const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
   try {
