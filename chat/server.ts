@@ -412,7 +412,14 @@ function bearerToken(req: Request): string | undefined {
   return match?.[1];
 }
 
-/** The server's own origin (as the browser saw it), or one listed. */
+/**
+ * One listed (the public address's origin among them), or the server's own
+ * as the browser reached it: `Host` names the server by an IP address or as
+ * `localhost`, and the page came from there. A `Host` that is a domain name
+ * could be anybody's (a page whose name is made to point here, "DNS
+ * rebinding", sends its own name as both): such an origin must be listed,
+ * or be the public address's.
+ */
 function originAllowed(
   origin: string,
   req: Request,
@@ -420,9 +427,13 @@ function originAllowed(
 ): boolean {
   if (allowed.has(origin) || allowed.has("*")) return true;
   const host = req.headers.get("host");
-  if (host === null) return false;
+  if (host === null || !HOST_BY_ADDRESS_RE.test(host)) return false;
   return origin === `http://${host}` || origin === `https://${host}`;
 }
+
+/** A `Host` that is an IPv4 or IPv6 address or `localhost`, with or without a port. */
+const HOST_BY_ADDRESS_RE =
+  /^(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]|localhost)(?::\d{1,5})?$/i;
 
 function jsonError(
   status: number,

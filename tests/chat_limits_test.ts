@@ -534,6 +534,24 @@ Deno.test("an upgrade from a foreign Origin gets 403; the own origin and ALLOWED
       origin: "https://chat.example.org",
     });
     assert.equal(listed.status, 101);
+    // A page whose name was made to point here sends that name as Host
+    // and as Origin: not the server's own unless listed.
+    for (const host of ["evil.example", `evil.example:${stack.chat.port}`]) {
+      const rebound = await rawUpgrade(stack.chat.port, "/ws", {
+        ...auth,
+        host,
+        origin: `http://${host}`,
+      });
+      assert.equal(rebound.status, 403, host);
+    }
+    for (const host of [`localhost:${stack.chat.port}`, "[::1]:8001"]) {
+      const own = await rawUpgrade(stack.chat.port, "/ws", {
+        ...auth,
+        host,
+        origin: `http://${host}`,
+      });
+      assert.equal(own.status, 101, host);
+    }
   } finally {
     await stack.close();
   }
