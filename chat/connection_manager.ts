@@ -1185,7 +1185,7 @@ export class ConnectionManager {
       conn.rooms.add(name);
     } else if (conn.rooms.size >= this.#limits.maxRoomsPerConnection) {
       throw new FrameError(
-        "invalid_frame",
+        "too_many_rooms",
         `Cannot join #${name}: a connection may be in at most ${this.#limits.maxRoomsPerConnection} rooms`,
       );
     }

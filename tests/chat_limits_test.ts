@@ -112,6 +112,32 @@ Deno.test("a join that would create a room beyond maxRooms gets too_many_rooms; 
   }
 });
 
+Deno.test("a join past the rooms a connection may be in gets too_many_rooms, with the limits off too; leaving one makes space", async () => {
+  const stack = await startStack({
+    rateLimits: false,
+    chatLimits: { maxRoomsPerConnection: 2 },
+  });
+  try {
+    const alice = await connectAs(stack, "alice");
+    alice.send({ type: "join", room: "a" });
+    await alice.next((f) => f.type === "joined" && f.room === "a");
+    alice.send({ type: "join", room: "b" });
+    const refused = await alice.next((f) => f.type === "error");
+    assert.equal(refused.error, "too_many_rooms");
+    assert.match(String(refused.message), /at most 2 rooms/);
+    // Already in: a re-join is no new room.
+    alice.send({ type: "join", room: "lobby" });
+    await alice.next((f) => f.type === "joined" && f.room === "lobby");
+    alice.send({ type: "leave", room: "a" });
+    await alice.next((f) => f.type === "left" && f.room === "a");
+    alice.send({ type: "join", room: "b" });
+    await alice.next((f) => f.type === "joined" && f.room === "b");
+    await alice.close();
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("binary frames count toward the frame rate: a flood of them is refused, then closed with 1008", async () => {
   const stack = await startStack({
     rateLimits: true,
