@@ -12,7 +12,8 @@ import {
   serverErrorResponse,
 } from "./http_error.ts";
 import { HashBusyError, HashLimiter } from "./hash_limiter.ts";
-import { type AuthStore, USERNAME_RE, type UserRecord } from "./json_store.ts";
+import type { AuthStore, UserRecord } from "./json_store.ts";
+import { USERNAME_RE } from "../username.ts";
 import type { SessionEvents } from "./session_events.ts";
 import {
   DUMMY_HASH,

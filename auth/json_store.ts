@@ -10,10 +10,8 @@
  */
 import { basename, dirname, join } from "node:path";
 import { tryLockFile } from "../lock_file.ts";
+import { USERNAME_RE } from "../username.ts";
 import { parsePasswordHash } from "./password.ts";
-
-/** The contract's usernames: 3 to 32 characters of `[A-Za-z0-9_.-]`. */
-export const USERNAME_RE = /^[A-Za-z0-9_.-]{3,32}$/;
 
 /** A user as stored in `users.json`. */
 export interface UserRecord {

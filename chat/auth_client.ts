@@ -3,6 +3,7 @@
  *
  * @module
  */
+import { USERNAME_RE } from "../username.ts";
 
 /** What the auth server says of a token. */
 export type TokenCheck =
@@ -370,17 +371,8 @@ async function requestCheck(
     throw unavailable(base, err);
   }
   if (res.status === 401) return { valid: false };
-  if (
-    res.status === 200 && typeof body === "object" && body !== null &&
-    "valid" in body && body.valid === true && "username" in body &&
-    typeof body.username === "string" && "expires_at" in body &&
-    typeof body.expires_at === "string"
-  ) {
-    const expiresAt = Date.parse(body.expires_at);
-    if (!Number.isNaN(expiresAt)) {
-      return { valid: true, username: body.username, expiresAt };
-    }
-  }
+  const check = res.status === 200 ? readCheck(body) : undefined;
+  if (check?.valid === true) return check;
   throw new AuthUnavailableError(
     `The auth server at ${base} answered ${res.status} to /validate_token`,
   );
@@ -452,13 +444,18 @@ async function readJsonLimited(res: Response): Promise<unknown> {
   }
 }
 
-/** One answer of `/validate_tokens`, or undefined when it is not one. */
+/**
+ * One answer of `/validate_token` or `/validate_tokens`, or undefined when
+ * it is not one. A username that breaks the contract's rules is not one: it
+ * would go into frames and log lines as it is.
+ */
 function readCheck(result: unknown): TokenCheck | undefined {
   if (typeof result !== "object" || result === null) return undefined;
   if ("valid" in result && result.valid === false) return { valid: false };
   if (
     "valid" in result && result.valid === true && "username" in result &&
-    typeof result.username === "string" && "expires_at" in result &&
+    typeof result.username === "string" &&
+    USERNAME_RE.test(result.username) && "expires_at" in result &&
     typeof result.expires_at === "string"
   ) {
     const expiresAt = Date.parse(result.expires_at);

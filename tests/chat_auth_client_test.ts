@@ -331,8 +331,13 @@ Deno.test("token checks: a batch the auth server cannot take (413 for long odd t
       const validate = createTokenValidator({
         authUrl: `http://127.0.0.1:${server.addr.port}`,
       });
-      const results = await Promise.all(["a", "b"].map((t) => validate(t)));
-      assert.deepEqual(results.map((r) => r.valid && r.username), ["a", "b"]);
+      const results = await Promise.all(
+        ["ann", "bob"].map((t) => validate(t)),
+      );
+      assert.deepEqual(results.map((r) => r.valid && r.username), [
+        "ann",
+        "bob",
+      ]);
     } finally {
       await server.shutdown();
     }
@@ -369,5 +374,43 @@ Deno.test("an answer from the auth address that never ends is read no further th
     assert.ok(sent < 32 * 1024 * 1024, `${sent} bytes were taken`);
   } finally {
     await endless.shutdown();
+  }
+});
+
+Deno.test("an answer naming a user outside the username rules (a line break, a space, 100,000 characters) is an outage, alone or in a batch", async () => {
+  const names = ["a b\nchat: forged line", "x".repeat(100_000), "ab"];
+  let asked = "";
+  const liar = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    async (req) => {
+      const answer = {
+        valid: true,
+        username: asked,
+        expires_at: "2030-01-01T00:00:00.000Z",
+      };
+      if (new URL(req.url).pathname === "/validate_tokens") {
+        const { tokens } = await req.json();
+        return Response.json({ results: tokens.map(() => answer) });
+      }
+      return Response.json(answer);
+    },
+  );
+  try {
+    const validate = createTokenValidator({
+      authUrl: `http://127.0.0.1:${liar.addr.port}`,
+    });
+    for (const name of names) {
+      asked = name;
+      await assert.rejects(
+        validate(`token-${name.length}`),
+        (err: unknown) => err instanceof AuthUnavailableError,
+        JSON.stringify(name.slice(0, 20)),
+      );
+    }
+    asked = "fine_name";
+    const ok = await validate("token-ok");
+    assert.equal(ok.valid && ok.username, "fine_name");
+  } finally {
+    await liar.shutdown();
   }
 });
