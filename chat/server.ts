@@ -85,6 +85,12 @@ export interface ChatServer {
   shutdown(): Promise<void>;
 }
 
+/**
+ * How long, at most, a shutdown keeps the listener for the peers to answer
+ * the close frames (a round trip, usually milliseconds).
+ */
+const CLOSE_ANSWER_MS = 1000;
+
 /** Starts a chat server; resolves once it listens. */
 export async function createChatServer(
   options: ChatServerOptions,
@@ -186,11 +192,24 @@ export async function createChatServer(
     shutdown() {
       stopping ??= (async () => {
         // The close frames (1001) and whatever was queued before them are
-        // handed to the runtime at once; the listener stops at once too,
-        // rather than accepting while peers answer the close.
+        // handed to the runtime at once. The listener stops once the peers
+        // have answered them, or after CLOSE_ANSWER_MS at most (upgrades
+        // meanwhile get 503 shutting_down): the runtime's own shutdown
+        // drops the connections, and a peer still sending when it does
+        // loses our 1001 to the reset. A peer that never answers is waited
+        // for a little longer (2 s), with the listener stopped.
         const closing = manager.close();
+        const unwatched = watch?.close();
+        let answered: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([
+          closing,
+          new Promise((resolve) =>
+            answered = setTimeout(resolve, CLOSE_ANSWER_MS)
+          ),
+        ]);
+        clearTimeout(answered);
         const serverDown = server.shutdown();
-        await Promise.all([closing, watch?.close()]);
+        await Promise.all([closing, unwatched]);
         // An upgrade whose client left before it was answered never
         // completes (this runtime neither opens nor closes the socket): the
         // graceful shutdown would wait for it forever, so it gets a grace
