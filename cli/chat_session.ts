@@ -1037,6 +1037,10 @@ export class ChatSession {
         return;
       case "/quit":
       case "/exit":
+        // "/quit now" may be a message typed after a stray slash: ask.
+        if (args.length !== 0) {
+          return this.#hint(`usage: ${name.toLowerCase()}`);
+        }
         return void this.#quit();
       case "/join": {
         const room = typedRoom(args[0]);

@@ -566,6 +566,8 @@ Deno.test("an unknown command or a wrong argument gets a one-line hint and sends
       await cli.write(`${command} \u212a`);
       assert.match(await cli.stdout.next(`usage: ${command}`), /^! /);
     }
+    await cli.write("/quit now");
+    assert.match(await cli.stdout.next("usage: /quit"), /^! /);
     await cli.write("//not a command");
     const got = await bob.next((f) => f.type === "message");
     // The first message bob sees is the escaped one: nothing before it was sent.
