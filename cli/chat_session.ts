@@ -1362,6 +1362,8 @@ export class ChatSession {
 
   #updatePrompt(): void {
     this.#lines().setPrompt(this.#prompt());
+    // The current room may have changed: the pending rows' #room marks with it.
+    if (this.#pending.size > 0) this.#updatePending();
   }
 
   #updatePending(): void {

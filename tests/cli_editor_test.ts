@@ -6,6 +6,8 @@ import assert from "node:assert/strict";
 import { runApp } from "../cli/app.ts";
 import { LineReader } from "../cli/line_reader.ts";
 import { displayWidth, splitGraphemes } from "../cli/render.ts";
+import { PASSWORD, register, startServers } from "./_cli_helpers.ts";
+import { waitFor } from "./_harness.ts";
 
 /**
  * A terminal screen of `columns` columns: text with wrapping, CR, LF (as
@@ -270,4 +272,50 @@ Deno.test("an empty username on a terminal is asked for again", async () => {
   assert.equal(await exited, 0);
   assert.equal(errors.length, 1, errors.join("\n"));
   assert.match(errors[0]!, /cannot reach the auth server/);
+});
+
+Deno.test("the pending rows' #room marks follow the current room when it changes while offline", async () => {
+  const servers = await startServers();
+  const { screen, reader, type, end } = terminal(80);
+  try {
+    await register(servers.authUrl, "alice");
+    const exited = runApp([
+      "login",
+      "--user",
+      "alice",
+      "--auth-url",
+      servers.authUrl,
+    ], {
+      env: () => undefined,
+      lines: () => reader,
+      out: (line) => reader.print(line),
+      err: (line) => reader.print(line),
+      color: false,
+    }).catch((err) => err);
+    const shows = (match: (lines: string[]) => boolean) =>
+      waitFor(() => match(screen.lines), 5000).catch(() => {
+        throw new Error(`not on the screen:\n${screen.lines.join("\n")}`);
+      });
+    await shows((l) => l.some((x) => x.startsWith("Password:")));
+    await type(`${PASSWORD}\r`);
+    await shows((l) => l.at(-1) === "#lobby> ");
+    await servers.chat.shutdown();
+    await shows((l) => l.at(-1) === "(offline) #lobby> ");
+    await type("in lobby\r/join dev\r");
+    await shows((l) => l.at(-1) === "(offline) #dev> ");
+    await type("in dev\r");
+    await shows((l) => l.some((x) => x.includes("in dev (pending)")));
+    await type("/join lobby\r");
+    await shows((l) => l.at(-1) === "(offline) #lobby> ");
+    const rows = screen.lines.filter((l) => l.endsWith("(pending)"));
+    assert.deepEqual(rows, [
+      "[--:--] <alice> in lobby (pending)",
+      "[--:--] #dev <alice> in dev (pending)",
+    ]);
+    end();
+    await exited;
+  } finally {
+    reader.close();
+    await servers.close();
+  }
 });
