@@ -885,7 +885,7 @@ export class ChatSession {
     if (gap && (after === undefined || this.#gapTold.get(room) !== after)) {
       if (after !== undefined) this.#gapTold.set(room, after);
       this.#print(status(
-        `some messages of #${room} from while you were away are no longer kept by the server`,
+        `some messages of #${room} from while you were away may be missing (the server no longer keeps them, or stopped abruptly)`,
         this.#view(),
       ));
     }

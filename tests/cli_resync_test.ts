@@ -121,7 +121,7 @@ Deno.test("after a crash, the gap of a resync that takes several pages is told o
     await lastPage;
     await session.quit();
     assert.equal(
-      session.out.count((l) => l.includes("no longer kept")),
+      session.out.count((l) => l.includes("may be missing")),
       1,
       session.out.text,
     );
