@@ -462,7 +462,17 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
       : "local";
     let path = "";
     try {
-      path = new URL(req.url).pathname;
+      const url = URL.parse(req.url);
+      if (url === null) {
+        // A Host header that is no host ("a b", "[zz]"): nothing to route.
+        await discardBody(req);
+        throw new HttpError(
+          400,
+          "bad_request",
+          "The request's Host header is not a valid host",
+        );
+      }
+      path = url.pathname;
       const route = routes.get(path);
       if (route === undefined) {
         await discardBody(req);

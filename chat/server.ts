@@ -285,7 +285,16 @@ export function createChatHandler(
     authUnlogged = 0;
   };
   return async function handleChat(req, info) {
-    const url = new URL(req.url);
+    const url = URL.parse(req.url);
+    if (url === null) {
+      // A Host header that is no host ("a b", "[zz]"): nothing to route.
+      await req.body?.cancel().catch(() => {});
+      return jsonError(
+        400,
+        "bad_request",
+        "The request's Host header is not a valid host",
+      );
+    }
     if (url.pathname === "/health") {
       if (req.method !== "GET" && req.method !== "HEAD") {
         return jsonError(405, "method_not_allowed", "Use GET or HEAD", {

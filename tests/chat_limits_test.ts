@@ -538,6 +538,35 @@ Deno.test("a connection whose session is revoked or expires is closed with 1008"
   );
 });
 
+Deno.test("a Host header that names no host gets 400 bad_request from both servers, not a 500", async () => {
+  const stack = await startStack();
+  try {
+    const token = await login(stack.auth.url, "alice");
+    const authPort = Number(new URL(stack.auth.url).port);
+    for (const host of ["a b", "[zz]", "[fe80::1%25eth0]"]) {
+      const plain = { upgrade: "", connection: "", host };
+      for (
+        const [port, path] of [[authPort, "/health"], [
+          stack.chat.port,
+          "/health",
+        ]] as const
+      ) {
+        const res = await rawUpgrade(port, path, plain);
+        assert.equal(res.status, 400, `${host} ${port}`);
+        assert.equal(JSON.parse(res.body).error, "bad_request");
+      }
+      const upgrade = await rawUpgrade(stack.chat.port, "/ws", {
+        authorization: `Bearer ${token}`,
+        host,
+      });
+      assert.equal(upgrade.status, 400, host);
+    }
+    assert.equal((await fetch(`${stack.chat.httpUrl}/health`)).status, 200);
+  } finally {
+    await stack.close();
+  }
+});
+
 Deno.test("an upgrade from a foreign Origin gets 403; the own origin and ALLOWED_ORIGINS pass", async () => {
   const stack = await startStack({
     allowedOrigins: ["https://chat.example.org"],
