@@ -123,6 +123,10 @@ export async function createChatServer(
     now: options.now,
   });
   let watch: SessionWatch | undefined;
+  // The address it listens on, by the name it was given (its port is known
+  // once it listens): a page from there is its own, as the default
+  // CHAT_PUBLIC_URL says.
+  let listening: string | undefined;
   const handler = createChatHandler({
     manager,
     validateToken,
@@ -131,6 +135,7 @@ export async function createChatServer(
       (watch?.upSince ?? Infinity) < Infinity,
     allowedOrigins: options.allowedOrigins ?? [],
     publicUrl: options.publicUrl,
+    listeningOrigin: () => listening,
     idleTimeoutSeconds: options.idleTimeoutSeconds ?? 30,
     log,
   });
@@ -157,6 +162,10 @@ export async function createChatServer(
         err instanceof Error ? err.message : err
       }`,
     );
+  }
+  if (hostname !== "0.0.0.0" && hostname !== "::" && hostname !== "") {
+    const name = hostname.includes(":") ? `[${hostname}]` : hostname;
+    listening = `http://${name.toLowerCase()}:${server.addr.port}`;
   }
   // Told in process, nothing can go untold: every confirmation is covered.
   if (options.sessionEvents === "in_process") {
@@ -238,6 +247,8 @@ interface HandlerOptions {
   watching?: () => boolean;
   allowedOrigins: string[];
   publicUrl?: string;
+  /** `http://HOST:PORT` of the address listened on, by its configured name. */
+  listeningOrigin?: () => string | undefined;
   idleTimeoutSeconds: number;
   log: (line: string) => void;
 }
@@ -334,7 +345,10 @@ export function createChatHandler(
       );
     }
     const origin = req.headers.get("origin");
-    if (origin !== null && !originAllowed(origin, req, allowed)) {
+    if (
+      origin !== null && origin !== options.listeningOrigin?.() &&
+      !originAllowed(origin, req, allowed)
+    ) {
       return jsonError(
         403,
         "origin_not_allowed",
@@ -446,7 +460,7 @@ function bearerToken(req: Request): string | undefined {
  * `localhost`, and the page came from there. A `Host` that is a domain name
  * could be anybody's (a page whose name is made to point here, "DNS
  * rebinding", sends its own name as both): such an origin must be listed,
- * or be the public address's.
+ * or be the public address's, or the name the server listens on.
  */
 function originAllowed(
   origin: string,

@@ -600,6 +600,15 @@ Deno.test("an upgrade from a foreign Origin gets 403; the own origin and ALLOWED
       });
       assert.equal(rebound.status, 403, host);
     }
+    // The address it listens on, by the name it was given (here an
+    // address; CHAT_HOST=chat.lan works the same), is its own whatever the
+    // Host says.
+    const listened = await rawUpgrade(stack.chat.port, "/ws", {
+      ...auth,
+      host: "chat.lan",
+      origin: `http://127.0.0.1:${stack.chat.port}`,
+    });
+    assert.equal(listened.status, 101);
     for (const host of [`localhost:${stack.chat.port}`, "[::1]:8001"]) {
       const own = await rawUpgrade(stack.chat.port, "/ws", {
         ...auth,
