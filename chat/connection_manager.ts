@@ -557,6 +557,8 @@ export class ConnectionManager {
       }
       if (this.#closing) {
         giveUp();
+        // Its close handshake is waited for like the others'.
+        this.#awaitingClose?.conns.add(conn);
         socket.close(CloseCode.goingAway, "server shutting down");
         return;
       }

@@ -205,34 +205,40 @@ export async function createChatServer(
         // have answered them, or after CLOSE_ANSWER_MS at most (upgrades
         // meanwhile get 503 shutting_down): the runtime's own shutdown
         // drops the connections, and a peer still sending when it does
-        // loses our 1001 to the reset. A peer that never answers is waited
-        // for a little longer (2 s), with the listener stopped.
-        const closing = manager.close();
-        const unwatched = watch?.close();
-        let answered: ReturnType<typeof setTimeout> | undefined;
-        await Promise.race([
-          closing,
-          new Promise((resolve) =>
-            answered = setTimeout(resolve, CLOSE_ANSWER_MS)
-          ),
-        ]);
-        clearTimeout(answered);
-        const serverDown = server.shutdown();
-        await Promise.all([closing, unwatched]);
-        // An upgrade whose client left before it was answered never
-        // completes (this runtime neither opens nor closes the socket): the
-        // graceful shutdown would wait for it forever, so it gets a grace
-        // period, then the history is flushed and the process may exit.
-        let timer: ReturnType<typeof setTimeout> | undefined;
-        await Promise.race([
-          serverDown,
-          new Promise((resolve) => timer = setTimeout(resolve, 2000)),
-        ]);
-        clearTimeout(timer);
+        // loses our 1001 to the reset (so a peer that never answers is let
+        // go of then, with its close frame sent).
+        let serverDown: Promise<void> | undefined;
         try {
-          await history.close();
+          const closing = manager.close();
+          const unwatched = watch?.close();
+          let answered: ReturnType<typeof setTimeout> | undefined;
+          await Promise.race([
+            closing,
+            new Promise((resolve) =>
+              answered = setTimeout(resolve, CLOSE_ANSWER_MS)
+            ),
+          ]);
+          clearTimeout(answered);
+          serverDown = server.shutdown();
+          await Promise.all([closing, unwatched]);
         } finally {
-          resolveFinished();
+          serverDown ??= server.shutdown();
+          // An upgrade whose client left before it was answered never
+          // completes (this runtime neither opens nor closes the socket):
+          // the graceful shutdown would wait for it forever, so it gets a
+          // grace period, then the history is flushed and the process may
+          // exit.
+          let timer: ReturnType<typeof setTimeout> | undefined;
+          await Promise.race([
+            serverDown,
+            new Promise((resolve) => timer = setTimeout(resolve, 2000)),
+          ]);
+          clearTimeout(timer);
+          try {
+            await history.close();
+          } finally {
+            resolveFinished();
+          }
         }
       })();
       return stopping;
@@ -311,6 +317,10 @@ export function createChatHandler(
         return jsonError(405, "method_not_allowed", "Use GET or HEAD", {
           allow: "GET, HEAD",
         });
+      }
+      // Not healthy for whoever watches: the listener stops in a moment.
+      if (manager.closing) {
+        return jsonError(503, "shutting_down", "The server is shutting down");
       }
       const body = JSON.stringify({
         status: "ok",

@@ -730,11 +730,18 @@ Deno.test("shutdown stops accepting within moments, even with a peer that never 
     // 1 s at most before the listener stops.
     const shutdown = stack.chat.shutdown();
     const started = performance.now();
-    // Refused (or reset if it reached the backlog just before it closed).
+    // Meanwhile an upgrade, and /health, are told the server is going.
+    const late = await rawUpgrade(stack.chat.port, "/ws", {
+      authorization: `Bearer ${token}`,
+    });
+    assert.equal(late.status, 503);
+    assert.equal(JSON.parse(late.body).error, "shutting_down");
+    // Then refused (or reset if it reached the backlog just before it closed).
     for (;;) {
       const refused = await fetch(`${stack.chat.httpUrl}/health`).then(
         async (res) => {
-          await res.body?.cancel();
+          assert.equal(res.status, 503);
+          assert.equal((await res.json()).error, "shutting_down");
           return false;
         },
         (err) => err instanceof TypeError,
