@@ -11,7 +11,7 @@
 import { basename, dirname, join } from "node:path";
 import { tryLockFile } from "../lock_file.ts";
 import { USERNAME_RE } from "../username.ts";
-import { parsePasswordHash } from "./password.ts";
+import { isPasswordHashForm } from "./password.ts";
 
 /** A user as stored in `users.json`. */
 export interface UserRecord {
@@ -666,10 +666,8 @@ function parseUsers(data: unknown): Map<string, UserRecord> {
         }", not its lower-case name`,
       );
     }
-    if (users.has(lower)) {
-      throw new FormatError(`user ${name} appears twice`);
-    }
-    if (parsePasswordHash(value.password_hash) === undefined) {
+    // (Keys are unique, so with each its name's lower case, names are too.)
+    if (!isPasswordHashForm(value.password_hash)) {
       throw new FormatError(
         `user ${name} has a password_hash that is not an Argon2id PHC string`,
       );

@@ -110,6 +110,14 @@ export function needsRehash(stored: string): boolean {
     salt.length < SALT_BYTES || hash.length < HASH_BYTES;
 }
 
+/**
+ * Whether `text` has the form of an Argon2id PHC string (no decoding: cheap
+ * enough to check every user at start).
+ */
+export function isPasswordHashForm(text: string): boolean {
+  return PHC_RE.test(text);
+}
+
 /** Parses a PHC string, or returns `undefined` when it is not one we can verify. */
 export function parsePasswordHash(text: string): PasswordHash | undefined {
   const m = PHC_RE.exec(text);

@@ -373,8 +373,13 @@ async function requestCheck(
   if (res.status === 401) return { valid: false };
   const check = res.status === 200 ? readCheck(body) : undefined;
   if (check?.valid === true) return check;
+  const badName = res.status === 200 && typeof body === "object" &&
+    body !== null && "username" in body &&
+    !(typeof body.username === "string" && USERNAME_RE.test(body.username));
   throw new AuthUnavailableError(
-    `The auth server at ${base} answered ${res.status} to /validate_token`,
+    `The auth server at ${base} answered ${res.status} to /validate_token${
+      badName ? " with a username outside the username rules" : ""
+    }`,
   );
 }
 

@@ -403,7 +403,9 @@ Deno.test("an answer naming a user outside the username rules (a line break, a s
       asked = name;
       await assert.rejects(
         validate(`token-${name.length}`),
-        (err: unknown) => err instanceof AuthUnavailableError,
+        (err: unknown) =>
+          err instanceof AuthUnavailableError &&
+          err.message.endsWith("with a username outside the username rules"),
         JSON.stringify(name.slice(0, 20)),
       );
     }
