@@ -10,7 +10,8 @@
  * every token until it is confirmed again under a new stream. An auth
  * server without the stream (404 or 405, or an answer that does not start
  * with its hello) is asked again after a minute; one that fails otherwise,
- * after a back-off of 1 s doubling to 30 s.
+ * after a back-off of 1 s doubling to 30 s, or after its `Retry-After` when
+ * that is longer (at most 30 s).
  *
  * @module
  */
@@ -84,6 +85,8 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
 
   /** Whether the current attempt got its hello. */
   let cameUp = false;
+  /** The wait the auth server asked for (`Retry-After`) in the last attempt. */
+  let askedWaitMs = 0;
 
   /** One stream, until it ends: "unsupported", whether it came up, or why not. */
   const watchOnce = async (
@@ -113,6 +116,11 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
     if (res.status !== 200 || res.body === null) {
       clearTimeout(watchdog);
       await res.body?.cancel().catch(() => {});
+      // A server with no place for us now says when to come back.
+      const seconds = Number(res.headers.get("retry-after") ?? "");
+      if (Number.isFinite(seconds) && seconds > 0) {
+        askedWaitMs = Math.min(MAX_RETRY_MS, seconds * 1000);
+      }
       return `answered ${res.status}`;
     }
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -177,6 +185,7 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
     while (!closed) {
       controller = new AbortController();
       cameUp = false;
+      askedWaitMs = 0;
       let outcome: "unsupported" | boolean | string = false;
       try {
         outcome = await watchOnce(controller.signal);
@@ -207,7 +216,11 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
         );
       }
       if (cameUp) retryMs = FIRST_RETRY_MS;
-      await sleep(outcome === "unsupported" ? UNSUPPORTED_RETRY_MS : retryMs);
+      await sleep(
+        outcome === "unsupported"
+          ? UNSUPPORTED_RETRY_MS
+          : Math.max(retryMs, askedWaitMs),
+      );
       if (!cameUp) retryMs = Math.min(MAX_RETRY_MS, retryMs * 2);
     }
   };

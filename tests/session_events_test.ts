@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import { createAuthServer } from "../auth/server.ts";
 import type { ChatLimits } from "../chat/connection_manager.ts";
 import { createChatServer } from "../chat/server.ts";
+import { watchSessions } from "../chat/session_watch.ts";
 import { tokenHash } from "../token_hash.ts";
 import {
   closedWithin,
@@ -305,6 +306,51 @@ Deno.test("an auth server without session events (404, or a stream that is not o
         await Deno.remove(dataDir, { recursive: true });
       }
     });
+  }
+});
+
+Deno.test("a refusal with Retry-After is asked again after that wait, not after the shorter back-off", async () => {
+  const asked: number[] = [];
+  const streams: ReadableStreamDefaultController<Uint8Array>[] = [];
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    () => {
+      asked.push(performance.now());
+      if (asked.length === 1) {
+        return Response.json({ error: "busy", message: "Full" }, {
+          status: 503,
+          headers: { "retry-after": "2" },
+        });
+      }
+      return new Response(
+        new ReadableStream<Uint8Array>({
+          start(c) {
+            streams.push(c);
+            c.enqueue(
+              new TextEncoder().encode(
+                '{"type":"hello","heartbeat_ms":15000}\n',
+              ),
+            );
+          },
+        }),
+      );
+    },
+  );
+  let up = false;
+  const watch = watchSessions({
+    authUrl: `http://127.0.0.1:${server.addr.port}`,
+    onEnded: () => {},
+    onState: (since) => up = since < Infinity,
+  });
+  try {
+    await retryUntil(() => Promise.resolve(assert.ok(up)), 5000);
+    assert.equal(asked.length, 2);
+    // The back-off alone would have asked again after 1 s.
+    assert.ok(asked[1]! - asked[0]! >= 1900, `${asked[1]! - asked[0]!} ms`);
+  } finally {
+    await watch.close();
+    for (const c of streams) c.close();
+    await server.shutdown();
   }
 });
 
