@@ -175,7 +175,21 @@ export class LineReader {
       this.#write(this.#output, `${options.prompt.trimEnd()}\n`);
     }
     if (this.#queue.length > 0) {
-      return Promise.resolve(this.#queue.shift() ?? null);
+      const line = this.#queue.shift() ?? null;
+      if (
+        line !== null && this.#terminal !== null && !this.#plain &&
+        !options.transient && options.prompt !== undefined
+      ) {
+        // A line typed ahead stays on screen after its prompt, as one typed
+        // at the prompt does (a hidden one without its characters).
+        this.#clear();
+        this.#write(
+          this.#editorOutput,
+          `${options.prompt}${options.echo === false ? "" : line}\n`,
+        );
+        this.#draw();
+      }
+      return Promise.resolve(line);
     }
     if (this.#eof) return Promise.resolve(null);
     const { signal } = options;

@@ -319,3 +319,26 @@ Deno.test("the pending rows' #room marks follow the current room when it changes
     await servers.close();
   }
 });
+
+Deno.test("a line typed ahead of its prompt stays on screen after it, as one typed at the prompt does (a password without its characters)", async () => {
+  const { screen, reader, type, end } = terminal(60);
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const authUrl = `http://127.0.0.1:${listener.addr.port}`;
+  listener.close();
+  const exited = runApp(["--auth-url", authUrl], {
+    env: () => undefined,
+    lines: () => reader,
+    out: (line) => reader.print(line),
+    err: (line) => reader.print(line),
+    color: false,
+  });
+  // All at once, before the username and password prompts are drawn.
+  await type("2\ralice\rsecretpw1\r");
+  await waitFor(() => screen.lines.some((l) => l.includes("cannot reach")));
+  const shown = screen.lines.join("\n");
+  assert.ok(screen.lines.includes("Username: alice"), shown);
+  assert.ok(screen.lines.includes("Password: "), shown);
+  assert.ok(!shown.includes("secretpw1"), shown);
+  end();
+  assert.equal(await exited, 0);
+});
