@@ -779,6 +779,14 @@ export function inputWindow(
     head.unshift(before[i]!);
     room -= width;
   }
+  // Room the part before the cursor left (near the start of the line) goes
+  // to what follows it.
+  for (let i = tail.length; i < after.length; i++) {
+    const width = displayWidth(after[i]!);
+    if (width > room) break;
+    tail.push(after[i]!);
+    room -= width;
+  }
   const cutBefore = head.length < before.length;
   const shownBefore = `${cutBefore ? "…" : ""}${head.join("")}`;
   const cutAfter = tail.length < after.length;

@@ -161,6 +161,11 @@ Deno.test("wide characters and lines longer than the screen leave no stale rows 
     "[09:02] <bob> ok",
   ]);
   assert.ok(screen.lines[3]!.startsWith("#l> …xxx"), screen.lines[3]);
+  // At its start, the window still takes its three rows, from there on.
+  await type("\x01");
+  assert.equal(screen.lines.length, 3 + 3);
+  assert.ok(screen.lines[3]!.startsWith("#l> xxx"), screen.lines[3]);
+  assert.ok(screen.lines[5]!.endsWith("x…"), screen.lines[5]);
   await type("\r");
   assert.equal(await line, "x".repeat(500));
   reader.close();
