@@ -468,7 +468,7 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
         await discardBody(req);
         throw new HttpError(
           400,
-          "bad_request",
+          "invalid_request",
           "The request's Host header is not a valid host",
         );
       }

@@ -19,7 +19,7 @@ export type AuthErrorCode =
   | "busy"
   | "not_found"
   | "method_not_allowed"
-  | "bad_request"
+  | "invalid_request"
   | "server_error";
 
 /** Options of {@linkcode HttpError}. */

@@ -308,7 +308,7 @@ export function createChatHandler(
       await req.body?.cancel().catch(() => {});
       return jsonError(
         400,
-        "bad_request",
+        "invalid_request",
         "The request's Host header is not a valid host",
       );
     }

@@ -538,7 +538,7 @@ Deno.test("a connection whose session is revoked or expires is closed with 1008"
   );
 });
 
-Deno.test("a Host header that names no host gets 400 bad_request from both servers, not a 500", async () => {
+Deno.test("a Host header that names no host gets 400 invalid_request from both servers, not a 500", async () => {
   const stack = await startStack();
   try {
     const token = await login(stack.auth.url, "alice");
@@ -553,7 +553,7 @@ Deno.test("a Host header that names no host gets 400 bad_request from both serve
       ) {
         const res = await rawUpgrade(port, path, plain);
         assert.equal(res.status, 400, `${host} ${port}`);
-        assert.equal(JSON.parse(res.body).error, "bad_request");
+        assert.equal(JSON.parse(res.body).error, "invalid_request");
       }
       const upgrade = await rawUpgrade(stack.chat.port, "/ws", {
         authorization: `Bearer ${token}`,
