@@ -496,8 +496,12 @@ function scriptedAuth() {
   };
 }
 
-/** A chat server (limits off) on a fresh data directory, its auth server `authUrl`. */
-async function chatOn(authUrl: string, limits: Partial<ChatLimits>) {
+/** A chat server (limits off) on a fresh data directory, its auth server `authUrl`, on the clock `now`. */
+async function chatOn(
+  authUrl: string,
+  limits: Partial<ChatLimits>,
+  now?: () => number,
+) {
   const dataDir = await Deno.makeTempDir();
   const chat = await createChatServer({
     port: 0,
@@ -505,6 +509,7 @@ async function chatOn(authUrl: string, limits: Partial<ChatLimits>) {
     authUrl,
     rateLimits: false,
     limits,
+    now,
   });
   return {
     chat,
@@ -575,14 +580,24 @@ Deno.test("a check asked for before the watch began is not covered by it, though
   }
 });
 
-Deno.test("an upgrade whose check came just before its session's end was told opens, and is closed with 1008 before any frame", async () => {
+/**
+ * An upgrade whose check is answered just after its session's end was told
+ * (the check held at the auth server meanwhile) opens, and is closed with
+ * 1008 before any frame. `meanwhile(chat)` runs before that check is
+ * answered; `now` is the chat server's clock.
+ */
+async function endedWhileOpening(
+  limits: Partial<ChatLimits>,
+  options: {
+    now?: () => number;
+    before?: (chatUrl: string) => Promise<() => Promise<void>>;
+  } = {},
+): Promise<void> {
   const auth = scriptedAuth();
-  const server = await chatOn(auth.url, {
-    recheckIntervalMs: 3_600_000,
-    watchedRecheckIntervalMs: 3_600_000,
-  });
+  const server = await chatOn(auth.url, limits, options.now);
   const { chat } = server;
   try {
+    const meanwhile = await options.before?.(chat.url);
     await auth.firstStream;
     auth.hello();
     await watched(chat);
@@ -593,6 +608,7 @@ Deno.test("an upgrade whose check came just before its session's end was told op
     // Both ends in one line: once the victim is closed, the line was read.
     auth.ended(["victim", "slow"]);
     assert.equal((await closedWithin(victim, 5000)).code, 1008);
+    await meanwhile?.();
     slow.release();
     const event = await closedWithin(late, 5000);
     assert.equal(event.code, 1008);
@@ -602,51 +618,35 @@ Deno.test("an upgrade whose check came just before its session's end was told op
     await server.close();
     await auth.close();
   }
-});
+}
 
-Deno.test("an ended session is remembered for as long as a handshake may take, plus a minute: an upgrade checked just before the end is refused even after a long handshake", async () => {
-  const auth = scriptedAuth();
-  const dataDir = await Deno.makeTempDir();
+Deno.test("an upgrade whose check came just before its session's end was told opens, and is closed with 1008 before any frame", () =>
+  endedWhileOpening({
+    recheckIntervalMs: 3_600_000,
+    watchedRecheckIntervalMs: 3_600_000,
+  }));
+
+Deno.test("an ended session is remembered for as long as a handshake may take, plus a minute: an upgrade checked just before the end is refused even after a long handshake", () => {
   // The server's clock; moved forward past the minute below.
   let ahead = 0;
-  const chat = await createChatServer({
-    port: 0,
-    dataDir,
-    authUrl: auth.url,
-    rateLimits: false,
+  return endedWhileOpening({
+    recheckIntervalMs: 100,
+    watchedRecheckIntervalMs: 3_600_000,
+    handshakeTimeoutMs: 120_000,
+  }, {
     now: () => Date.now() + ahead,
-    limits: {
-      recheckIntervalMs: 100,
-      watchedRecheckIntervalMs: 3_600_000,
-      handshakeTimeoutMs: 120_000,
+    before: async (chatUrl) => {
+      // Its expiry, found by a re-check tick, shows that a tick (which
+      // also forgets old ends) has run on the moved clock.
+      const canary = await TestClient.connect(chatUrl, "briefcanary");
+      return async () => {
+        // 90 s later by the server's clock: past a minute, within the
+        // handshake.
+        ahead = 90_000;
+        assert.equal((await closedWithin(canary, 5000)).code, 1008);
+      };
     },
   });
-  try {
-    // Its expiry, found by a re-check tick, shows that a tick (which also
-    // forgets old ends) has run on the moved clock.
-    const canary = await TestClient.connect(chat.url, "briefcanary");
-    await auth.firstStream;
-    auth.hello();
-    await watched(chat);
-    const victim = await TestClient.connect(chat.url, "victim");
-    const slow = auth.hold("slow");
-    const late = new TestClient(chat.url, "slow");
-    await slow.reached;
-    auth.ended(["victim", "slow"]);
-    assert.equal((await closedWithin(victim, 5000)).code, 1008);
-    // 90 s later by the server's clock: past a minute, within the handshake.
-    ahead = 90_000;
-    assert.equal((await closedWithin(canary, 5000)).code, 1008);
-    slow.release();
-    const event = await closedWithin(late, 5000);
-    assert.equal(event.code, 1008);
-    assert.equal(event.reason, "session ended");
-    assert.equal(late.frames.length, 0);
-  } finally {
-    await chat.shutdown();
-    await auth.close();
-    await Deno.remove(dataDir, { recursive: true });
-  }
 });
 
 Deno.test("in one process (as deno task start wires it), a session ended by the per-user cap closes its chat connections at once", async () => {
