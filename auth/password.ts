@@ -111,15 +111,32 @@ export function needsRehash(stored: string): boolean {
 }
 
 /**
- * Whether `text` has the form of an Argon2id PHC string (no decoding: cheap
- * enough to check every user at start).
+ * Whether `text` has the form of an Argon2id PHC string we can verify:
+ * exactly what {@linkcode parsePasswordHash} accepts, without decoding
+ * (cheap enough to check every user at start).
  */
 export function isPasswordHashForm(text: string): boolean {
-  return PHC_RE.test(text);
+  return phcParts(text) !== undefined;
 }
 
 /** Parses a PHC string, or returns `undefined` when it is not one we can verify. */
 export function parsePasswordHash(text: string): PasswordHash | undefined {
+  const parts = phcParts(text);
+  if (parts === undefined) return undefined;
+  const salt = decodeBase64(parts.saltText);
+  const hash = decodeBase64(parts.hashText);
+  if (salt === undefined || hash === undefined) return undefined;
+  return { params: parts.params, salt, hash };
+}
+
+/**
+ * The parameters and the base64 texts of a PHC string, checked so that the
+ * texts decode (the pattern's minimum lengths make at least 8 bytes of salt
+ * and 16 of hash) and Argon2id accepts the parameters.
+ */
+function phcParts(
+  text: string,
+): { params: Argon2Params; saltText: string; hashText: string } | undefined {
   const m = PHC_RE.exec(text);
   if (m === null) return undefined;
   const [, mem, t, p, saltText, hashText] = m;
@@ -134,13 +151,10 @@ export function parsePasswordHash(text: string): PasswordHash | undefined {
   };
   if (
     params.passes < 1 || params.parallelism < 1 ||
-    params.memory < 8 * params.parallelism
+    params.memory < 8 * params.parallelism ||
+    saltText.length % 4 === 1 || hashText.length % 4 === 1
   ) return undefined;
-  const salt = decodeBase64(saltText);
-  const hash = decodeBase64(hashText);
-  if (salt === undefined || hash === undefined) return undefined;
-  if (salt.length < 8 || hash.length < 16) return undefined;
-  return { params, salt, hash };
+  return { params, saltText, hashText };
 }
 
 /** Formats a PHC string (base64 without padding, as the PHC format says). */

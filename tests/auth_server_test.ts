@@ -1087,6 +1087,17 @@ Deno.test("a file that does not parse stops the server at start, named in the me
     ...[
       ["bob", "bob", "nope", PHC],
       ["bob", "bob", "2026-01-01T00:00:00.000Z", "plaintext"],
+      // The PHC pattern, but nothing Argon2id could verify (each would lock
+      // its user out for good): no passes, too little memory, and a salt
+      // whose base64 length does not decode.
+      ["bob", "bob", "2026-01-01T00:00:00.000Z", PHC.replace("t=2", "t=0")],
+      ["bob", "bob", "2026-01-01T00:00:00.000Z", PHC.replace("m=19456", "m=7")],
+      [
+        "bob",
+        "bob",
+        "2026-01-01T00:00:00.000Z",
+        PHC.replace("c2FsdHNhbHRzYWx0c2FsdA", "c2FsdHNhbHRzY"),
+      ],
       ["a b", "a b", "2026-01-01T00:00:00.000Z", PHC],
       ["bob", "alice", "2026-01-01T00:00:00.000Z", PHC],
       ["Bob", "Bob", "2026-01-01T00:00:00.000Z", PHC],
