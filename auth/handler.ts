@@ -14,6 +14,7 @@ import {
 import { HashBusyError, HashLimiter } from "./hash_limiter.ts";
 import type { AuthStore, UserRecord } from "./json_store.ts";
 import { USERNAME_RE } from "../username.ts";
+import { requestUrl } from "../request_url.ts";
 import type { SessionEvents } from "./session_events.ts";
 import {
   DUMMY_HASH,
@@ -462,9 +463,9 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
       : "local";
     let path = "";
     try {
-      const url = URL.parse(req.url);
+      const url = requestUrl(req);
       if (url === null) {
-        // A Host header that is no host ("a b", "[zz]"): nothing to route.
+        // A Host header that is no host ("a b", "x/health?"): nothing to route.
         await discardBody(req);
         throw new HttpError(
           400,

@@ -17,6 +17,7 @@ import {
 import { HistoryStore } from "./history.ts";
 import { type SessionWatch, watchSessions } from "./session_watch.ts";
 import { type ResilientServer, serveResilient } from "../serve_resilient.ts";
+import { requestUrl } from "../request_url.ts";
 
 /** Options of {@linkcode createChatServer}. */
 export interface ChatServerOptions {
@@ -212,13 +213,16 @@ export async function createChatServer(
           const closing = manager.close();
           const unwatched = watch?.close();
           let answered: ReturnType<typeof setTimeout> | undefined;
-          await Promise.race([
-            closing,
-            new Promise((resolve) =>
-              answered = setTimeout(resolve, CLOSE_ANSWER_MS)
-            ),
-          ]);
-          clearTimeout(answered);
+          try {
+            await Promise.race([
+              closing,
+              new Promise((resolve) =>
+                answered = setTimeout(resolve, CLOSE_ANSWER_MS)
+              ),
+            ]);
+          } finally {
+            clearTimeout(answered);
+          }
           serverDown = server.shutdown();
           await Promise.all([closing, unwatched]);
         } finally {
@@ -302,9 +306,9 @@ export function createChatHandler(
     authUnlogged = 0;
   };
   return async function handleChat(req, info) {
-    const url = URL.parse(req.url);
+    const url = requestUrl(req);
     if (url === null) {
-      // A Host header that is no host ("a b", "[zz]"): nothing to route.
+      // A Host header that is no host ("a b", "x/health?"): nothing to route.
       await req.body?.cancel().catch(() => {});
       return jsonError(
         400,

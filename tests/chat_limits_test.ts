@@ -543,12 +543,15 @@ Deno.test("a Host header that names no host gets 400 invalid_request from both s
   try {
     const token = await login(stack.auth.url, "alice");
     const authPort = Number(new URL(stack.auth.url).port);
-    for (const host of ["a b", "[zz]", "[fe80::1%25eth0]"]) {
+    // Paths that exist nowhere: "x/health?" must not turn them into /health.
+    for (
+      const host of ["a b", "[zz]", "[fe80::1%25eth0]", "x/health?", "x#"]
+    ) {
       const plain = { upgrade: "", connection: "", host };
       for (
-        const [port, path] of [[authPort, "/health"], [
+        const [port, path] of [[authPort, "/nowhere"], [
           stack.chat.port,
-          "/health",
+          "/nowhere",
         ]] as const
       ) {
         const res = await rawUpgrade(port, path, plain);
