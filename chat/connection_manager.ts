@@ -12,7 +12,7 @@
  */
 import type { TokenCheck, TokenValidator } from "./auth_client.ts";
 import { AuthUnavailableError } from "./auth_client.ts";
-import type { HistoryStore } from "./history.ts";
+import { type HistoryStore, HistoryWriteError } from "./history.ts";
 import {
   type ClientFrame,
   CloseCode,
@@ -30,6 +30,11 @@ import { setImmediate } from "node:timers";
 
 /** A connection's queue at this size is written at once, not at the next flush. */
 const WRITE_NOW_BYTES = 64 * 1024;
+/**
+ * The wait named to a sender whose message could not be stored (a full
+ * disk): the history tries its files again every second.
+ */
+const STORAGE_RETRY_MS = 1000;
 
 /** Limits of the chat server; every one is configurable. */
 export interface ChatLimits {
@@ -762,7 +767,6 @@ export class ConnectionManager {
         // What was queued goes first (the warnings before a flood close),
         // unless the peer's backlog is the reason for closing.
         if (pending !== "" && code !== CloseCode.tryAgainLater) {
-          this.#history.writeOut();
           socket.send(pending);
         }
       } catch {
@@ -951,12 +955,21 @@ export class ConnectionManager {
     }
     const room = this.#rooms.get(roomName)!;
     // The sender's echo (`own`) is the line plus its client_id.
-    const { line, own } = this.#history.append(
-      roomName,
-      user.name,
-      frame.text,
-      clientId,
-    );
+    let stored;
+    try {
+      stored = this.#history.append(roomName, user.name, frame.text, clientId);
+    } catch (err) {
+      if (!(err instanceof HistoryWriteError)) throw err;
+      // Not stored, so not sent to anyone: the sender tries again later.
+      this.#sendFrame(conn, {
+        type: "error",
+        error: "storage_unavailable",
+        message: err.message,
+        retry_after_ms: STORAGE_RETRY_MS,
+      });
+      return;
+    }
+    const { line, own } = stored;
     if (clientId !== undefined) this.#remember(user, clientId, own, now);
     this.#broadcast(room, user, line, own);
   }
@@ -1051,7 +1064,6 @@ export class ConnectionManager {
   /** A burst: a queue at `WRITE_NOW_BYTES` is written now rather than held. */
   #writeIfLarge(conn: Conn): void {
     if (conn.open && conn.outboxBytes >= WRITE_NOW_BYTES) {
-      this.#history.writeOut();
       this.#write(conn);
     }
   }
@@ -1079,8 +1091,6 @@ export class ConnectionManager {
     const froms = this.#batchFrom;
     // Whatever is sent from here on comes after the batch.
     this.#endBatch();
-    // No message is sent before it is in its room's file (the OS's).
-    this.#history.writeOut();
     const frame = lines.length === 1 ? lines[0]! : lines.join("\n");
     const { list, sockets, slots } = room;
     const bounds = this.#bounds;
@@ -1478,8 +1488,6 @@ export class ConnectionManager {
 
   /** Writes every listed connection's queue (one already written is skipped). */
   #writeAll(list: ConnList): void {
-    // No message is sent before it is in its room's file (the OS's).
-    this.#history.writeOut();
     // Writes (and drops) below may queue more frames, presence for instance:
     // those land in this same pass, as the loop reads the growing list.
     const items = list.items;

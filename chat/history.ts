@@ -5,11 +5,11 @@
  * `client_id`, so that exactly-once sending holds across a restart, but no
  * message handed out by this module carries it).
  *
- * A message is handed to the OS (appended to its room's file, one write a
- * room for the messages of one event-loop turn) before anyone is sent it:
- * {@linkcode HistoryStore.writeOut}, which the connection manager calls
- * before it writes frames. So a message that was delivered survives the
- * process being killed (`kill -9`), its `client_id` with it. Reaching the
+ * A message is handed to the OS (appended to its room's file, synchronously)
+ * by {@linkcode HistoryStore.append}, before anyone can be sent it, and a
+ * message that cannot be (a full disk) is refused, not kept in memory only.
+ * So a message that was delivered survives the process being killed
+ * (`kill -9`), its `client_id` with it. Reaching the
  * disk itself (`fdatasync`, what survives a power cut) is batched: at most
  * `flushIntervalMs` later, and at close. Files are compacted to the kept
  * tail at start-up and whenever they grow well past it.
@@ -22,6 +22,23 @@ import {
   MAX_PAGE_BYTES,
   type RoomMessage,
 } from "./protocol.ts";
+
+/**
+ * A message that could not be stored: its room's file cannot be written
+ * (a full disk) or is waiting to be rewritten after such a failure. Nothing
+ * of it was kept; the sender may try again.
+ */
+export class HistoryWriteError extends Error {
+  override name = "HistoryWriteError";
+  /** Builds the error for `room`, with the file system's reason if known. */
+  constructor(room: string, reason: string | undefined) {
+    super(
+      `The server cannot store messages in #${room} right now${
+        reason === undefined ? "" : ` (${reason})`
+      }: try again later`,
+    );
+  }
+}
 
 /** Options of {@linkcode HistoryStore.open}. */
 export interface HistoryOptions {
@@ -190,8 +207,6 @@ export class HistoryStore {
   /** Per room, the ids the room's ids go on above (see `FLOORS_FILE`). */
   #floors = new Map<string, number>();
   #dirty = new Set<Room>();
-  /** Rooms with lines not yet handed to the OS (see {@linkcode writeOut}). */
-  #unwritten = new Set<Room>();
   #timer: ReturnType<typeof setTimeout> | undefined;
   #flushing: Promise<void> = Promise.resolve();
   #closed = false;
@@ -354,29 +369,42 @@ export class HistoryStore {
       r = newRoom(room, this.#floor(room));
       this.#rooms.set(room, r);
     }
-    r.lastId++;
+    // A file that ends in part of a line (a write failed) takes no append
+    // until it is rewritten from memory: a message accepted meanwhile would
+    // be in memory only, and lost if the process were killed.
+    if (r.torn) throw new HistoryWriteError(room, r.writeError);
     const message: RoomMessage = {
       type: "message",
-      id: String(r.lastId),
+      id: String(r.lastId + 1),
       room,
       from,
       text,
       ts: new Date(this.#now()).toISOString(),
     };
+    const line = JSON.stringify(message);
+    const own = clientId === undefined ? line : withClientId(line, clientId);
+    // In the file before anyone is sent it (and before it is history): a
+    // message that was delivered survives the process being killed.
+    r.pending.push(own);
+    if (!this.#appendNow(r)) {
+      // Part of it may be in the file: the rewrite from memory, which does
+      // not hold it, takes that out again (and a rewrite under way must not
+      // put it in).
+      if (r.rewriting) {
+        const at = r.late.lastIndexOf(own);
+        if (at !== -1) r.late.splice(at, 1);
+      }
+      throw new HistoryWriteError(room, r.writeError);
+    }
+    r.lastId++;
     r.messages.push(message);
     this.#grow(r, messageBytes(message));
     if (r.messages.length > this.#keep + trimSlack(this.#keep)) this.#trim(r);
     if (this.#bytes > this.#maxBytes) this.#shed();
     else this.#shedStuckAt = 0;
-    const line = JSON.stringify(message);
-    let own = line;
-    if (clientId !== undefined) {
-      this.#clientIds.set(message, clientId);
-      own = withClientId(line, clientId);
-    }
-    r.pending.push(own);
-    this.#unwritten.add(r);
+    if (clientId !== undefined) this.#clientIds.set(message, clientId);
     r.recentJson = undefined;
+    // On disk (fdatasync) at the next flush.
     this.#dirty.add(r);
     this.#schedule();
     return { message, line, own };
@@ -468,23 +496,6 @@ export class HistoryStore {
     const gap = acrossJump ||
       (next !== undefined ? Number(next.id) > seen + 1 : lastId > seen);
     return { ...page, gap };
-  }
-
-  /**
-   * Hands every message appended since the last call to the OS now, one
-   * append a room (synchronous: a few microseconds for a page-cache write).
-   * Called before messages are sent, so that what was delivered survives the
-   * process being killed. A room whose file cannot take an append now (a
-   * failed write) is rewritten from memory at the next flush instead.
-   */
-  writeOut(): void {
-    if (this.#unwritten.size === 0) return;
-    for (const r of this.#unwritten) {
-      // On disk (fdatasync) at the next flush.
-      if (this.#appendNow(r) && r.unsynced) this.#dirty.add(r);
-    }
-    this.#unwritten.clear();
-    this.#schedule();
   }
 
   /** Writes every queued message now, and waits until it is on disk. */

@@ -63,6 +63,7 @@ export type ErrorCode =
   | "unknown_room"
   | "unknown_user"
   | "too_many_rooms"
+  | "storage_unavailable"
   | "server_error";
 
 /** A message kept in a room's history. */

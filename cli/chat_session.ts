@@ -518,7 +518,15 @@ export class ChatSession {
     const asked = this.#asked.shift();
     if (asked !== undefined) this.#answers++;
     if (error.error === "rate_limited" && asked?.type === "ping") return;
-    if (error.error === "rate_limited" && asked !== undefined) {
+    // A message the server could not store (its disk is full) is not lost
+    // either: it stays pending and goes again, as for the rate; but a quit
+    // does not wait for a disk, so then it is left unconfirmed.
+    const unstored = error.error === "storage_unavailable" &&
+      asked?.type === "message";
+    if (unstored && this.#quitting) {
+      return this.#print(renderError(error, this.#view()));
+    }
+    if ((error.error === "rate_limited" || unstored) && asked !== undefined) {
       // Not lost: sent again, first, once the wait is over. Shown once; while
       // paced, a refusal just means "again, later".
       const wait = Math.min(Math.max(error.retry_after_ms ?? 1000, 50), 60_000);

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { HistoryStore } from "../chat/history.ts";
+import { HistoryStore, HistoryWriteError } from "../chat/history.ts";
 import type { RoomMessage } from "../chat/protocol.ts";
 
 /** A line of `lobby.jsonl` as the store writes it. */
@@ -31,7 +31,6 @@ async function nineLinesForTwo(dir: string): Promise<HistoryStore> {
   });
   for (let i = 1; i <= 9; i++) {
     store.append("lobby", "alice", `m${i}`);
-    store.writeOut();
   }
   return store;
 }
@@ -463,20 +462,18 @@ Deno.test("a store opening just as the one before it lets go waits for the lock 
   }
 });
 
-Deno.test("a message is in its room's file as soon as writeOut returns, long before the flush that syncs it", async () => {
+Deno.test("a message is in its room's file as soon as append returns, long before the flush that syncs it", async () => {
   const dir = await Deno.makeTempDir();
   try {
     const store = await HistoryStore.open(dir, { flushIntervalMs: 60_000 });
     const ids = [];
     ids.push(store.append("lobby", "alice", "one", "c1").message.id);
     ids.push(store.append("lobby", "bob", "two").message.id);
-    store.writeOut();
     const read = () => fileLines(dir, "lobby");
     assert.deepEqual(read().map((m) => m.id), ids);
     // The sender's client_id goes with it, for exactly-once after a restart.
     assert.equal(read()[0]?.client_id, "c1");
     ids.push(store.append("dev", "alice", "three").message.id);
-    store.writeOut();
     assert.match(Deno.readTextFileSync(`${dir}/dev.jsonl`), /"three"/);
     // Nothing is written twice by the flush or the close.
     await store.close();
@@ -496,7 +493,6 @@ Deno.test("messages written out while the room's file is being rewritten are in 
     for (let i = 0; i < 5; i++) await Promise.resolve();
     for (const text of ["m10", "m11"]) {
       store.append("lobby", "alice", text);
-      store.writeOut();
     }
     await writing;
     const texts = () => fileLines(dir, "lobby").map((m) => m.text);
@@ -540,7 +536,6 @@ Deno.test("right after a restart, a message goes into its file at once, whether 
         // A torn end is repaired by the opening itself.
         assert.ok(Deno.readTextFileSync(`${dir}/lobby.jsonl`).endsWith("\n"));
         store.append("lobby", "bob", "delivered", "c-1");
-        store.writeOut();
         const texts = fileLines(dir, "lobby").map((m) => m.text);
         assert.equal(texts.at(-1), "delivered");
         assert.equal(texts.at(-2), "old12");
@@ -562,7 +557,6 @@ Deno.test("a compaction that starts while a message waits to be written out writ
     const flushing = store.flush();
     await Promise.resolve();
     await Promise.resolve();
-    store.writeOut();
     assert.ok(
       Deno.readTextFileSync(`${dir}/lobby.jsonl`).includes('"waiting"'),
       "in the room's file, not only in the compaction's temporary file",
@@ -623,7 +617,6 @@ Deno.test("the repair of a torn file at open and a flush never rewrite one file 
       flushIntervalMs: 1,
     });
     store.append("a", "bob", "delivered");
-    store.writeOut();
     await store.flush();
     await store.close();
     assert.match(await Deno.readTextFile(`${dir}/a.jsonl`), /"delivered"/);
@@ -645,7 +638,6 @@ Deno.test("an append that fails just before a compaction that then succeeds leav
     });
     for (let i = 1; i <= 8; i++) {
       store.append("lobby", "alice", `m${i}`);
-      store.writeOut();
     }
     await store.flush();
     // Not yet written out when the close's flush compacts the room, whose
@@ -711,7 +703,7 @@ function existsSync(path: string): boolean {
   }
 }
 
-Deno.test("while the disk refuses writes the history says so once per room, and writes everything kept once it can", async () => {
+Deno.test("while the disk refuses writes a message is refused, not kept in memory only; the history says so once per room and writes what it keeps once it can", async () => {
   const dir = await Deno.makeTempDir();
   const logs: string[] = [];
   try {
@@ -719,31 +711,39 @@ Deno.test("while the disk refuses writes the history says so once per room, and 
       flushIntervalMs: 60_000,
       log: (line) => logs.push(line),
     });
-    store.append("lobby", "alice", "one");
+    store.append("lobby", "alice", "one", "c1");
     await store.flush();
     // Every write fails (as on a full disk) until the directory is back.
     await Deno.remove(`${dir}/history`, { recursive: true });
-    store.append("lobby", "alice", "two");
+    assert.throws(
+      () => store.append("lobby", "alice", "two", "c2"),
+      HistoryWriteError,
+    );
     await store.flush();
-    store.append("lobby", "alice", "three");
-    await store.flush();
+    assert.throws(
+      () => store.append("lobby", "alice", "three"),
+      (err) => err instanceof HistoryWriteError && /#lobby/.test(err.message),
+    );
     await store.flush();
     const failures = logs.filter((l) => l.includes("cannot write"));
     assert.equal(failures.length, 1, logs.join("\n"));
     assert.match(failures[0]!, /lobby\.jsonl/);
+    // Nothing refused is history, or counts for exactly-once.
+    assert.deepEqual(store.recent("lobby", 5).messages.map((m) => m.text), [
+      "one",
+    ]);
+    assert.deepEqual(store.sentSince(0).map((s) => s.clientId), ["c1"]);
     await Deno.mkdir(`${dir}/history`);
-    store.append("lobby", "alice", "four");
     await store.flush();
     assert.ok(logs.some((l) => /writing .*lobby\.jsonl again/.test(l)));
+    // The next message takes the id after the last one kept: no hole that
+    // a client would be told is a gap.
+    assert.equal(store.append("lobby", "alice", "four").message.id, "2");
+    assert.equal(store.after("lobby", "1", 5).gap, false);
     await store.close();
     const lines = (await Deno.readTextFile(`${dir}/history/lobby.jsonl`))
       .trim().split("\n");
-    assert.deepEqual(lines.map((l) => JSON.parse(l).text), [
-      "one",
-      "two",
-      "three",
-      "four",
-    ]);
+    assert.deepEqual(lines.map((l) => JSON.parse(l).text), ["one", "four"]);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

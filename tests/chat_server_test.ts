@@ -1008,3 +1008,43 @@ Deno.test("a flood past the history's memory budget costs its own room's oldest 
     await stack.close();
   }
 });
+
+Deno.test("a message the server cannot write to its room's file is refused with storage_unavailable, sent to nobody, and taken once the file can be written again", async () => {
+  const stack = await startStack({ historyFlushMs: 20, rateLimits: false });
+  try {
+    const alice = await connectAs(stack, "alice");
+    const bob = await connectAs(stack, "bob");
+    alice.send({ type: "message", text: "one", client_id: "c-1" });
+    await bob.next((f) => f.type === "message" && f.text === "one");
+    // The room's file can no longer be written (a directory in its place
+    // fails every append and every rewrite, as a full disk does, even for
+    // root).
+    const file = `${stack.dataDir}/history/lobby.jsonl`;
+    await Deno.remove(file);
+    await Deno.mkdir(`${file}/blocked`, { recursive: true });
+    alice.send({ type: "message", text: "two", client_id: "c-2" });
+    const refused = await alice.nextOfType("error");
+    assert.equal(refused.error, "storage_unavailable");
+    assert.equal(typeof refused.retry_after_ms, "number");
+    assert.match(String(refused.message), /#lobby/);
+    // Nobody got it: bob's next message frame is the one sent after the repair.
+    await Deno.remove(file, { recursive: true });
+    const echo = await retryUntil(async () => {
+      alice.send({ type: "message", text: "two", client_id: "c-2" });
+      const answer = await alice.next((f) =>
+        f.type === "error" || (f.type === "message" && f.text === "two")
+      );
+      assert.equal(answer.type, "message", JSON.stringify(answer));
+      return answer;
+    }, 5000);
+    assert.equal(echo.id, "2");
+    const got = await bob.nextOfType("message");
+    assert.equal(got.text, "two");
+    assert.equal(got.id, "2");
+    await stack.chat.shutdown();
+    const lines = (await Deno.readTextFile(file)).trim().split("\n");
+    assert.deepEqual(lines.map((l) => JSON.parse(l).text), ["one", "two"]);
+  } finally {
+    await stack.close();
+  }
+});

@@ -764,3 +764,48 @@ async function bobToken(authUrl: string): Promise<string> {
   await register(authUrl, "bob");
   return (await login(authUrl, "bob")).token;
 }
+
+Deno.test("a message the server could not store (its disk full) stays pending and goes again until it is stored, once; input that ends meanwhile does not wait for the disk", async (t) => {
+  await t.step("stored once the file can be written", async () => {
+    const servers = await startServers();
+    try {
+      const { bob, cli } = await bobAndAlice(servers);
+      // A directory in the room's file's place fails every write, as a full
+      // disk does (even for root).
+      const file = `${servers.dataDir}/history/lobby.jsonl`;
+      await Deno.mkdir(`${file}/blocked`, { recursive: true });
+      await cli.write(PASSWORD, "stored at last");
+      await cli.stdout.next(/storage_unavailable/);
+      await Deno.remove(file, { recursive: true });
+      const got = await bob.next((f) => f.type === "message");
+      assert.equal(got.text, "stored at last");
+      await cli.closeStdin();
+      assert.equal(await cli.exit(), 0, cli.stderr.text);
+      assert.ok(
+        !cli.stderr.lines.some((l) => l.includes("not confirmed")),
+        cli.stderr.text,
+      );
+      await bob.close();
+    } finally {
+      await servers.close();
+    }
+  });
+  await t.step(
+    "end of input while it is refused: unconfirmed, exit 1",
+    async () => {
+      const servers = await startServers();
+      try {
+        const { bob, cli } = await bobAndAlice(servers);
+        const file = `${servers.dataDir}/history/lobby.jsonl`;
+        await Deno.mkdir(`${file}/blocked`, { recursive: true });
+        await cli.write(PASSWORD, "never stored");
+        await cli.closeStdin();
+        assert.equal(await cli.exit(), 1);
+        assert.match(cli.stderr.text, /1 message\(s\) not confirmed/);
+        await bob.close();
+      } finally {
+        await servers.close();
+      }
+    },
+  );
+});
