@@ -288,6 +288,9 @@ export class HistoryStore {
       inPool(names, FILE_CONCURRENCY, (name) => this.#load(name)),
     ]);
     if (crashed) {
+      this.#log(
+        `history: the last run did not shut down cleanly (${mark} was left behind): ids go on ${CRASH_ID_JUMP} higher, and clients asking for what they missed are told that some may be missing`,
+      );
       for (const r of this.#rooms.values()) r.lastId += this.#idBase;
       // Before any id is handed out: a clean run after this one must not go
       // back to what is on disk for the rooms nobody writes to meanwhile.

@@ -310,7 +310,17 @@ Deno.test("after a run that did not close, ids jump past anything it may have ha
     // A run that crashed: its marker is still there; whatever it appended
     // after its last flush (ids 4 and 5, say) never reached the file.
     await Deno.writeTextFile(`${dir}/.running`, "");
-    const again = await HistoryStore.open(dir, { keep: 10 });
+    const logs: string[] = [];
+    const again = await HistoryStore.open(dir, {
+      keep: 10,
+      log: (line) => logs.push(line),
+    });
+    // The operator is told, once.
+    assert.equal(
+      logs.filter((l) => l.includes("did not shut down cleanly")).length,
+      1,
+      logs.join("\n"),
+    );
     const next = again.append("dev", "bob", "after the crash").message.id;
     assert.equal(next, "1000004");
     const fresh = again.append("new", "bob", "a new room").message.id;
@@ -323,8 +333,14 @@ Deno.test("after a run that did not close, ids jump past anything it may have ha
     assert.equal(again.after("dev", "1000004", 10).gap, false);
     assert.equal(again.after("dev", "2", 1).gap, false);
     await again.close();
-    // Closed cleanly this time: the ids go on from the file.
-    const third = await HistoryStore.open(dir, { keep: 10 });
+    // Closed cleanly this time: the ids go on from the file, and nothing is
+    // said of a crash.
+    logs.length = 0;
+    const third = await HistoryStore.open(dir, {
+      keep: 10,
+      log: (line) => logs.push(line),
+    });
+    assert.deepEqual(logs, []);
     assert.equal(third.append("dev", "carol", "x").message.id, "1000005");
     await third.close();
   } finally {
