@@ -219,11 +219,21 @@ export function ignoredFlagNotice(role: ServerRole, flag: string): string {
 /** The default address of the auth server when `AUTH_URL` is not set. */
 export const DEFAULT_AUTH_URL = "http://127.0.0.1:8000";
 
-/** `ws://host:port/ws` for a chat server bound to `host:port`. */
-export function defaultChatUrl(host: string, port: number): string {
-  const shown = host === "0.0.0.0"
-    ? "127.0.0.1"
-    : host.includes(":") && !host.startsWith("[")
+/**
+ * The chat address `/login` hands out for a chat server bound to
+ * `host:port`: `ws://host:port/ws`, or, for a server bound to every address
+ * (`0.0.0.0`, `::`), the name the client used to reach the auth server
+ * (taken from the login request's URL) with the chat port: a client on
+ * another machine cannot use `127.0.0.1`.
+ */
+export function defaultChatUrl(
+  host: string,
+  port: number,
+): string | ((requestUrl: URL) => string) {
+  if (host === "0.0.0.0" || host === "::" || host === "[::]") {
+    return (requestUrl) => `ws://${requestUrl.hostname}:${port}/ws`;
+  }
+  const shown = host.includes(":") && !host.startsWith("[")
     ? `[${host}]`
     : host;
   return `ws://${shown}:${port}/ws`;

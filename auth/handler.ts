@@ -41,8 +41,11 @@ import {
 export interface AuthHandlerOptions {
   /** Where users and sessions live. */
   store: AuthStore;
-  /** The chat address `/login` hands out; a function is asked on every login. */
-  chatUrl: string | (() => string);
+  /**
+   * The chat address `/login` hands out; a function is asked on every login,
+   * with the URL the login request was made to.
+   */
+  chatUrl: string | ((requestUrl: URL) => string);
   /** Session lifetime in seconds. Default 86400. */
   sessionTtlSeconds?: number;
   /** `false` lifts the login and registration throttles (not the hash bound, not size limits). Default true. */
@@ -336,7 +339,9 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
       token,
       username: user.username,
       expires_at: expiresAt,
-      chat_url: typeof chatUrl === "function" ? chatUrl() : chatUrl,
+      chat_url: typeof chatUrl === "function"
+        ? chatUrl(requestUrl(req) ?? new URL("http://127.0.0.1/"))
+        : chatUrl,
     });
   }
 

@@ -37,8 +37,11 @@ export interface AuthServerOptions {
   port?: number;
   /** Directory of `users.json`, `sessions.json` and `.lock` (created if missing). */
   dataDir: string;
-  /** The chat address `/login` hands out; a function is asked on every login. */
-  chatUrl: string | (() => string);
+  /**
+   * The chat address `/login` hands out; a function is asked on every login,
+   * with the URL the login request was made to.
+   */
+  chatUrl: string | ((requestUrl: URL) => string);
   /** Session lifetime in seconds. Default 86400. */
   sessionTtlSeconds?: number;
   /** `false` lifts login and registration throttles (not the hash bound, not size limits). Default true. */
@@ -157,7 +160,7 @@ export async function createAuthServer(
 /** What an entry point adds to the configuration. */
 export interface AuthConfigExtras {
   /** Overrides the chat address derived from the configuration (e.g. once the chat port is known). */
-  chatUrl?: string | (() => string);
+  chatUrl?: string | ((requestUrl: URL) => string);
   /** Event log; default none. */
   log?: (line: string) => void;
 }

@@ -6,6 +6,7 @@ import {
   createAuthServer,
 } from "../auth/server.ts";
 import { hashPassword } from "../auth/password.ts";
+import { defaultChatUrl } from "../config.ts";
 
 const PASSWORD = "correct horse battery";
 
@@ -1235,4 +1236,31 @@ Deno.test("the auth server's address is the one it bound (localhost is 127.0.0.1
   } finally {
     await Deno.remove(dataDir, { recursive: true });
   }
+});
+
+Deno.test("with the chat server bound to every address, /login hands out the chat port on the name the client used to reach the auth server", async () => {
+  assert.equal(defaultChatUrl("127.0.0.1", 8080), "ws://127.0.0.1:8080/ws");
+  assert.equal(defaultChatUrl("::1", 8080), "ws://[::1]:8080/ws");
+  await withServer(
+    { chatUrl: defaultChatUrl("0.0.0.0", 4321) },
+    async ({ url }) => {
+      await register(url, "alice");
+      const direct = await call(url, "/login", {
+        username: "alice",
+        password: PASSWORD,
+      });
+      assert.equal(field(direct, "chat_url"), "ws://127.0.0.1:4321/ws");
+      // As from another machine, by the server's name (raw, to set Host).
+      const body = JSON.stringify({ username: "alice", password: PASSWORD });
+      const answer = await rawExchange(
+        url,
+        "POST /login HTTP/1.1\r\nhost: chat.example.org:8000\r\n" +
+          "content-type: application/json\r\nconnection: close\r\n" +
+          `content-length: ${body.length}\r\n\r\n`,
+        [new TextEncoder().encode(body)],
+      );
+      assert.match(answer, /^HTTP\/1\.1 200 /);
+      assert.match(answer, /"chat_url":"ws:\/\/chat\.example\.org:4321\/ws"/);
+    },
+  );
 });
