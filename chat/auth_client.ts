@@ -353,6 +353,15 @@ function unavailable(base: string, err: unknown): AuthUnavailableError {
   );
 }
 
+/**
+ * The URL of `path` on the auth server at `base`, keeping a path `base` has
+ * (an auth server behind a proxy at `https://example.org/auth`), as the
+ * terminal client does.
+ */
+export function authEndpoint(base: string, path: string): string {
+  return base.replace(/\/+$/, "") + path;
+}
+
 async function requestCheck(
   base: string,
   token: string,
@@ -361,7 +370,7 @@ async function requestCheck(
   let res: Response;
   let body: unknown;
   try {
-    res = await fetch(new URL("/validate_token", base), {
+    res = await fetch(authEndpoint(base, "/validate_token"), {
       method: "POST",
       headers: { authorization: `Bearer ${token}` },
       signal,
@@ -396,7 +405,7 @@ async function requestChecks(
   let res: Response;
   let body: unknown;
   try {
-    res = await fetch(new URL("/validate_tokens", base), {
+    res = await fetch(authEndpoint(base, "/validate_tokens"), {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify({ tokens }),

@@ -15,6 +15,7 @@
  *
  * @module
  */
+import { authEndpoint } from "./auth_client.ts";
 
 /** Options of {@linkcode watchSessions}. */
 export interface SessionWatchOptions {
@@ -103,7 +104,7 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
     );
     let res: Response;
     try {
-      res = await fetch(new URL("/session_events", base), { signal });
+      res = await fetch(authEndpoint(base, "/session_events"), { signal });
     } catch (err) {
       clearTimeout(watchdog);
       throw err;
@@ -208,9 +209,14 @@ export function watchSessions(options: SessionWatchOptions): SessionWatch {
           }: sessions are re-checked every interval until they are back`,
         );
       } else {
+        const base = typeof options.authUrl === "function"
+          ? options.authUrl()
+          : options.authUrl;
         tell(
           "down",
-          `chat: cannot watch the auth server's session events (${
+          `chat: cannot watch the auth server's session events at ${
+            authEndpoint(base, "/session_events")
+          } (${
             String(outcome).slice(0, 200)
           }): sessions are re-checked every interval until it can`,
         );

@@ -416,3 +416,36 @@ Deno.test("an answer naming a user outside the username rules (a line break, a s
     await liar.shutdown();
   }
 });
+
+Deno.test("token checks reach an auth server behind a proxy under a path (AUTH_URL=http://host/auth), keeping the path", async () => {
+  await withAuthServer(async (auth) => {
+    const token = await loginToken(auth, "alice");
+    // A reverse proxy that serves the auth server under /auth only.
+    const proxy = Deno.serve(
+      { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+      (req) => {
+        const { pathname } = new URL(req.url);
+        if (!pathname.startsWith("/auth/")) {
+          return new Response("not here", { status: 404 });
+        }
+        return fetch(new URL(pathname.slice(5), auth.url), {
+          method: req.method,
+          headers: req.headers,
+          body: req.body,
+        });
+      },
+    );
+    try {
+      for (const suffix of ["/auth", "/auth/"]) {
+        const validate = createTokenValidator({
+          authUrl: `http://127.0.0.1:${proxy.addr.port}${suffix}`,
+        });
+        const check = await validate(token);
+        assert.equal(check.valid, true, suffix);
+        assert.equal(check.valid && check.username, "alice");
+      }
+    } finally {
+      await proxy.shutdown();
+    }
+  });
+});
