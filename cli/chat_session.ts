@@ -536,7 +536,13 @@ export class ChatSession {
       if (quiet) return;
       return this.#print(renderError(error, this.#view()));
     }
+    let notSent: string | undefined;
     switch (asked?.type) {
+      case "dm":
+        // Not sent again either: the error says which one (its text is lost
+        // otherwise, e.g. one typed offline, refused after the reconnect).
+        notSent = `/msg ${asked.to} ${asked.text}`;
+        break;
       case "message": {
         // Refused for good (a room left in between, a server error): not
         // sent again, and no longer pending.
@@ -560,7 +566,7 @@ export class ChatSession {
         }
         break;
     }
-    this.#print(renderError(error, this.#view()));
+    this.#print(renderError(error, this.#view(), notSent));
   }
 
   /** Acts on one typed line: a slash command or a message. */

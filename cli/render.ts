@@ -119,8 +119,16 @@ export function renderPresence(
   );
 }
 
-/** `! rate_limited: Too many messages (retry in 1.5s)`. */
-export function renderError(frame: ErrorFrame, view: ViewOptions): string {
+/**
+ * `! rate_limited: Too many messages (retry in 1.5s)`; with `notSent`, what
+ * the refused frame said, so that its text is not lost:
+ * `! unknown_user: bob is not connected (not sent: /msg bob hi)`.
+ */
+export function renderError(
+  frame: ErrorFrame,
+  view: ViewOptions,
+  notSent?: string,
+): string {
   // Unless the message says when already (this server's: "try again in 0.5 s").
   const retry = frame.retry_after_ms !== undefined &&
       !/\b(try again|retry)\b/i.test(frame.message)
@@ -128,7 +136,7 @@ export function renderError(frame: ErrorFrame, view: ViewOptions): string {
     : "";
   const text = `! ${sanitize(frame.error)}${
     frame.message === "" ? "" : `: ${sanitize(frame.message)}`
-  }${retry}`;
+  }${retry}${notSent === undefined ? "" : ` (not sent: ${sanitize(notSent)})`}`;
   return paint(text, RED, view.color);
 }
 

@@ -761,3 +761,28 @@ Deno.test("after a reconnect, messages missed past one page of history's size li
     await servers.close();
   }
 });
+
+Deno.test("a direct message typed offline and refused after the reconnect: the error line says which one was not sent", async () => {
+  const servers = await startServers();
+  try {
+    const { bob, cli } = await bobAndAlice(servers);
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    const port = servers.chat.port;
+    await Promise.all([servers.chat.shutdown(), bob.closed()]);
+    await cli.stdout.next("connection lost");
+    await cli.write("/msg bob dm while down");
+    await cli.stdout.next("will send it to bob when reconnected");
+    // Bob is not back: the server refuses the direct message.
+    assert.equal((await servers.restartChat()).port, port);
+    await cli.stdout.next("reconnected");
+    assert.equal(
+      await cli.stdout.next("unknown_user"),
+      "! unknown_user: bob is not connected (not sent: /msg bob dm while down)",
+    );
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+  } finally {
+    await servers.close();
+  }
+});

@@ -142,6 +142,15 @@ Deno.test("the chat view renders messages, DMs, presence and errors as one line 
     }, view),
     "! rate_limited: Slow down: try again in 0.5 s",
   );
+  // A refused direct message says which one, on one line.
+  assert.equal(
+    renderError(
+      { type: "error", error: "unknown_user", message: "bob is not connected" },
+      view,
+      "/msg bob two\nlines \x1b[2J\u202e",
+    ),
+    "! unknown_user: bob is not connected (not sent: /msg bob two\ufffdlines \ufffd[2J\ufffd)",
+  );
   assert.equal(
     formatClock("not a date", new Date(2024, 0, 1, 23, 59)),
     "23:59",
