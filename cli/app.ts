@@ -12,6 +12,7 @@ import {
   ChatSession,
   type SessionEnd,
   type SessionState,
+  unconfirmedTexts,
 } from "./chat_session.ts";
 import {
   CliError,
@@ -107,6 +108,7 @@ async function menuFlow(args: CliArgs, io: AppIo): Promise<number> {
     } catch (err) {
       if (err instanceof EndOfInput) return EXIT_OK;
       if (!(err instanceof CliError) || err.endsProgram) throw err;
+      for (const line of err.details) io.err(`chatroom: ${line}`);
       io.err(`chatroom: ${err.message}`);
     }
   }
@@ -161,6 +163,13 @@ async function loginFlow(
 
 function sessionExpired(io: AppIo, unsent: Unsent): void {
   io.err(`chatroom: ${SESSION_EXPIRED}`);
+  // Their text too, in the order typed: the user may not log in again.
+  const state = unsent.state;
+  if (state !== undefined) {
+    for (const line of unconfirmedTexts(state.outbox, new Map(state.pending))) {
+      io.err(`chatroom: not sent yet: ${line}`);
+    }
+  }
   const pending = unsent.state?.pending.length ?? 0;
   if (pending > 0) {
     io.err(

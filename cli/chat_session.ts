@@ -34,6 +34,7 @@ import {
   renderPending,
   renderPresence,
   renderRoomMessage,
+  sanitize,
   status,
   userList,
   type ViewOptions,
@@ -163,6 +164,35 @@ export interface SessionState {
 export interface PendingMessage {
   room: string;
   text: string;
+}
+
+/**
+ * The text of what was typed and is not confirmed, in the order typed, one
+ * line each (sanitized): `#lobby hi` for a message, `/msg bob hi` for a
+ * direct message. `frames` are those still to send or awaiting an answer,
+ * in the order they go out; `pending`, the messages not yet echoed.
+ */
+export function unconfirmedTexts(
+  frames: readonly ClientFrame[],
+  pending: ReadonlyMap<string, PendingMessage>,
+): string[] {
+  const lines: string[] = [];
+  const listed = new Set<string>();
+  const say = (id: string, m: PendingMessage) => {
+    listed.add(id);
+    lines.push(`#${m.room} ${m.text}`);
+  };
+  for (const frame of frames) {
+    if (frame.type === "dm") lines.push(`/msg ${frame.to} ${frame.text}`);
+    if (frame.type !== "message" || frame.client_id === undefined) continue;
+    const message = pending.get(frame.client_id);
+    if (message !== undefined && !listed.has(frame.client_id)) {
+      say(frame.client_id, message);
+    }
+  }
+  // Any pending message not found among the frames still goes on the list.
+  for (const [id, message] of pending) if (!listed.has(id)) say(id, message);
+  return lines.map(sanitize);
 }
 
 /** A chat session; {@linkcode ChatSession.run} resolves when it ends. */
@@ -1313,10 +1343,15 @@ export class ChatSession {
       ...(dms > 0 ? [`${dms} direct message(s)`] : []),
     ];
     if (lost.length === 0) return undefined;
+    // Their text first, in the order typed: the pending rows are erased.
+    const texts = unconfirmedTexts(
+      [...this.#requeue, ...this.#asked, ...this.#outbox],
+      this.#pending,
+    );
     return new CliError(
       `${lost.join(" and ")} not confirmed by the server`,
       EXIT_ERROR,
-      options,
+      { ...options, details: texts.map((t) => `not confirmed: ${t}`) },
     );
   }
 

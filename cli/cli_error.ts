@@ -34,16 +34,26 @@ export class CliError extends Error {
    * Ctrl+C or a signal), rather than showing the menu again.
    */
   readonly endsProgram: boolean;
+  /**
+   * Lines shown before the message, each as `chatroom: <line>` (the text of
+   * the messages the server never confirmed, so the user can copy them).
+   */
+  readonly details: readonly string[];
   /** Builds a failure with its exit code (1 unless told). */
   constructor(
     message: string,
     exitCode: number = EXIT_ERROR,
-    options: { endsProgram?: boolean } = {},
+    options: { endsProgram?: boolean; details?: readonly string[] } = {},
   ) {
-    super(message.replace(LINE_BREAKING, " ").trim());
+    super(oneLine(message));
     this.exitCode = exitCode;
     this.endsProgram = options.endsProgram ?? false;
+    this.details = (options.details ?? []).map(oneLine);
   }
+}
+
+function oneLine(text: string): string {
+  return text.replace(LINE_BREAKING, " ").trim();
 }
 
 /** The user pressed Ctrl+C while the client was reading a line. */

@@ -56,6 +56,7 @@ function fail(err: unknown): never {
   if (err instanceof Interrupted) exit(EXIT_INTERRUPTED);
   reader?.close();
   if (err instanceof CliError) {
+    for (const line of err.details) console.error(`chatroom: ${line}`);
     console.error(`chatroom: ${err.message}`);
     exit(err.exitCode);
   }

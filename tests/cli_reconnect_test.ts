@@ -203,6 +203,11 @@ Deno.test("an expired session sends the client back to login instead of retrying
         offsetMs = 2 * 86_400_000;
         assert.equal((await servers.restartChat()).port, port);
         await cli.stderr.next("session expired, please log in again");
+        // Its text first: the user may not log in again.
+        assert.equal(
+          await cli.stderr.next("not sent yet"),
+          "chatroom: not sent yet: #dev typed before the expiry",
+        );
         await cli.stderr.next(
           "1 message(s) not sent yet: they go out when you log in again as alice",
         );
@@ -508,10 +513,10 @@ Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 
         await cli.closeStdin();
         cli.signal("SIGTERM");
         assert.equal(await cli.exit(), 1);
-        assert.equal(
-          cli.stderr.text.trim(),
+        assert.deepEqual(cli.stderr.lines, [
+          "chatroom: not confirmed: #lobby pending at the end",
           "chatroom: 1 message(s) not confirmed by the server",
-        );
+        ]);
         assert.equal((await servers.restartChat()).port, port);
       },
     );
@@ -527,10 +532,10 @@ Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 
         await cli.stdout.next(/pending in the menu's chat \(pending\)$/);
         cli.signal("SIGTERM");
         assert.equal(await cli.exit(), 1);
-        assert.equal(
-          cli.stderr.text.trim(),
+        assert.deepEqual(cli.stderr.lines, [
+          "chatroom: not confirmed: #lobby pending in the menu's chat",
           "chatroom: 1 message(s) not confirmed by the server",
-        );
+        ]);
         assert.equal(cli.stdout.count((l) => l === "1) login"), 1);
         await servers.restartChat();
       },
@@ -547,10 +552,10 @@ Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 
         await cli.stdout.next(/pending at \/quit \(pending\)$/);
         await cli.write("/quit");
         assert.equal(await cli.exit(), 1);
-        assert.equal(
-          cli.stderr.text.trim(),
+        assert.deepEqual(cli.stderr.lines, [
+          "chatroom: not confirmed: #lobby pending at /quit",
           "chatroom: 1 message(s) not confirmed by the server",
-        );
+        ]);
         assert.equal(cli.stdout.count((l) => l === "1) login"), 1);
         await servers.restartChat();
       },
@@ -567,10 +572,10 @@ Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 
         await cli.stdout.next(/never sent \(pending\)$/);
         cli.signal("SIGINT");
         assert.equal(await cli.exit(), 1);
-        assert.equal(
-          cli.stderr.text.trim(),
+        assert.deepEqual(cli.stderr.lines, [
+          "chatroom: not confirmed: #lobby never sent",
           "chatroom: 1 message(s) not confirmed by the server",
-        );
+        ]);
       },
     );
   } finally {
@@ -617,8 +622,42 @@ Deno.test("end of input with the chat server gone for good: one line on stderr a
     await cli.write("never delivered 1", "never delivered 2");
     await cli.closeStdin();
     assert.equal(await cli.exit(), 1);
+    // Their text first, in the order typed, so it can be copied.
     assert.deepEqual(cli.stderr.lines, [
+      "chatroom: not confirmed: #lobby never delivered 1",
+      "chatroom: not confirmed: #lobby never delivered 2",
       "chatroom: 2 message(s) not confirmed by the server",
+    ]);
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("leaving with messages and direct messages unconfirmed lists each one's text, in the order typed, before the summary", async () => {
+  const servers = await startServers();
+  try {
+    await register(servers.authUrl, "alice");
+    const cli = loginProcess(servers.authUrl, "alice");
+    await cli.write(PASSWORD);
+    await cli.stdout.next("connected as alice");
+    await servers.chat.shutdown();
+    await cli.stdout.next("connection lost");
+    await cli.write(
+      "first in the lobby",
+      "/join dev",
+      "second in dev",
+      "/msg bob psst offline",
+      "third in dev",
+    );
+    await cli.stdout.next(/third in dev \(pending\)$/);
+    await cli.write("/quit");
+    assert.equal(await cli.exit(), 1);
+    assert.deepEqual(cli.stderr.lines, [
+      "chatroom: not confirmed: #lobby first in the lobby",
+      "chatroom: not confirmed: #dev second in dev",
+      "chatroom: not confirmed: /msg bob psst offline",
+      "chatroom: not confirmed: #dev third in dev",
+      "chatroom: 3 message(s) and 1 direct message(s) not confirmed by the server",
     ]);
   } finally {
     await servers.close();

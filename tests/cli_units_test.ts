@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { DEFAULT_AUTH_URL, parseCliArgs } from "../cli/args.ts";
 import { describeNetworkError, loginUser, registerUser } from "../cli/api.ts";
-import { ChatSession } from "../cli/chat_session.ts";
+import { ChatSession, unconfirmedTexts } from "../cli/chat_session.ts";
 import { CliError } from "../cli/cli_error.ts";
 import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
 import {
@@ -583,3 +583,27 @@ function sink(): SyncWriter & { text(): string } {
     },
   };
 }
+
+Deno.test("the unconfirmed texts are listed in the order typed, one sanitized line each", () => {
+  const pending = new Map([
+    ["a", { room: "lobby", text: "first" }],
+    ["b", { room: "dev", text: "two\nlines \u202eflipped" }],
+    ["c", { room: "dev", text: "not among the frames" }],
+  ]);
+  assert.deepEqual(
+    unconfirmedTexts([
+      { type: "join", room: "dev" },
+      { type: "message", room: "lobby", text: "first", client_id: "a" },
+      { type: "dm", to: "bob", text: "psst" },
+      { type: "message", room: "dev", text: "two", client_id: "b" },
+      // Confirmed meanwhile: no longer pending, not listed.
+      { type: "message", room: "dev", text: "echoed", client_id: "z" },
+    ], pending),
+    [
+      "#lobby first",
+      "/msg bob psst",
+      "#dev two\ufffdlines \ufffdflipped",
+      "#dev not among the frames",
+    ],
+  );
+});
