@@ -23,6 +23,7 @@ import {
 import type { LineReader } from "./line_reader.ts";
 import { promptSecret } from "./prompt_secret.ts";
 import { VERSION } from "./version.ts";
+import { USERNAME_RE } from "../username.ts";
 
 /** What the workflow talks to; `cli/main.ts` passes the real process. */
 export interface AppIo {
@@ -60,7 +61,7 @@ export async function runApp(args: string[], io: AppIo): Promise<number> {
       io.out(`chatroom ${VERSION}`);
       return EXIT_OK;
     case "register":
-      await registerFlow(parsed, io);
+      await registerFlow(parsed, io, { fromMenu: false });
       return EXIT_OK;
     case "login": {
       // An expired session goes back to login, as in the menu: the password
@@ -101,7 +102,7 @@ async function menuFlow(args: CliArgs, io: AppIo): Promise<number> {
         if (end === "interrupted") return EXIT_INTERRUPTED;
         sessionExpired(io, unsent);
       } else if (picked === "2" || picked === "register") {
-        await registerFlow(args, io);
+        await registerFlow(args, io, { fromMenu: true });
       } else if (picked !== "") {
         io.err(`chatroom: unknown choice "${choice.trim()}": type 1 or 2`);
       }
@@ -114,8 +115,27 @@ async function menuFlow(args: CliArgs, io: AppIo): Promise<number> {
   }
 }
 
-async function registerFlow(args: CliArgs, io: AppIo): Promise<void> {
-  const credentials = await askCredentials(args, io);
+/** Why the auth server refuses a name to register (its invalid_username). */
+const USERNAME_RULE =
+  "a username is 3 to 32 characters of A-Z, a-z, 0-9, _ . -";
+
+async function registerFlow(
+  args: CliArgs,
+  io: AppIo,
+  { fromMenu }: { fromMenu: boolean },
+): Promise<void> {
+  // A name that breaks the rules is refused before the password is asked,
+  // in the server's words. Not in the menu driven by a script: the password
+  // line it wrote would be read as the next menu choice (the server refuses
+  // the name after it, with the same line).
+  const early = !fromMenu || io.lines().interactive;
+  const credentials = await askCredentials(args, io, (username) => {
+    if (early && !USERNAME_RE.test(username)) {
+      throw new CliError(
+        `cannot register "${username}": ${USERNAME_RULE} (invalid_username)`,
+      );
+    }
+  });
   const username = await registerUser(args.authUrl, credentials);
   io.out(`registered ${username}; you can now log in`);
 }
@@ -181,6 +201,7 @@ function sessionExpired(io: AppIo, unsent: Unsent): void {
 async function askCredentials(
   args: CliArgs,
   io: AppIo,
+  checkUsername: (username: string) => void = () => {},
 ): Promise<{ username: string; password: string }> {
   const lines = io.lines();
   let username = args.user;
@@ -191,6 +212,7 @@ async function askCredentials(
     if (answer === null) throw new EndOfInput("no username given");
     username = answer.trim();
   }
+  checkUsername(username);
   const password = await promptSecret(lines, "Password: ", {
     fromStdin: args.passwordStdin,
   });

@@ -11,6 +11,7 @@ import {
   startServers,
 } from "./_cli_helpers.ts";
 import { rawUpgrade } from "./_harness.ts";
+import { registerUser } from "../cli/api.ts";
 
 const MESSAGE_LINE = /^\[\d\d:\d\d\] /;
 const WRONG_PASSWORD_LINE =
@@ -437,6 +438,44 @@ Deno.test("wrong password and taken username are one line on stderr and exit 1",
       assert.equal(await cli.exit(), 1);
       assert.deepEqual(cli.stderr.lines, [NAME_TAKEN_LINE]);
       assert.ok(!looksLikeStackTrace(cli.stderr.text));
+    });
+  } finally {
+    await servers.close();
+  }
+});
+
+Deno.test("chatroom register refuses a name that breaks the rules at once, in the server's words, without asking for the password", async (t) => {
+  const servers = await startServers();
+  try {
+    // The line the auth server's own invalid_username gives.
+    const refused = await registerUser(servers.authUrl, {
+      username: "ab",
+      password: PASSWORD,
+    }).then(() => undefined, (err: Error) => err.message);
+    const expected = `chatroom: ${refused}`;
+    assert.match(
+      expected,
+      /^chatroom: cannot register "ab": .*\(invalid_username\)$/,
+    );
+    await t.step("--user ab: stdin is never read", async () => {
+      const cli = new CliProcess([
+        "register",
+        "--auth-url",
+        servers.authUrl,
+        "--user",
+        "ab",
+        "--password-stdin",
+      ]);
+      // No password written, input left open: it must not wait for one.
+      assert.equal(await cli.exit(), 1);
+      assert.deepEqual(cli.stderr.lines, [expected]);
+    });
+    await t.step("the name typed at the prompt", async () => {
+      const cli = new CliProcess(["register", "--auth-url", servers.authUrl]);
+      await cli.write("ab");
+      assert.equal(await cli.exit(), 1);
+      assert.deepEqual(cli.stderr.lines, [expected]);
+      assert.ok(!cli.stdout.text.includes("Password:"), cli.stdout.text);
     });
   } finally {
     await servers.close();

@@ -279,6 +279,45 @@ Deno.test("an empty username on a terminal is asked for again", async () => {
   assert.match(errors[0]!, /cannot reach the auth server/);
 });
 
+Deno.test("on a terminal, the menu's register refuses a name that breaks the rules before asking for the password", async () => {
+  const servers = await startServers();
+  try {
+    const { screen, reader, type, end } = terminal(80);
+    const errors: string[] = [];
+    const exited = runApp(["--auth-url", servers.authUrl], {
+      env: () => undefined,
+      lines: () => reader,
+      out: (line) => reader.print(line),
+      err: (line) => errors.push(line),
+      color: false,
+    });
+    await type("2\r");
+    await type("ab\r");
+    await waitFor(() => errors.length > 0);
+    assert.deepEqual(errors, [
+      'chatroom: cannot register "ab": a username is 3 to 32 characters of A-Z, a-z, 0-9, _ . - (invalid_username)',
+    ]);
+    // The menu again, no password asked.
+    await waitFor(() => screen.lines.at(-1)!.startsWith("Choose 1 or 2:"));
+    assert.ok(
+      !screen.lines.some((l) => l.startsWith("Password:")),
+      screen.lines.join("\n"),
+    );
+    // A valid name goes on to the password and registers.
+    await type("2\r");
+    await type("alice\r");
+    await type(`${PASSWORD}\r`);
+    await waitFor(() =>
+      screen.lines.some((l) => l.startsWith("registered alice"))
+    );
+    end();
+    assert.equal(await exited, 0);
+    assert.equal(errors.length, 1, errors.join("\n"));
+  } finally {
+    await servers.close();
+  }
+});
+
 Deno.test("the pending rows' #room marks follow the current room when it changes while offline", async () => {
   const servers = await startServers();
   const { screen, reader, type, end } = terminal(80);
