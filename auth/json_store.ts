@@ -87,6 +87,7 @@ export class AuthStore {
    */
   onSessionsEnded: ((tokenHashes: string[]) => void) | undefined;
   #closed: Promise<void> | undefined;
+  #droppedOfUnknownUsers = 0;
 
   private constructor(
     dataDir: string,
@@ -149,7 +150,12 @@ export class AuthStore {
         parseSessions,
       );
       const store = new AuthStore(dataDir, lock, now, users, sessions);
-      if (store.#dropExpiredSessions() > 0) {
+      // A user deleted from users.json (by hand, while stopped) takes their
+      // sessions along: they must not validate after the restart.
+      store.#droppedOfUnknownUsers = store.#dropSessionsOfUnknownUsers();
+      if (
+        store.#dropExpiredSessions() + store.#droppedOfUnknownUsers > 0
+      ) {
         await store.#sessionsWriter.commit();
       }
       return store;
@@ -181,6 +187,14 @@ export class AuthStore {
   /** Number of users. */
   get userCount(): number {
     return this.#users.size;
+  }
+
+  /**
+   * Sessions dropped when the store opened because `users.json` no longer
+   * holds their user (the sessions file was rewritten without them).
+   */
+  get droppedSessionsOfUnknownUsers(): number {
+    return this.#droppedOfUnknownUsers;
   }
 
   /** Number of sessions in memory (expired ones included until pruned). */
@@ -224,10 +238,14 @@ export class AuthStore {
     await this.#usersWriter.commit();
   }
 
-  /** The live session whose token hashes to `tokenHash`, or `undefined` if unknown or expired. */
+  /**
+   * The live session whose token hashes to `tokenHash`, or `undefined` if
+   * unknown, expired or of a user that does not exist.
+   */
   getSession(tokenHash: string): SessionRecord | undefined {
     const session = this.#sessions.get(tokenHash);
     if (session === undefined) return undefined;
+    if (!this.#users.has(session.username.toLowerCase())) return undefined;
     if (session.expiresAtMs <= this.#now()) {
       // Dropped from memory now, from the file with the next write.
       this.#sessions.delete(tokenHash);
@@ -359,6 +377,17 @@ export class AuthStore {
     let dropped = 0;
     for (const [hash, session] of this.#sessions) {
       if (session.expiresAtMs <= now) {
+        this.#sessions.delete(hash);
+        dropped++;
+      }
+    }
+    return dropped;
+  }
+
+  #dropSessionsOfUnknownUsers(): number {
+    let dropped = 0;
+    for (const [hash, session] of this.#sessions) {
+      if (!this.#users.has(session.username.toLowerCase())) {
         this.#sessions.delete(hash);
         dropped++;
       }

@@ -6,11 +6,12 @@
  *
  * @module
  */
+import { join } from "node:path";
 import { defaultChatUrl, httpAddress, type ServerConfig } from "../config.ts";
 import { type ResilientServer, serveResilient } from "../serve_resilient.ts";
 import { createAuthHandler } from "./handler.ts";
 import { serverErrorResponse } from "./http_error.ts";
-import { AuthStore } from "./json_store.ts";
+import { AuthStore, USERS_FILE } from "./json_store.ts";
 import { SessionEvents } from "./session_events.ts";
 import type { AuthLimits } from "./rate_limit.ts";
 
@@ -88,6 +89,16 @@ export async function createAuthServer(
 ): Promise<AuthServer> {
   const { hostname = "127.0.0.1", port = 8000, dataDir, now } = options;
   const store = await AuthStore.open(dataDir, { now });
+  const dropped = store.droppedSessionsOfUnknownUsers;
+  if (dropped > 0) {
+    options.log?.(
+      `${
+        new Date((now ?? Date.now)()).toISOString()
+      } auth start dropped ${dropped} session${
+        dropped === 1 ? "" : "s"
+      } of users not in ${join(dataDir, USERS_FILE)}`,
+    );
+  }
   // Chat servers that watch are told of sessions ended early at once.
   const events = new SessionEvents();
   store.onSessionsEnded = (hashes) => {

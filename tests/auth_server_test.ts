@@ -767,18 +767,32 @@ Deno.test("expired sessions are dropped when the server starts", async () => {
   try {
     const live = "a".repeat(64);
     const dead = "b".repeat(64);
+    // Their user exists: sessions of unknown users are dropped anyway.
+    await Deno.writeTextFile(
+      join(dataDir, "users.json"),
+      JSON.stringify({
+        version: 1,
+        users: {
+          xavier: {
+            username: "xavier",
+            password_hash: await hashPassword(PASSWORD),
+            created_at: "2020-01-01T00:00:00.000Z",
+          },
+        },
+      }),
+    );
     await Deno.writeTextFile(
       join(dataDir, "sessions.json"),
       JSON.stringify({
         version: 1,
         sessions: {
           [live]: {
-            username: "x",
+            username: "xavier",
             created_at: "2020-01-01T00:00:00.000Z",
             expires_at: "2999-01-01T00:00:00.000Z",
           },
           [dead]: {
-            username: "x",
+            username: "xavier",
             created_at: "2020-01-01T00:00:00.000Z",
             expires_at: "2020-01-02T00:00:00.000Z",
           },
@@ -1263,4 +1277,69 @@ Deno.test("with the chat server bound to every address, /login hands out the cha
       assert.match(answer, /"chat_url":"ws:\/\/chat\.example\.org:4321\/ws"/);
     },
   );
+
+Deno.test("sessions of a user removed from users.json while stopped do not validate after the restart, and leave the sessions file", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
+  try {
+    let aliceToken = "";
+    let bobToken = "";
+    await withServer({ dataDir }, async ({ url }) => {
+      assert.equal((await register(url, "alice")).status, 201);
+      assert.equal((await register(url, "Bob")).status, 201);
+      aliceToken = await loginToken(url, "alice");
+      bobToken = await loginToken(url, "Bob");
+    });
+    // The operator deletes bob by hand while the server is stopped.
+    const usersPath = join(dataDir, "users.json");
+    const file = await readJson(usersPath);
+    const users = { ...await storedUsers(dataDir) };
+    delete users["bob"];
+    await Deno.writeTextFile(
+      usersPath,
+      JSON.stringify({ ...file, users }, null, 2),
+    );
+    const lines: string[] = [];
+    await withServer(
+      { dataDir, log: (line) => lines.push(line) },
+      async ({ url }) => {
+        const bobHash = await sha256Hex(bobToken);
+        assert.deepEqual(Object.keys(await storedSessions(dataDir)), [
+          await sha256Hex(aliceToken),
+        ]);
+        assert.equal(
+          lines.filter((l) =>
+            /auth start dropped 1 session of users not in .*users\.json$/
+              .test(l)
+          ).length,
+          1,
+          lines.join("\n"),
+        );
+        const one = await call(url, "/validate_token", { token: bobToken });
+        assert.equal(one.status, 401);
+        assert.equal(field(one, "valid"), false);
+        const batch = await call(url, "/validate_tokens", {
+          tokens: [bobToken, aliceToken],
+        });
+        assert.equal(batch.status, 200);
+        assert.deepEqual(field(batch, "results"), [
+          { valid: false },
+          {
+            valid: true,
+            username: "alice",
+            expires_at: field(
+              await call(url, "/validate_token", { token: aliceToken }),
+              "expires_at",
+            ),
+          },
+        ]);
+        const out = await call(url, "/logout", undefined, {
+          headers: { authorization: `Bearer ${bobToken}` },
+        });
+        assert.equal(out.status, 401);
+        assert.ok(!(bobHash in await storedSessions(dataDir)));
+      },
+    );
+  } finally {
+    await Deno.remove(dataDir, { recursive: true });
+  }
 });

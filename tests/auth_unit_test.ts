@@ -474,6 +474,11 @@ Deno.test("a logout whose write failed keeps the session ended, and is done only
   const store = await AuthStore.open(dataDir);
   try {
     const now = Date.now();
+    await store.addUser({
+      username: "ann",
+      password_hash: await hashPassword("correct horse"),
+      created_at: new Date(now).toISOString(),
+    });
     await store.addSession("a".repeat(64), {
       username: "ann",
       createdAt: new Date(now).toISOString(),
