@@ -96,5 +96,14 @@ if (!stop.signal.aborted) {
 }
 console.error("start: shutting down");
 await chat.shutdown();
-await auth.shutdown();
+try {
+  await auth.shutdown();
+} catch (err) {
+  console.error(
+    `auth: cannot shut down cleanly: ${
+      err instanceof Error ? err.message : err
+    }`,
+  );
+  Deno.exit(1);
+}
 Deno.exit(0);

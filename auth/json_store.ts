@@ -347,21 +347,40 @@ export class AuthStore {
 
   /**
    * Waits for pending writes (and tries once more to save removals whose
-   * write failed), then releases the lock. Idempotent.
+   * write failed), then releases the lock. Rejects with a
+   * {@linkcode StoreError} naming the sessions file when that last try
+   * fails: the revoked sessions it held would be valid again after a
+   * restart. Idempotent.
    */
   close(): Promise<void> {
     this.#closed ??= (async () => {
+      let failure: unknown;
       try {
-        if (this.#unsavedRemovals.size > 0) {
-          await this.#commitSessions().catch(() => {});
-        }
         await Promise.allSettled([
           this.#usersWriter.idle(),
           this.#sessionsWriter.idle(),
         ]);
+        if (this.#unsavedRemovals.size > 0) {
+          await this.#commitSessions().catch((err) => failure = err);
+        }
       } finally {
         this.#lock.close();
       }
+      if (failure === undefined) return;
+      // Those past their end would not validate again anyway.
+      const now = this.#now();
+      let revoked = 0;
+      for (const { session } of this.#unsavedRemovals.values()) {
+        if (session.expiresAtMs > now) revoked++;
+      }
+      if (revoked === 0) return;
+      throw new StoreError(
+        `Cannot save ${join(this.#dataDir, SESSIONS_FILE)}: ${
+          oneLine(failure instanceof Error ? failure.message : String(failure))
+        }; ${revoked} revoked session${
+          revoked === 1 ? "" : "s"
+        } will be valid again after a restart`,
+      );
     })();
     return this.#closed;
   }

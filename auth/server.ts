@@ -74,7 +74,9 @@ export interface AuthServer {
   /**
    * Stops accepting, finishes requests in flight (for at most
    * {@linkcode SHUTDOWN_GRACE_MS}), flushes files, releases the lock.
-   * Idempotent.
+   * Rejects (the lock released all the same) when revoked sessions whose
+   * removal never reached `sessions.json` still cannot be saved: they would
+   * be valid again after a restart. Idempotent.
    */
   shutdown(): Promise<void>;
 }
@@ -159,8 +161,13 @@ export async function createAuthServer(
           ]);
         } finally {
           clearTimeout(timer);
-          await store.close();
-          resolveFinished();
+          try {
+            // Rejects when revoked sessions could not be saved: the entry
+            // point says so and exits 1.
+            await store.close();
+          } finally {
+            resolveFinished();
+          }
         }
       })();
       return closing;

@@ -517,3 +517,49 @@ Deno.test("-h is --help for every server entry point; a flag the server has no u
     }
   });
 });
+
+Deno.test("a revoked session that cannot be saved at SIGTERM makes the entry point say so in one line and exit 1", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "auth_proc_" });
+  let proc: AuthProcess | undefined;
+  try {
+    proc = await spawnAuth(["--port", "0", "--data-dir", dataDir]);
+    const url = proc.url;
+    assert.ok(url, "ready line");
+    const credentials = { username: "ann", password: PASSWORD };
+    assert.equal((await post(url, "/register", credentials)).status, 201);
+    const login = await post(url, "/login", credentials);
+    assert.equal(login.status, 200);
+    const token = String(login.body.token);
+    // sessions.json replaced by a non-empty directory: renaming the temp
+    // file over it fails, even as root (as a full disk would fail it).
+    const sessionsPath = join(dataDir, "sessions.json");
+    await Deno.remove(sessionsPath);
+    await Deno.mkdir(sessionsPath);
+    await Deno.writeTextFile(join(sessionsPath, "keep"), "");
+    const logout = await post(url, "/logout", {}, {
+      authorization: `Bearer ${token}`,
+    });
+    assert.ok(logout.status >= 500, JSON.stringify(logout));
+    const check = await post(url, "/validate_token", { token });
+    assert.equal(check.status, 401);
+    proc.child.kill("SIGTERM");
+    const { code, stderr } = await proc.ended;
+    assert.equal(code, 1, stderr);
+    const lines = stderr.split("\n").filter((l) =>
+      l.includes("will be valid again")
+    );
+    assert.equal(lines.length, 1, stderr);
+    assert.match(
+      lines[0] ?? "",
+      /^auth: cannot shut down cleanly: Cannot save \S*sessions\.json: .*\(os error \d+\).*; 1 revoked session will be valid again after a restart$/,
+    );
+    assert.doesNotMatch(stderr, /^\s+at /m);
+    assert.deepEqual(
+      [...Deno.readDirSync(dataDir)].map((e) => e.name).sort(),
+      [".lock", "sessions.json", "users.json"],
+    );
+  } finally {
+    if (proc !== undefined) await stopChild(proc.child);
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
