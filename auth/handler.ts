@@ -12,7 +12,7 @@ import {
   serverErrorResponse,
 } from "./http_error.ts";
 import { HashBusyError, HashLimiter } from "./hash_limiter.ts";
-import type { AuthStore, UserRecord } from "./json_store.ts";
+import { type AuthStore, StorageError, type UserRecord } from "./json_store.ts";
 import { USERNAME_RE } from "../username.ts";
 import { requestUrl } from "../request_url.ts";
 import type { SessionEvents } from "./session_events.ts";
@@ -81,6 +81,8 @@ export const MAX_PASSWORD_CHARS = 1024;
 const BEARER_RE = /^Bearer[ \t]+([^\s]+)[ \t]*$/i;
 const TOKEN_BYTES = 32;
 const SESSION_PRUNE_INTERVAL_MS = 60_000;
+/** `Retry-After` of a `503 storage_unavailable` (a data file cannot be written). */
+const STORAGE_RETRY_AFTER_S = 5;
 
 interface Route {
   /** Methods answered, in the order `Allow` lists them. */
@@ -508,6 +510,25 @@ export function createAuthHandler(options: AuthHandlerOptions): AuthHandler {
       return req.method === "HEAD" ? await withoutBody(res) : res;
     } catch (err) {
       if (err instanceof HttpError) return errorResponse(err);
+      if (err instanceof StorageError) {
+        // A full disk is no bug: one line naming the file, no stack.
+        log(
+          `${new Date(now()).toISOString()} auth error ${req.method} ${
+            logValue(path)
+          }: storage_unavailable file=${logValue(err.path)} error=${
+            logValue(err.reason)
+          }`,
+        );
+        await discardBody(req);
+        return errorResponse(
+          new HttpError(
+            503,
+            "storage_unavailable",
+            "Cannot save the change: the server cannot save its data right now",
+            { headers: { "retry-after": String(STORAGE_RETRY_AFTER_S) } },
+          ),
+        );
+      }
       log(
         `${new Date(now()).toISOString()} auth error ${req.method} ${
           logValue(path)

@@ -20,6 +20,7 @@ export type AuthErrorCode =
   | "not_found"
   | "method_not_allowed"
   | "invalid_request"
+  | "storage_unavailable"
   | "server_error";
 
 /** Options of {@linkcode HttpError}. */

@@ -45,6 +45,27 @@ export class StoreError extends Error {
   override name = "StoreError";
 }
 
+/**
+ * A data file cannot be written (a full disk, a read-only file system): the
+ * change that asked for the write is not saved. Its message names the file
+ * and the OS error, on one line.
+ */
+export class StorageError extends Error {
+  override name = "StorageError";
+  /** The file that could not be written. */
+  readonly path: string;
+  /** What the OS said, e.g. `No space left on device (os error 28)`. */
+  readonly reason: string;
+
+  /** Wraps `cause`, the failure of writing `path`. */
+  constructor(path: string, cause: unknown) {
+    const reason = osReason(cause);
+    super(`Cannot write ${path}: ${reason}`, { cause });
+    this.path = path;
+    this.reason = reason;
+  }
+}
+
 /** Name of the users file inside the data directory. */
 export const USERS_FILE = "users.json";
 /** Name of the sessions file inside the data directory. */
@@ -376,7 +397,7 @@ export class AuthStore {
       if (revoked === 0) return;
       throw new StoreError(
         `Cannot save ${join(this.#dataDir, SESSIONS_FILE)}: ${
-          oneLine(failure instanceof Error ? failure.message : String(failure))
+          failure instanceof StorageError ? failure.reason : osReason(failure)
         }; ${revoked} revoked session${
           revoked === 1 ? "" : "s"
         } will be valid again after a restart`,
@@ -559,7 +580,12 @@ class GroupWriter {
         this.#next = undefined;
         try {
           // Rendered now: changes made from here on belong to the next batch.
-          await writeFileAtomic(this.#path, this.#render());
+          const bytes = this.#render();
+          try {
+            await writeFileAtomic(this.#path, bytes);
+          } catch (err) {
+            throw new StorageError(this.#path, err);
+          }
           this.writes++;
           batch.resolve();
         } catch (err) {
@@ -681,6 +707,15 @@ function oneLine(text: string): string {
     /[\u0000-\u001f\u007f]/g,
     (c) => JSON.stringify(c).slice(1, -1),
   );
+}
+
+/**
+ * The OS's words in a failed file operation, on one line: the runtime's
+ * message up to its `(os error N)`, without the paths it appends.
+ */
+function osReason(err: unknown): string {
+  const message = err instanceof Error ? err.message : String(err);
+  return oneLine(/^.*?\(os error \d+\)/s.exec(message)?.[0] ?? message);
 }
 
 class FormatError extends Error {}

@@ -20,7 +20,7 @@ export {
   type AuthHandlerOptions,
   createAuthHandler,
 } from "./handler.ts";
-export { AuthStore, StoreError } from "./json_store.ts";
+export { AuthStore, StorageError, StoreError } from "./json_store.ts";
 export { type AuthLimits, DEFAULT_AUTH_LIMITS } from "./rate_limit.ts";
 
 /**

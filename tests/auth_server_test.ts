@@ -668,8 +668,8 @@ Deno.test("a logout whose write failed is written when asked again, or at shutdo
           // The directory moved away: the write fails, as on a full disk.
           await Deno.rename(dataDir, away);
           const failed = await logout();
-          assert.equal(failed.status, 500);
-          assert.equal(field(failed, "error"), "server_error");
+          assert.equal(failed.status, 503);
+          assert.equal(field(failed, "error"), "storage_unavailable");
           assert.equal(
             (await call(url, "/validate_token", { token })).status,
             401,
@@ -1342,4 +1342,73 @@ Deno.test("sessions of a user removed from users.json while stopped do not valid
   } finally {
     await Deno.remove(dataDir, { recursive: true });
   }
+});
+
+Deno.test("a data file that cannot be written answers 503 storage_unavailable with Retry-After and logs one line naming it, without a stack", async () => {
+  const lines: string[] = [];
+  await withServer(
+    { log: (line) => lines.push(line) },
+    async ({ url }, dataDir) => {
+      assert.equal((await register(url, "alice")).status, 201);
+      const token = await loginToken(url, "alice");
+      try {
+        // Each file replaced by a non-empty directory: renaming the temp file
+        // over it fails, even as root, as a full disk fails the write.
+        for (const name of ["users.json", "sessions.json"]) {
+          await Deno.remove(join(dataDir, name));
+          await Deno.mkdir(join(dataDir, name, "in_the_way"), {
+            recursive: true,
+          });
+        }
+        const failures = [
+          ["/register", await register(url, "bob")],
+          [
+            "/login",
+            await call(url, "/login", {
+              username: "alice",
+              password: PASSWORD,
+            }),
+          ],
+          [
+            "/logout",
+            await call(url, "/logout", undefined, {
+              headers: { authorization: `Bearer ${token}` },
+            }),
+          ],
+        ] as const;
+        for (const [path, answer] of failures) {
+          assert.equal(answer.status, 503, path);
+          assert.equal(answer.headers.get("retry-after"), "5", path);
+          assert.deepEqual(answer.body, {
+            error: "storage_unavailable",
+            message:
+              "Cannot save the change: the server cannot save its data right now",
+          }, path);
+          const file = path === "/register" ? "users.json" : "sessions.json";
+          const logged = lines.filter((l) =>
+            l.includes(`auth error POST "${path}"`)
+          );
+          assert.equal(logged.length, 1, lines.join("\n"));
+          assert.match(
+            logged[0] ?? "",
+            new RegExp(
+              `: storage_unavailable file="[^"]*/${
+                file.replace(".", "\\.")
+              }" error="[^"\\\\]*\\(os error \\d+\\)"$`,
+            ),
+          );
+        }
+        assert.doesNotMatch(lines.join("\n"), /\bat |\\n/);
+        assert.equal(
+          (await call(url, "/validate_token", { token })).status,
+          401,
+        );
+      } finally {
+        // Room again: the shutdown saves the logout.
+        for (const name of ["users.json", "sessions.json"]) {
+          await Deno.remove(join(dataDir, name), { recursive: true });
+        }
+      }
+    },
+  );
 });

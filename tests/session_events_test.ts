@@ -388,7 +388,7 @@ Deno.test("a session events stream whose reader does not read is cut off once mo
   }
 });
 
-Deno.test("a logout whose write fails (500) still closes that session's chat connections at once: it stops validating at once", async () => {
+Deno.test("a logout whose write fails (503 storage_unavailable) still closes that session's chat connections at once: it stops validating at once", async () => {
   const stack = await startStack({
     chatLimits: {
       recheckIntervalMs: 3_600_000,
@@ -403,7 +403,7 @@ Deno.test("a logout whose write fails (500) still closes that session's chat con
     // The sessions file cannot be replaced: a non-empty directory in its place.
     await Deno.remove(path);
     await Deno.mkdir(`${path}/x`, { recursive: true });
-    assert.equal(await logout(stack.auth.url, token), 500);
+    assert.equal(await logout(stack.auth.url, token), 503);
     const event = await closedWithin(alice, 5000);
     assert.equal(event.code, 1008);
   } finally {
