@@ -1277,6 +1277,7 @@ Deno.test("with the chat server bound to every address, /login hands out the cha
       assert.match(answer, /"chat_url":"ws:\/\/chat\.example\.org:4321\/ws"/);
     },
   );
+});
 
 Deno.test("sessions of a user removed from users.json while stopped do not validate after the restart, and leave the sessions file", async () => {
   const dataDir = await Deno.makeTempDir({ prefix: "auth_server_" });
