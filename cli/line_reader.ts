@@ -125,6 +125,9 @@ export class LineReader {
   #drawn: { footer: number[]; input: number[]; cursor: number } | null = null;
   #escape: "" | "esc" | "csi" = "";
   #csi = "";
+  /** Counts what `#feed` was given: an Esc and a key in one read are Alt+key. */
+  #chunk = 0;
+  #escChunk = -1;
   #lastWasCr = false;
   #raw = false;
 
@@ -343,6 +346,7 @@ export class LineReader {
       this.#deliver();
       return;
     }
+    this.#chunk++;
     for (const char of text) this.#key(char);
   }
 
@@ -354,8 +358,12 @@ export class LineReader {
         this.#csi = char === "O" ? "O" : "";
         return;
       }
-      // Esc, or Alt with a key: the key counts on its own.
       this.#escape = "";
+      // Alt with a key comes in the same read as its Esc (a terminal sends
+      // both at once); a lone Esc comes alone, and the key after it counts
+      // on its own. Alt+B/F/D/Backspace act on words, as in readline; any
+      // other Alt+key does nothing, rather than type its letter.
+      if (this.#escChunk === this.#chunk) return this.#alt(char);
     } else if (this.#escape === "csi") {
       if (code >= 0x40 && code <= 0x7e) {
         this.#escape = "";
@@ -368,6 +376,7 @@ export class LineReader {
     switch (char) {
       case "\x1b":
         this.#escape = "esc";
+        this.#escChunk = this.#chunk;
         return;
       case "\r":
         this.#enter();
@@ -388,14 +397,10 @@ export class LineReader {
         return this.#move(this.#graphemeAfter());
       case "\x15": // Ctrl+U: what is before the cursor
         return this.#edit(this.#buffer.slice(this.#cursor), 0);
-      case "\x17": { // Ctrl+W: the word before the cursor
-        const before = this.#buffer.slice(0, this.#cursor)
-          .replace(/\S*\s*$/, "");
-        return this.#edit(
-          before + this.#buffer.slice(this.#cursor),
-          before.length,
-        );
-      }
+      case "\x0b": // Ctrl+K: what is after the cursor
+        return this.#edit(this.#buffer.slice(0, this.#cursor), this.#cursor);
+      case "\x17": // Ctrl+W: the word before the cursor
+        return this.#deleteWordBack();
       case "\x03": // Ctrl+C
         this.#interrupt();
         return;
@@ -411,10 +416,54 @@ export class LineReader {
     }
   }
 
+  /** Alt (Meta) with `char`. */
+  #alt(char: string): void {
+    switch (char) {
+      case "b":
+        return this.#move(this.#wordBefore());
+      case "f":
+        return this.#move(this.#wordAfter());
+      case "d":
+        return this.#edit(
+          this.#buffer.slice(0, this.#cursor) +
+            this.#buffer.slice(this.#wordAfter()),
+          this.#cursor,
+        );
+      case "\x7f":
+      case "\b":
+        return this.#deleteWordBack();
+    }
+  }
+
+  #deleteWordBack(): void {
+    const from = this.#wordBefore();
+    this.#edit(
+      this.#buffer.slice(0, from) + this.#buffer.slice(this.#cursor),
+      from,
+    );
+  }
+
+  /** Where the word before the cursor starts (spaces before the cursor skipped). */
+  #wordBefore(): number {
+    return this.#buffer.slice(0, this.#cursor).replace(/\S*\s*$/, "").length;
+  }
+
+  /** Where the word after the cursor ends (spaces after the cursor skipped). */
+  #wordAfter(): number {
+    const rest = this.#buffer.slice(this.#cursor);
+    return this.#cursor + (/^\s*\S*/.exec(rest)?.[0].length ?? 0);
+  }
+
   /** A control sequence: `ESC [ params final` or `ESC O final`. */
   #sequence(params: string, final: string): void {
-    if (final === "D") return this.#move(this.#graphemeBefore());
-    if (final === "C") return this.#move(this.#graphemeAfter());
+    // Ctrl or Alt with Left/Right (`1;5D`, `1;3C`): a word at a time.
+    const word = /^1;[35]$/.test(params);
+    if (final === "D") {
+      return this.#move(word ? this.#wordBefore() : this.#graphemeBefore());
+    }
+    if (final === "C") {
+      return this.#move(word ? this.#wordAfter() : this.#graphemeAfter());
+    }
     if (final === "H" || (final === "~" && /^[17]$/.test(params))) {
       return this.#move(0);
     }

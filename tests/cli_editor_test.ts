@@ -103,9 +103,40 @@ Deno.test("arrows, Home, End, Delete and Backspace edit where the cursor is, one
   // An emoji with its skin tone, a flag and a decomposed é go whole.
   await type("\x05 👍🏽🇫🇷e\u0301\x7f\x7f\x7f");
   assert.deepEqual(screen.lines, ["> hello big world! "]);
-  // A lone Esc does not eat the key after it.
-  await type("\x1bok\r");
+  // A lone Esc (a read of its own) does not eat the key after it.
+  await type("\x1b");
+  await type("ok\r");
   assert.equal(await line, "hello big world! ok");
+  reader.close();
+});
+
+Deno.test("Alt+B/F/D/Backspace, Ctrl+Left/Right, Ctrl+W and Ctrl+K edit by words as in readline; any other Alt+key types nothing", async () => {
+  const { screen, reader, type } = terminal(60);
+  const line = reader.readLine({ prompt: "> " });
+  await type("one two  three");
+  // Alt+B twice: before "two"; Alt+F: after it.
+  await type("\x1bb");
+  await type("\x1bb");
+  assert.equal(screen.col, "> one ".length);
+  await type("\x1bf");
+  assert.equal(screen.col, "> one two".length);
+  // Ctrl+Left and Alt+Left, Ctrl+Right.
+  await type("\x1b[1;5D");
+  assert.equal(screen.col, "> one ".length);
+  await type("\x1b[1;3D");
+  assert.equal(screen.col, "> ".length);
+  await type("\x1b[1;5C");
+  assert.equal(screen.col, "> one".length);
+  // Alt+D: the word after the cursor; Alt+X types nothing.
+  await type("\x1bd\x1bx");
+  assert.deepEqual(screen.lines, ["> one  three"]);
+  // Ctrl+K: all after the cursor; Alt+Backspace: the word before it.
+  await type("\x0b");
+  assert.deepEqual(screen.lines, ["> one"]);
+  await type(" two\x1b\x7f");
+  assert.deepEqual(screen.lines, ["> one "]);
+  await type("end\r");
+  assert.equal(await line, "one end");
   reader.close();
 });
 
