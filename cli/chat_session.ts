@@ -29,6 +29,7 @@ import { CliError, EXIT_ERROR, Interrupted } from "./cli_error.ts";
 import type { LineReader } from "./line_reader.ts";
 import {
   hint,
+  mentions,
   renderDirectMessage,
   renderError,
   renderPending,
@@ -480,7 +481,9 @@ export class ChatSession {
             true,
           );
         }
-        return this.#print(renderDirectMessage(frame, this.#view()));
+        return this.#print(renderDirectMessage(frame, this.#view()), {
+          bell: frame.from.toLowerCase() !== this.#me.toLowerCase(),
+        });
       case "join":
       case "leave":
         if (frame.user.toLowerCase() === this.#me.toLowerCase()) return;
@@ -1005,7 +1008,10 @@ export class ChatSession {
         own.set(message.id, message.ts);
         if (own.size > OWN_KEPT) own.delete(own.keys().next().value!);
       }
-      this.#print(renderRoomMessage(message, this.#messageView()));
+      this.#print(renderRoomMessage(message, this.#messageView()), {
+        bell: mentions(message.text, this.#me, message.from) &&
+          isRecent(message.ts),
+      });
     }
     this.#lastId.set(room, last ?? 0n);
   }
@@ -1442,11 +1448,19 @@ export class ChatSession {
     this.#print(hint(text, this.#view()));
   }
 
-  #print(line: string): void {
-    this.#lines().print(line);
+  #print(line: string, options: { bell?: boolean } = {}): void {
+    this.#lines().print(line, options);
   }
 
   #lines(): LineReader {
     return this.#opts.lines;
   }
+}
+
+/**
+ * Whether a message is news (a minute old at most): what is shown again from
+ * history at a login or a join does not ring the bell.
+ */
+function isRecent(ts: string): boolean {
+  return Date.now() - Date.parse(ts) < 60_000;
 }

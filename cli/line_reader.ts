@@ -244,13 +244,19 @@ export class LineReader {
   }
 
   /** Writes one line of output above the prompt and the line being typed. */
-  print(line: string): void {
+  print(line: string, options: { bell?: boolean } = {}): void {
+    // The terminal's bell (its "activity" alert in tmux and screen) only on
+    // a terminal the editor draws on: never into a pipe or a log.
+    const bell = options.bell === true && this.#terminal !== null &&
+        !this.#plain
+      ? "\x07"
+      : "";
     if (this.#terminal !== null && this.#editorShares && !this.#plain) {
       this.#clear();
-      this.#write(this.#output, line + "\n");
+      this.#write(this.#output, line + "\n" + bell);
       this.#draw();
     } else {
-      this.#write(this.#output, line + "\n");
+      this.#write(this.#output, line + "\n" + bell);
     }
   }
 

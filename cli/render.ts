@@ -68,14 +68,33 @@ export function sanitize(text: string): string {
   return text.replace(CONTROL_CHARS, (c) => c === "\t" ? " " : "\ufffd");
 }
 
-/** `[HH:MM] <alice> hi`, with `#room` when the room is not the current one. */
+/**
+ * Whether someone else's `text` names `me` as a word (`alice`, `@alice:`,
+ * `ALICE?`; not `malice` or `alice_2`), as chat clients highlight.
+ */
+export function mentions(text: string, me: string, from: string): boolean {
+  if (from.toLowerCase() === me.toLowerCase()) return false;
+  const name = me.replace(/[.-]/g, "\\$&");
+  return new RegExp(`(?<![A-Za-z0-9_.-])${name}(?![A-Za-z0-9_-])`, "i")
+    .test(text);
+}
+
+/**
+ * `[HH:MM] <alice> hi`, with `#room` when the room is not the current one;
+ * in colour, the text of a message that names you is bold.
+ */
 export function renderRoomMessage(
   message: RoomMessage,
   view: ViewOptions,
 ): string {
+  const text = sanitize(message.text);
   return `${stamp(message.ts, view)}${roomTag(message.room, view)}${
     nick(message.from, view)
-  } ${sanitize(message.text)}`;
+  } ${
+    mentions(message.text, view.me, message.from)
+      ? paint(text, BOLD, view.color)
+      : text
+  }`;
 }
 
 /** One of the user's own messages that the server has not echoed yet. */

@@ -6,6 +6,7 @@ import { CliError } from "../cli/cli_error.ts";
 import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
 import {
   formatClock,
+  mentions,
   nickColor,
   renderDirectMessage,
   renderError,
@@ -606,4 +607,46 @@ Deno.test("the unconfirmed texts are listed in the order typed, one sanitized li
       "#dev not among the frames",
     ],
   );
+});
+
+Deno.test("a message that names you is bold in colour, and rings the terminal's bell; not on a pipe, not your own, not a longer name", () => {
+  assert.ok(mentions("hey alice, look", "alice", "bob"));
+  assert.ok(mentions("@ALICE: look", "alice", "bob"));
+  assert.ok(mentions("thanks a.b-c.", "a.b-c", "bob"));
+  assert.ok(!mentions("malice and alice_2 and alicex", "alice", "bob"));
+  assert.ok(!mentions("alice here", "alice", "Alice"));
+  const message = {
+    type: "message" as const,
+    id: "1",
+    room: "lobby",
+    from: "bob",
+    text: "alice?",
+    ts: new Date().toISOString(),
+  };
+  const view = { color: true, currentRoom: "lobby", me: "alice" };
+  assert.match(renderRoomMessage(message, view), /\x1b\[1malice\?\x1b\[0m$/);
+  assert.match(
+    renderRoomMessage(message, { ...view, color: false }),
+    /\] <bob> alice\?$/,
+  );
+  // The bell goes to a terminal only.
+  for (const terminal of [true, false]) {
+    let out = "";
+    const output: SyncWriter = {
+      writeSync(p) {
+        out += new TextDecoder().decode(p);
+        return p.length;
+      },
+    };
+    const reader = new LineReader({
+      input: new ReadableStream(),
+      output,
+      terminal: terminal ? { setRaw: () => {}, columns: () => 80 } : null,
+    });
+    reader.print("x", { bell: true });
+    reader.print("y");
+    assert.equal(out.includes("\x07"), terminal, JSON.stringify(out));
+    assert.equal(out.split("\x07").length, terminal ? 2 : 1);
+    reader.close();
+  }
 });
