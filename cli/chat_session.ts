@@ -28,6 +28,7 @@ import { describeNetworkError } from "./api.ts";
 import { CliError, EXIT_ERROR, Interrupted } from "./cli_error.ts";
 import type { LineReader } from "./line_reader.ts";
 import {
+  formatDay,
   hint,
   mentions,
   renderDirectMessage,
@@ -228,6 +229,13 @@ export class ChatSession {
   #lastId = new Map<string, bigint>();
   /** Per room, the id of the oldest message shown, for `/history`. */
   #oldestId = new Map<string, string>();
+  /**
+   * The local day of the last message shown (today at the start: the first
+   * messages say their day only when it is another).
+   */
+  #shownDay: { last: string | undefined } = {
+    last: formatDay(new Date().toISOString()),
+  };
   /** Per room, the `after` id whose gap the user has been told about. */
   #gapTold = new Map<string, string>();
   /**
@@ -921,7 +929,11 @@ export class ChatSession {
         return;
       }
       this.#print(status(`earlier in #${room}:`, this.#view()));
+      // Days of their own: the page's first message says its day unless
+      // that is today, and so does each change of day after it.
+      const days = { last: formatDay(new Date().toISOString()) };
       for (const message of messages) {
+        this.#dayChange(message.ts, days);
         this.#print(renderRoomMessage(message, this.#messageView()));
       }
       this.#oldestId.set(room, messages[0]!.id);
@@ -1008,6 +1020,7 @@ export class ChatSession {
         own.set(message.id, message.ts);
         if (own.size > OWN_KEPT) own.delete(own.keys().next().value!);
       }
+      this.#dayChange(message.ts, this.#shownDay);
       this.#print(renderRoomMessage(message, this.#messageView()), {
         bell: mentions(message.text, this.#me, message.from) &&
           isRecent(message.ts),
@@ -1446,6 +1459,17 @@ export class ChatSession {
 
   #hint(text: string): void {
     this.#print(hint(text, this.#view()));
+  }
+
+  /**
+   * `* Fri 27 Nov 2026` before a message of another day than the one shown
+   * before it (`days.last`), so that `[HH:MM]` is not taken for today's.
+   */
+  #dayChange(ts: string, days: { last: string | undefined }): void {
+    const day = formatDay(ts);
+    if (day === undefined || day === days.last) return;
+    days.last = day;
+    this.#print(status(day, this.#view()));
   }
 
   #print(line: string, options: { bell?: boolean } = {}): void {

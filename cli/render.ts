@@ -57,6 +57,34 @@ export function formatClock(ts: string, now: Date = new Date()): string {
   return `${pad2(date.getHours())}:${pad2(date.getMinutes())}`;
 }
 
+const DAYS = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+const MONTHS = [
+  "Jan",
+  "Feb",
+  "Mar",
+  "Apr",
+  "May",
+  "Jun",
+  "Jul",
+  "Aug",
+  "Sep",
+  "Oct",
+  "Nov",
+  "Dec",
+];
+
+/**
+ * The local day of an ISO timestamp, `Sat 28 Nov 2026` (`undefined` when it
+ * cannot be read): what a `[HH:MM]` does not say.
+ */
+export function formatDay(ts: string): string | undefined {
+  const date = new Date(ts);
+  if (Number.isNaN(date.getTime())) return undefined;
+  return `${DAYS[date.getDay()]} ${date.getDate()} ${
+    MONTHS[date.getMonth()]
+  } ${date.getFullYear()}`;
+}
+
 /**
  * Replaces control characters in text from the network, so that nobody can
  * move the cursor, recolour or clear another user's terminal, and the

@@ -11,6 +11,7 @@ import {
   startServers,
 } from "./_cli_helpers.ts";
 import { rawUpgrade } from "./_harness.ts";
+import { formatDay } from "../cli/render.ts";
 import { registerUser } from "../cli/api.ts";
 
 const MESSAGE_LINE = /^\[\d\d:\d\d\] /;
@@ -847,4 +848,51 @@ Deno.test("a message the server could not store (its disk full) stays pending an
       }
     },
   );
+});
+
+Deno.test("messages of other days than today are shown under a line with their day, so that [HH:MM] is not taken for today's", async () => {
+  const servers = await startServers();
+  const historyDir = await Deno.makeTempDir({ prefix: "chatroom_days_" });
+  try {
+    const day = 86_400_000;
+    const stamps = [3 * day, day, 0].map((ago) =>
+      new Date(Date.now() - ago).toISOString()
+    );
+    await Deno.mkdir(`${historyDir}/history`);
+    await Deno.writeTextFile(
+      `${historyDir}/history/lobby.jsonl`,
+      ["one", "two", "three"].map((text, i) =>
+        JSON.stringify({
+          type: "message",
+          id: String(i + 1),
+          room: "lobby",
+          from: "bob",
+          text,
+          ts: stamps[i],
+        }) + "\n"
+      ).join(""),
+    );
+    await servers.restartChat(historyDir);
+    await register(servers.authUrl, "alice");
+    const cli = loginProcess(servers.authUrl, "alice");
+    await cli.write(PASSWORD);
+    await cli.stdout.next(/<bob> three$/);
+    await cli.closeStdin();
+    assert.equal(await cli.exit(), 0, cli.stderr.text);
+    const shown = cli.stdout.lines.filter((l) =>
+      /^\* \w{3} \d{1,2} \w{3} \d{4}$/.test(l) || /<bob>/.test(l)
+    );
+    const days = stamps.map((ts) => `* ${formatDay(ts)}`);
+    assert.deepEqual(shown.map((l) => l.replace(/^\[\d\d:\d\d\] /, "")), [
+      days[0],
+      "<bob> one",
+      days[1],
+      "<bob> two",
+      days[2],
+      "<bob> three",
+    ]);
+  } finally {
+    await servers.close();
+    await Deno.remove(historyDir, { recursive: true });
+  }
 });

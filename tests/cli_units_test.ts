@@ -6,6 +6,7 @@ import { CliError } from "../cli/cli_error.ts";
 import { LineReader, type SyncWriter } from "../cli/line_reader.ts";
 import {
   formatClock,
+  formatDay,
   mentions,
   nickColor,
   renderDirectMessage,
@@ -505,6 +506,8 @@ Deno.test("onMessage parses a coalesced frame and shows each message once", () =
   session.onError(new Event("error"));
   assert.deepEqual(out.text().split("\n"), [
     "* connected as alice; type /help for commands",
+    // Not today's: its day is said.
+    `* ${formatDay(ts)}`,
     "[09:05] <bob> one",
     "[09:05] <bob> two",
     "",
