@@ -108,6 +108,20 @@ export const CHAT_HELP = [
   "Any other line is a message to the current room; //text sends /text.",
 ];
 
+/** The commands Tab completes. */
+const COMMANDS = [
+  "/help",
+  "/join",
+  "/leave",
+  "/rooms",
+  "/who",
+  "/msg",
+  "/history",
+  "/quit",
+];
+/** At most this many user names and room names are kept for Tab. */
+const MAX_NAMES = 10_000;
+
 const DEFAULT_HISTORY_PAGE = 20;
 /** Ids (with their `ts`) remembered per room to tell a history that started over. */
 const SEEN_KEPT = 256;
@@ -229,6 +243,10 @@ export class ChatSession {
   #lastId = new Map<string, bigint>();
   /** Per room, the id of the oldest message shown, for `/history`. */
   #oldestId = new Map<string, string>();
+  /** User names seen (lower-case → as shown), for Tab. */
+  #names = new Map<string, string>();
+  /** Rooms named by a `rooms` answer, for Tab. */
+  #knownRooms = new Set<string>();
   /**
    * The local day of the last message shown (today at the start: the first
    * messages say their day only when it is another).
@@ -358,6 +376,7 @@ export class ChatSession {
     // A signal ends the session whatever it is doing: reading a line,
     // waiting for its first welcome, or for answers after /quit.
     this.#lines().setInterruptHandler(() => this.#interrupted());
+    this.#lines().setCompleter((before) => this.complete(before));
     if (this.#pending.size > 0) {
       this.#updatePending();
       this.#showPendingAsPending();
@@ -458,8 +477,87 @@ export class ChatSession {
     void this.#afterClose(event.code, opened);
   }
 
+  /**
+   * What Tab makes of `before`, the text before the cursor: its last word
+   * completed, a command at the start (`/jo` → `/join `), a room after
+   * `/join`, `/leave`, `/who` or `#`, else a user name seen in this session
+   * (`ali` → `alice: ` at the start, `alice ` elsewhere); as far as the
+   * candidates agree when there are several. `undefined` when nothing fits.
+   */
+  complete(before: string): string | undefined {
+    const word = /\S*$/.exec(before)![0];
+    if (word === "") return undefined;
+    const head = before.slice(0, before.length - word.length);
+    let options: string[];
+    if (head === "" && word.startsWith("/")) {
+      options = COMMANDS.map((c) => `${c} `);
+    } else if (word.startsWith("#")) {
+      options = [...this.#roomNames()].map((r) => `#${r} `);
+    } else if (/^\/(join|leave|who)\s+$/.test(head)) {
+      options = [...this.#roomNames()].map((r) => `${r} `);
+    } else {
+      options = [...this.#names.values()].map((n) =>
+        head === "" ? `${n}: ` : `${n} `
+      );
+    }
+    const lower = word.toLowerCase();
+    const fits = options.filter((o) => o.toLowerCase().startsWith(lower))
+      .sort();
+    if (fits.length === 0) return undefined;
+    let common = fits[0]!;
+    for (const fit of fits) {
+      let n = 0;
+      while (
+        n < common.length && n < fit.length &&
+        common[n]!.toLowerCase() === fit[n]!.toLowerCase()
+      ) n++;
+      common = common.slice(0, n);
+    }
+    if (common.length <= word.length) return undefined;
+    // One candidate: as it is spelt; several: what was typed, carried on.
+    return head +
+      (fits.length === 1 ? common : word + common.slice(word.length));
+  }
+
+  #roomNames(): Set<string> {
+    return new Set([...this.#rooms, ...this.#knownRooms]);
+  }
+
+  /** Remembers the names a frame shows, for {@linkcode complete}. */
+  #learn(frame: IncomingFrame): void {
+    const names: string[] = [];
+    switch (frame.type) {
+      case "welcome":
+      case "joined":
+      case "who":
+        names.push(...frame.users);
+        break;
+      case "message":
+        names.push(frame.from);
+        break;
+      case "dm":
+        names.push(frame.from, frame.to);
+        break;
+      case "join":
+      case "leave":
+        names.push(frame.user);
+        break;
+      case "rooms":
+        for (const r of frame.rooms) {
+          if (this.#knownRooms.size < MAX_NAMES) this.#knownRooms.add(r.name);
+        }
+        break;
+    }
+    for (const name of names) {
+      const key = name.toLowerCase();
+      if (key === this.#me.toLowerCase() || this.#names.has(key)) continue;
+      if (this.#names.size < MAX_NAMES) this.#names.set(key, name);
+    }
+  }
+
   /** Shows one server frame and updates the session's state. */
   handleFrame(frame: IncomingFrame): void {
+    this.#learn(frame);
     switch (frame.type) {
       case "welcome":
         return this.#onWelcome(frame.username, frame.history);
@@ -711,6 +809,7 @@ export class ChatSession {
     if (this.#ending) return;
     this.#ending = true;
     this.#lines().setInterruptHandler(null);
+    this.#lines().setCompleter(null);
     this.#wake?.();
     clearTimeout(this.#reconnectTimer);
     clearTimeout(this.#holdTimer);

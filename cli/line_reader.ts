@@ -125,6 +125,9 @@ export class LineReader {
   #drawn: { footer: number[]; input: number[]; cursor: number } | null = null;
   #escape: "" | "esc" | "csi" = "";
   #csi = "";
+  #completer: ((before: string) => string | undefined) | null = null;
+  /** Whether the read being taken is one key (a Tab alone completes). */
+  #alone = false;
   /** Counts what `#feed` was given: an Esc and a key in one read are Alt+key. */
   #chunk = 0;
   #escChunk = -1;
@@ -292,6 +295,17 @@ export class LineReader {
    * What {@linkcode LineReader.interrupt} does instead while set (a chat
    * session ends itself, read or no read); `null` to take it back.
    */
+  /**
+   * What Tab does in a line being typed: `complete` gets the text before the
+   * cursor and gives what replaces it (`undefined`: nothing to complete).
+   * A Tab within pasted text stays a space.
+   */
+  setCompleter(
+    complete: ((before: string) => string | undefined) | null,
+  ): void {
+    this.#completer = complete;
+  }
+
   setInterruptHandler(handler: (() => void) | null): void {
     this.#onInterrupt = handler;
   }
@@ -353,6 +367,7 @@ export class LineReader {
       return;
     }
     this.#chunk++;
+    this.#alone = text.length === 1;
     for (const char of text) this.#key(char);
   }
 
@@ -415,11 +430,21 @@ export class LineReader {
         else this.#deleteForward();
         return;
       case "\t":
+        if (this.#alone && this.#completer !== null && this.#active?.echo) {
+          return this.#complete(this.#completer);
+        }
         return this.#insert(" ");
       default:
         if (code < 0x20 || (code >= 0x7f && code <= 0x9f)) return;
         this.#insert(char);
     }
+  }
+
+  #complete(complete: (before: string) => string | undefined): void {
+    const before = this.#buffer.slice(0, this.#cursor);
+    const done = complete(before);
+    if (done === undefined || done === before) return;
+    this.#edit(done + this.#buffer.slice(this.#cursor), done.length);
   }
 
   /** Alt (Meta) with `char`. */

@@ -140,6 +140,24 @@ Deno.test("Alt+B/F/D/Backspace, Ctrl+Left/Right, Ctrl+W and Ctrl+K edit by words
   reader.close();
 });
 
+Deno.test("Tab typed alone asks the completer; a Tab within pasted text stays a space", async () => {
+  const { screen, reader, type } = terminal(40);
+  reader.setCompleter((before) =>
+    before.endsWith("al") ? `${before}ice: ` : undefined
+  );
+  const line = reader.readLine({ prompt: "> " });
+  await type("al");
+  await type("\t");
+  assert.deepEqual(screen.lines, ["> alice: "]);
+  assert.equal(screen.col, "> alice: ".length);
+  // Nothing to complete: nothing happens.
+  await type("\t");
+  assert.deepEqual(screen.lines, ["> alice: "]);
+  await type("a\tal\r");
+  assert.equal(await line, "alice: a al");
+  reader.close();
+});
+
 Deno.test("Up and Down recall the lines entered before; passwords are never kept", async () => {
   const { reader, type } = terminal(40);
   const first = reader.readLine({ prompt: "> ", history: true });

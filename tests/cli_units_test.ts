@@ -653,3 +653,31 @@ Deno.test("a message that names you is bold in colour, and rings the terminal's 
     reader.close();
   }
 });
+
+Deno.test("Tab completes a command, a room or a user name seen in the session, as far as the candidates agree", () => {
+  const { lines, session } = offlineSession();
+  session.onMessage(
+    new MessageEvent("message", {
+      data: JSON.stringify({
+        type: "welcome",
+        username: "alice",
+        room: "lobby",
+        rooms: ["lobby"],
+        users: ["alice", "bob", "Bobby", "carol"],
+        history: [],
+      }),
+    }),
+  );
+  assert.equal(session.complete("ca"), "carol: ");
+  assert.equal(session.complete("hi CA"), "hi carol ");
+  assert.equal(session.complete("b"), "bob");
+  assert.equal(session.complete("bob"), undefined);
+  assert.equal(session.complete("al"), undefined, "not one's own name");
+  assert.equal(session.complete("/jo"), "/join ");
+  assert.equal(session.complete("/join lo"), "/join lobby ");
+  assert.equal(session.complete("see #lo"), "see #lobby ");
+  assert.equal(session.complete("/msg car"), "/msg carol ");
+  assert.equal(session.complete("zz"), undefined);
+  assert.equal(session.complete("hi "), undefined);
+  lines.close();
+});
