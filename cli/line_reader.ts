@@ -407,7 +407,7 @@ export class LineReader {
         return;
       case "\x7f":
       case "\b":
-        return this.#deleteBack();
+        return this.#deleteTo(this.#graphemeBefore());
       case "\x01": // Ctrl+A
         return this.#move(0);
       case "\x05": // Ctrl+E
@@ -417,17 +417,17 @@ export class LineReader {
       case "\x06": // Ctrl+F
         return this.#move(this.#graphemeAfter());
       case "\x15": // Ctrl+U: what is before the cursor
-        return this.#edit(this.#buffer.slice(this.#cursor), 0);
+        return this.#deleteTo(0);
       case "\x0b": // Ctrl+K: what is after the cursor
-        return this.#edit(this.#buffer.slice(0, this.#cursor), this.#cursor);
+        return this.#deleteTo(this.#buffer.length);
       case "\x17": // Ctrl+W: the word before the cursor
-        return this.#deleteWordBack();
+        return this.#deleteTo(this.#wordBefore());
       case "\x03": // Ctrl+C
         this.#interrupt();
         return;
       case "\x04": // Ctrl+D: end of input on an empty line, else Delete
         if (this.#buffer === "") this.#endOnce();
-        else this.#deleteForward();
+        else this.#deleteTo(this.#graphemeAfter());
         return;
       case "\t":
         if (this.#alone && this.#completer !== null && this.#active?.echo) {
@@ -455,23 +455,11 @@ export class LineReader {
       case "f":
         return this.#move(this.#wordAfter());
       case "d":
-        return this.#edit(
-          this.#buffer.slice(0, this.#cursor) +
-            this.#buffer.slice(this.#wordAfter()),
-          this.#cursor,
-        );
+        return this.#deleteTo(this.#wordAfter());
       case "\x7f":
       case "\b":
-        return this.#deleteWordBack();
+        return this.#deleteTo(this.#wordBefore());
     }
-  }
-
-  #deleteWordBack(): void {
-    const from = this.#wordBefore();
-    this.#edit(
-      this.#buffer.slice(0, from) + this.#buffer.slice(this.#cursor),
-      from,
-    );
   }
 
   /** Where the word before the cursor starts (spaces before the cursor skipped). */
@@ -501,7 +489,9 @@ export class LineReader {
     if (final === "F" || (final === "~" && /^[48]$/.test(params))) {
       return this.#move(this.#buffer.length);
     }
-    if (final === "~" && params === "3") return this.#deleteForward();
+    if (final === "~" && params === "3") {
+      return this.#deleteTo(this.#graphemeAfter());
+    }
     if (final === "A") return this.#recall(-1);
     if (final === "B") return this.#recall(1);
   }
@@ -514,19 +504,13 @@ export class LineReader {
     );
   }
 
-  #deleteBack(): void {
-    const from = this.#graphemeBefore();
+  /** Deletes what lies between the cursor and `to` (either side of it). */
+  #deleteTo(to: number): void {
+    const from = Math.min(to, this.#cursor);
     this.#edit(
-      this.#buffer.slice(0, from) + this.#buffer.slice(this.#cursor),
+      this.#buffer.slice(0, from) +
+        this.#buffer.slice(Math.max(to, this.#cursor)),
       from,
-    );
-  }
-
-  #deleteForward(): void {
-    const to = this.#graphemeAfter();
-    this.#edit(
-      this.#buffer.slice(0, this.#cursor) + this.#buffer.slice(to),
-      this.#cursor,
     );
   }
 
