@@ -9,6 +9,7 @@ import {
   PASSWORD,
   Peer,
   register,
+  type Servers,
   startMainProcess,
   startServers,
 } from "./_cli_helpers.ts";
@@ -503,10 +504,8 @@ Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 
       async () => {
         const cli = loginProcess(servers.authUrl, "alice");
         await cli.write(PASSWORD);
-        await cli.stdout.next("connected as alice");
         const port = servers.chat.port;
-        await servers.chat.shutdown();
-        await cli.stdout.next("connection lost");
+        await cutOff(servers, cli);
         await cli.write("pending at the end");
         await cli.stdout.next(/pending at the end \(pending\)$/);
         // End of input: the client waits (no line being read) for a reconnect.
@@ -525,9 +524,7 @@ Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 
       async () => {
         const cli = new CliProcess(["--auth-url", servers.authUrl]);
         await cli.write("1", "alice", PASSWORD);
-        await cli.stdout.next("connected as alice");
-        await servers.chat.shutdown();
-        await cli.stdout.next("connection lost");
+        await cutOff(servers, cli);
         await cli.write("pending in the menu's chat");
         await cli.stdout.next(/pending in the menu's chat \(pending\)$/);
         cli.signal("SIGTERM");
@@ -545,9 +542,7 @@ Deno.test("SIGTERM, SIGHUP and SIGINT end the chat as Ctrl+C does: exit 0, or 1 
       async () => {
         const cli = new CliProcess(["--auth-url", servers.authUrl]);
         await cli.write("1", "alice", PASSWORD);
-        await cli.stdout.next("connected as alice");
-        await servers.chat.shutdown();
-        await cli.stdout.next("connection lost");
+        await cutOff(servers, cli);
         await cli.write("pending at /quit");
         await cli.stdout.next(/pending at \/quit \(pending\)$/);
         await cli.write("/quit");
@@ -616,9 +611,7 @@ Deno.test("end of input with the chat server gone for good: one line on stderr a
     await register(servers.authUrl, "alice");
     const cli = loginProcess(servers.authUrl, "alice");
     await cli.write(PASSWORD);
-    await cli.stdout.next("connected as alice");
-    await servers.chat.shutdown();
-    await cli.stdout.next("connection lost");
+    await cutOff(servers, cli);
     await cli.write("never delivered 1", "never delivered 2");
     await cli.closeStdin();
     assert.equal(await cli.exit(), 1);
@@ -639,9 +632,7 @@ Deno.test("leaving with messages and direct messages unconfirmed lists each one'
     await register(servers.authUrl, "alice");
     const cli = loginProcess(servers.authUrl, "alice");
     await cli.write(PASSWORD);
-    await cli.stdout.next("connected as alice");
-    await servers.chat.shutdown();
-    await cli.stdout.next("connection lost");
+    await cutOff(servers, cli);
     await cli.write(
       "first in the lobby",
       "/join dev",
@@ -825,3 +816,13 @@ Deno.test("a direct message typed offline and refused after the reconnect: the e
     await servers.close();
   }
 });
+
+/**
+ * Waits for `cli` (logging in as alice) to connect, then stops the chat
+ * server and waits until the client says the connection is lost.
+ */
+async function cutOff(servers: Servers, cli: CliProcess): Promise<void> {
+  await cli.stdout.next("connected as alice");
+  await servers.chat.shutdown();
+  await cli.stdout.next("connection lost");
+}
